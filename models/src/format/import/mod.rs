@@ -1,0 +1,6 @@
+//! Importing weights from other frameworks' checkpoints.
+
+pub mod monai;
+pub mod pytorch;
+
+pub use monai::{MonaiImport, MonaiOptions, import_monai};

@@ -1,0 +1,178 @@
+//! The JSON metadata of a prosam model file.
+
+use serde::{Deserialize, Serialize};
+
+use crate::swin_unetr::Config;
+
+/// The network and its configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", content = "config")]
+pub enum Architecture {
+    #[serde(rename = "swin_unetr")]
+    SwinUnetr(Config),
+}
+
+impl Architecture {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::SwinUnetr(_) => "swin_unetr",
+        }
+    }
+
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Architecture::SwinUnetr(c) => c.out_channels,
+        }
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        match self {
+            Architecture::SwinUnetr(c) => c.parameter_count(),
+        }
+    }
+}
+
+/// How CT values in HU become network input.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Intensity {
+    /// MONAI `ScaleIntensityRanged(a_min, a_max, b_min, b_max, clip)`: the window [a_min, a_max]
+    /// mapped linearly onto [b_min, b_max], clipped when `clip` (the BTCV students: -175..250 to 0..1).
+    ScaleWindow { a_min: f64, a_max: f64, b_min: f64, b_max: f64, clip: bool },
+    /// Clip to [lower, upper], then (x - mean) / std (the teacher's transform).
+    ClipZScore { lower: f64, upper: f64, mean: f64, std: f64 },
+}
+
+impl Intensity {
+    /// The BTCV window, -175..250 HU onto 0..1, clipped.
+    pub fn btcv() -> Self {
+        Intensity::ScaleWindow { a_min: -175.0, a_max: 250.0, b_min: 0.0, b_max: 1.0, clip: true }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            Intensity::ScaleWindow { a_min, a_max, b_min, b_max, .. } => {
+                if ![a_min, a_max, b_min, b_max].iter().all(|v| v.is_finite()) || a_max <= a_min {
+                    return Err(format!("intensity window {a_min}..{a_max} is empty or not finite"));
+                }
+            }
+            Intensity::ClipZScore { lower, upper, mean, std } => {
+                if ![lower, upper, mean, std].iter().all(|v| v.is_finite()) || upper <= lower || std <= 0.0 {
+                    return Err(format!("clip {lower}..{upper} with std {std} is invalid"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Intensity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip } => {
+                write!(f, "window {a_min}..{a_max} HU -> {b_min}..{b_max}{}", if clip { ", clipped" } else { "" })
+            }
+            Intensity::ClipZScore { lower, upper, mean, std } => write!(f, "clip {lower}..{upper} HU, then (x - {mean}) / {std}"),
+        }
+    }
+}
+
+/// How the weights are stored and computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+        })
+    }
+}
+
+/// Everything the runtime needs besides the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub format_version: u32,
+    /// A short human name, e.g. the source checkpoint's file stem.
+    pub name: String,
+    pub architecture: Architecture,
+    /// One name per output channel, background first.
+    pub labels: Vec<String>,
+    /// Orientation the network expects its axes in (`RAS`: axis 0 towards the patient's right...
+    /// as nibabel codes it).
+    pub axis_codes: String,
+    /// Voxel spacing in mm the network was trained at, per axis.
+    pub spacing: [f64; 3],
+    pub intensity: Intensity,
+    /// Sliding-window size the network was trained with.
+    pub roi_size: [usize; 3],
+    pub precision: Precision,
+    /// `sha256:<hex>` of the weights (see `format::save`), verified at load.
+    pub checksum: String,
+    /// Where the weights came from (the source checkpoint's file name), for provenance.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The prosam version that wrote the file.
+    #[serde(default)]
+    pub writer: Option<String>,
+}
+
+/// The 14 BTCV classes, in the label order of the BTCV challenge and MONAI's BTCV models.
+pub const BTCV_LABELS: [&str; 14] = [
+    "background",
+    "spleen",
+    "right_kidney",
+    "left_kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior_vena_cava",
+    "portal_and_splenic_vein",
+    "pancreas",
+    "right_adrenal_gland",
+    "left_adrenal_gland",
+];
+
+impl Metadata {
+    /// Checks the fields against each other and against the architecture.
+    pub fn validate(&self) -> Result<(), String> {
+        let Architecture::SwinUnetr(cfg) = &self.architecture;
+        cfg.validate().map_err(|e| e.to_string())?;
+        if self.labels.len() != cfg.out_channels {
+            return Err(format!("{} label names for {} output channels", self.labels.len(), cfg.out_channels));
+        }
+        if self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(format!("spacing {:?} must be positive", self.spacing));
+        }
+        if !is_axis_codes(&self.axis_codes) {
+            return Err(format!("axis codes `{}` are not three of L/R, P/A, I/S on distinct axes", self.axis_codes));
+        }
+        let mut roi_shape = vec![1, cfg.in_channels];
+        roi_shape.extend(self.roi_size);
+        cfg.check_input(&roi_shape).map_err(|e| format!("roi_size {:?}: {e}", self.roi_size))?;
+        self.intensity.validate()
+    }
+}
+
+/// Three orientation letters, one per anatomical axis (e.g. `RAS`, `LPS`).
+fn is_axis_codes(codes: &str) -> bool {
+    let axis = |c: char| match c {
+        'L' | 'R' => Some(0),
+        'P' | 'A' => Some(1),
+        'I' | 'S' => Some(2),
+        _ => None,
+    };
+    let axes: Option<Vec<usize>> = codes.chars().map(axis).collect();
+    match axes {
+        Some(mut a) if a.len() == 3 => {
+            a.sort();
+            a == [0, 1, 2]
+        }
+        _ => false,
+    }
+}

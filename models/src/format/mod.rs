@@ -1,0 +1,230 @@
+//! The prosam model file: one safetensors file holding the weights under the source framework's key
+//! names (MONAI's for SwinUNETR), with JSON metadata under the `prosam` key of the safetensors
+//! header. The metadata carries a SHA-256 of the weights, verified at every load; weights are read
+//! through a memory map.
+//!
+//! Recomputable buffers (SwinUNETR's `relative_position_index`) are not stored.
+
+pub mod import;
+pub mod metadata;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sha2::{Digest, Sha256};
+
+pub use metadata::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision};
+
+use crate::swin_unetr::{Config, SwinUnetr};
+use crate::{Error, Result};
+
+/// Version of the file layout and metadata schema; bumped on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The safetensors header key under which the metadata JSON is stored.
+pub const METADATA_KEY: &str = "prosam";
+
+/// Little-endian bytes of a tensor, for hashing and writing.
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        other => return Err(candle_core::Error::Msg(format!("cannot store {other:?} tensors")).into()),
+    })
+}
+
+/// SHA-256 over the tensors in name order: each name, dtype, shape and little-endian data, so that
+/// the checksum does not depend on the file's byte layout and still covers names and shapes.
+fn weights_checksum<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize], &'a [u8])>) -> String {
+    let mut sorted: Vec<_> = tensors.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = Sha256::new();
+    for (name, dtype, shape, data) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(dtype.as_bytes());
+        h.update((shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            h.update((d as u64).to_le_bytes());
+        }
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn st_dtype_name(d: safetensors::Dtype) -> String {
+    format!("{d:?}")
+}
+
+/// Writes `path` through a temporary file in the same folder and a rename, so that the
+/// destination holds either its old content or the complete new file. The temporary file is
+/// removed when writing fails.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+    let io_err = |source| Error::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| io_err(std::io::Error::other("the output path names no file")))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        write(&mut f)?;
+        f.flush()?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err)
+}
+
+/// Writes a model file: `tensors` under their names, `metadata` with its checksum filled in.
+/// Returns the metadata as written.
+pub fn save(path: &Path, mut metadata: Metadata, tensors: &[(String, Tensor)]) -> Result<Metadata> {
+    let mut blobs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype: safetensors::Dtype = t.dtype().into();
+        blobs.push((name.as_str(), dtype, t.dims().to_vec(), tensor_bytes(t)?));
+    }
+    let dtype_names: Vec<String> = blobs.iter().map(|b| st_dtype_name(b.1)).collect();
+    metadata.checksum = weights_checksum(blobs.iter().zip(&dtype_names).map(|(b, d)| (b.0, d.as_str(), b.2.as_slice(), b.3.as_slice())));
+    metadata.format_version = FORMAT_VERSION;
+    let views = blobs
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+            Ok((name.to_string(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let json = serde_json::to_string(&metadata).expect("metadata serialises");
+    let header = HashMap::from([(METADATA_KEY.to_string(), json)]);
+    let bytes = safetensors::serialize(views, Some(header)).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+    write_atomically(path, |f| f.write_all(&bytes))?;
+    Ok(metadata)
+}
+
+/// A model file, memory-mapped, its metadata parsed and its checksum verified.
+pub struct ModelFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    metadata: Metadata,
+}
+
+impl std::fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFile").field("path", &self.path).field("metadata", &self.metadata).finish()
+    }
+}
+
+impl ModelFile {
+    /// Maps the file, parses the header and metadata, and verifies the weights' checksum.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let bad = |reason: String| Error::ModelFile { path: path.clone(), reason };
+        let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        // SAFETY: the map is read-only; prosam never writes model files in place (saves go through a
+        // temporary file and a rename), so the mapped pages do not change under us.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+        let json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+            .ok_or_else(|| bad(format!("no `{METADATA_KEY}` metadata in the header (a plain safetensors file, not a prosam model; convert it with `prosam convert`)")))?;
+        let metadata: Metadata = serde_json::from_str(json).map_err(|e| bad(format!("metadata: {e}")))?;
+        metadata.validate().map_err(|e| bad(format!("metadata: {e}")))?;
+        if metadata.format_version > FORMAT_VERSION {
+            return Err(bad(format!("format version {} is newer than this prosam reads ({FORMAT_VERSION})", metadata.format_version)));
+        }
+        let tensors = st.tensors();
+        let dtype_names: Vec<String> = tensors.iter().map(|(_, v)| st_dtype_name(v.dtype())).collect();
+        let found = weights_checksum(tensors.iter().zip(&dtype_names).map(|((n, v), d)| (n.as_str(), d.as_str(), v.shape(), v.data())));
+        if found != metadata.checksum {
+            return Err(Error::ChecksumMismatch { path, expected: metadata.checksum.clone(), found });
+        }
+        drop(st);
+        Ok(Self { path, mmap, metadata })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_size(&self) -> usize {
+        self.mmap.len()
+    }
+
+    fn safetensors(&self) -> Result<safetensors::SafeTensors<'_>> {
+        safetensors::SafeTensors::deserialize(&self.mmap).map_err(|e| Error::ModelFile { path: self.path.clone(), reason: e.to_string() })
+    }
+
+    /// Name, dtype and shape of every stored tensor, in name order.
+    pub fn tensor_infos(&self) -> Result<Vec<(String, safetensors::Dtype, Vec<usize>)>> {
+        let mut infos: Vec<_> = self.safetensors()?.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec())).collect();
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(infos)
+    }
+
+    /// Every tensor, copied out of the map onto `device`.
+    pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let st = self.safetensors()?;
+        let mut out = HashMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = DType::try_from(view.dtype())?;
+            out.insert(name, Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?);
+        }
+        Ok(out)
+    }
+
+    /// Builds the SwinUNETR this file describes, computing in `dtype` on `device`.
+    pub fn swin_unetr(&self, dtype: DType, device: &Device) -> Result<SwinUnetr> {
+        let Architecture::SwinUnetr(config) = &self.metadata.architecture;
+        let tensors = self.tensors(device)?;
+        check_weights(config, &tensors, &self.path)?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        SwinUnetr::new(config, vb)
+    }
+}
+
+/// Checks that `tensors` hold every parameter `config` needs, each with its shape; the errors
+/// name the key and both shapes. Tensors the network does not use are reported too.
+pub fn check_weights(config: &Config, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let expected = config.parameter_shapes();
+    for (key, shape) in &expected {
+        match tensors.get(key) {
+            None => return Err(Error::MissingTensor { key: key.clone(), expected: shape.clone() }),
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(Error::ShapeMismatch { key: key.clone(), expected: shape.clone(), found: t.dims().to_vec() });
+            }
+            Some(_) => {}
+        }
+    }
+    if tensors.len() > expected.len() {
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+        let mut extra: Vec<&str> = tensors.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+        extra.sort();
+        return Err(Error::ModelFile { path: path.to_path_buf(), reason: format!("unexpected tensors for this configuration: {}", extra.join(", ")) });
+    }
+    Ok(())
+}

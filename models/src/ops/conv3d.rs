@@ -1,0 +1,92 @@
+//! 3D convolution (cross-correlation with zero padding), as `torch.nn.functional.conv3d` with
+//! dilation 1 and groups 1.
+//!
+//! Three formulations, chosen by shape, all built from differentiable Candle ops:
+//! - 1x1x1 kernels: a matrix product over channels;
+//! - kernel equal to stride without padding (the patch embedding): a reshape into patches and a
+//!   matrix product;
+//! - stride 1 (the 3x3x3 padding-1 convolutions): a sum over the kernel's depth taps of Candle's
+//!   `conv2d` on depth slices folded into the batch, which runs on every backend.
+
+use candle_core::{Result, Tensor, bail};
+
+/// `conv3d(x, w, bias, padding, stride)`: `x (B, Cin, D, H, W)`, `w (Cout, Cin, kd, kh, kw)`,
+/// `bias (Cout)`; the same `padding` and `stride` on every axis.
+pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, c_in, _, _, _) = x.dims5()?;
+    let (c_out, w_in, kd, kh, kw) = w.dims5()?;
+    if w_in != c_in {
+        bail!("conv3d: input has {c_in} channels but the weight {:?} expects {w_in}", w.dims());
+    }
+    if stride == 0 {
+        bail!("conv3d: stride must be positive");
+    }
+    let y = if (kd, kh, kw) == (1, 1, 1) && padding == 0 && stride == 1 {
+        pointwise(x, w)?
+    } else if (kd, kh, kw) == (stride, stride, stride) && padding == 0 {
+        patchify(x, w, stride)?
+    } else if stride == 1 {
+        depth_taps(x, w, padding)?
+    } else {
+        bail!("conv3d: kernel {:?} with stride {stride} and padding {padding} is not supported", (kd, kh, kw));
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// 1x1x1 convolution: `(Cout, Cin) x (B, Cin, N)`.
+fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, c_in, d, h, wd) = x.dims5()?;
+    let c_out = w.dim(0)?;
+    let w = w.reshape((c_out, c_in))?;
+    let x = x.reshape((b, c_in, d * h * wd))?;
+    w.broadcast_matmul(&x)?.reshape((b, c_out, d, h, wd))
+}
+
+/// Kernel == stride, no padding: non-overlapping patches, each a row of a matrix product.
+fn patchify(x: &Tensor, w: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, c_in, d, h, wd) = x.dims5()?;
+    let c_out = w.dim(0)?;
+    if d % s != 0 || h % s != 0 || wd % s != 0 {
+        bail!("conv3d: spatial size {:?} is not divisible by the stride {s}", (d, h, wd));
+    }
+    let (od, oh, ow) = (d / s, h / s, wd / s);
+    let patches = x
+        .reshape(vec![b, c_in, od, s, oh, s, ow, s])?
+        .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+        .reshape((b * od * oh * ow, c_in * s * s * s))?;
+    let w = w.reshape((c_out, c_in * s * s * s))?;
+    patches
+        .matmul(&w.t()?)?
+        .reshape((b, od, oh, ow, c_out))?
+        .permute((0, 4, 1, 2, 3))?
+        .contiguous()
+}
+
+/// Stride-1 convolution as a sum over depth taps of 2D convolutions on depth slices.
+fn depth_taps(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    let (b, c_in, d, h, wd) = x.dims5()?;
+    let (c_out, _, kd, kh, kw) = w.dims5()?;
+    let d_pad = d + 2 * padding;
+    if d_pad < kd || h + 2 * padding < kh || wd + 2 * padding < kw {
+        bail!("conv3d: kernel {:?} is larger than the padded input {:?}", (kd, kh, kw), x.dims());
+    }
+    let d_out = d_pad - kd + 1;
+    // (B, Dp, Cin, H, W): a depth slice is then a batch of 2D images.
+    let slices = x.pad_with_zeros(2, padding, padding)?.permute((0, 2, 1, 3, 4))?.contiguous()?;
+    let mut sum: Option<Tensor> = None;
+    for tap in 0..kd {
+        let slab = slices.narrow(1, tap, d_out)?.reshape((b * d_out, c_in, h, wd))?;
+        let kernel = w.narrow(2, tap, 1)?.squeeze(2)?.contiguous()?;
+        let y = slab.conv2d(&kernel, padding, 1, 1, 1)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + y)?,
+            None => y,
+        });
+    }
+    let y = sum.expect("kernel depth is at least one");
+    let (_, _, h_out, w_out) = y.dims4()?;
+    y.reshape((b, d_out, c_out, h_out, w_out))?.permute((0, 2, 1, 3, 4))?.contiguous()
+}

@@ -1,0 +1,28 @@
+//! The 3D operations SwinUNETR needs and Candle 0.11 lacks.
+//!
+//! Every op is composed from Candle primitives that have a backward pass, so gradients flow through
+//! them (the training crate relies on it). Where Candle has a faster fused kernel without a backward
+//! pass, the op uses it only when no gradient graph is being recorded (`Tensor::track_op`).
+//! Layouts follow PyTorch: volumes are `(B, C, D, H, W)`, weights `(out, in, kd, kh, kw)` for
+//! convolutions and `(in, out, kd, kh, kw)` for transposed convolutions.
+
+pub mod attention;
+pub mod conv3d;
+pub mod conv_transpose3d;
+pub mod norm;
+pub mod window;
+
+pub use attention::window_attention;
+pub use conv3d::conv3d;
+pub use conv_transpose3d::conv_transpose3d;
+pub use norm::{channel_layer_norm, instance_norm};
+pub use window::{compute_shift_mask, window_partition, window_reverse};
+
+/// Softmax over the last axis: the fused kernel for inference, the differentiable one while training.
+pub(crate) fn softmax_last_dim(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}

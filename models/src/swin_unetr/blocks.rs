@@ -1,0 +1,108 @@
+//! MONAI's convolutional UNETR blocks (`monai/networks/blocks/{dynunet_block,unetr_block}.py`),
+//! with instance norm (no affine) and LeakyReLU(0.01).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::ops::{conv_transpose3d, conv3d, instance_norm};
+
+const NORM_EPS: f64 = 1e-5;
+const LEAKY_SLOPE: f64 = 0.01;
+
+fn leaky_relu(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::leaky_relu(x, LEAKY_SLOPE)
+}
+
+/// `UnetResBlock(in, out, kernel 3, stride 1)`: two 3x3x3 convolutions with instance norm and a
+/// residual; the residual is a 1x1x1 convolution + instance norm when the channel count changes.
+/// Keys: `conv1.conv.weight`, `conv2.conv.weight`, `conv3.conv.weight`.
+#[derive(Debug, Clone)]
+pub struct UnetResBlock {
+    conv1: Tensor,
+    conv2: Tensor,
+    conv3: Option<Tensor>,
+}
+
+impl UnetResBlock {
+    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let conv1 = vb.get((out_channels, in_channels, 3, 3, 3), "conv1.conv.weight")?;
+        let conv2 = vb.get((out_channels, out_channels, 3, 3, 3), "conv2.conv.weight")?;
+        let conv3 = if in_channels != out_channels {
+            Some(vb.get((out_channels, in_channels, 1, 1, 1), "conv3.conv.weight")?)
+        } else {
+            None
+        };
+        Ok(Self { conv1, conv2, conv3 })
+    }
+}
+
+impl Module for UnetResBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let o = leaky_relu(&instance_norm(&conv3d(x, &self.conv1, None, 1, 1)?, NORM_EPS)?)?;
+        let o = instance_norm(&conv3d(&o, &self.conv2, None, 1, 1)?, NORM_EPS)?;
+        let residual = match &self.conv3 {
+            Some(w) => instance_norm(&conv3d(x, w, None, 0, 1)?, NORM_EPS)?,
+            None => x.clone(),
+        };
+        leaky_relu(&(o + residual)?)
+    }
+}
+
+/// `UnetrBasicBlock(res_block=True)`: a [`UnetResBlock`] under the key `layer`.
+#[derive(Debug, Clone)]
+pub struct UnetrBasicBlock {
+    layer: UnetResBlock,
+}
+
+impl UnetrBasicBlock {
+    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { layer: UnetResBlock::new(in_channels, out_channels, vb.pp("layer"))? })
+    }
+}
+
+impl Module for UnetrBasicBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.layer.forward(x)
+    }
+}
+
+/// `UnetrUpBlock(in, out, upsample_kernel_size=2, res_block=True)`: a 2x2x2 stride-2 transposed
+/// convolution (no bias), concatenated with the skip (up-sampled first), then a [`UnetResBlock`].
+#[derive(Debug, Clone)]
+pub struct UnetrUpBlock {
+    transp_conv: Tensor,
+    conv_block: UnetResBlock,
+}
+
+impl UnetrUpBlock {
+    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let transp_conv = vb.get((in_channels, out_channels, 2, 2, 2), "transp_conv.conv.weight")?;
+        let conv_block = UnetResBlock::new(2 * out_channels, out_channels, vb.pp("conv_block"))?;
+        Ok(Self { transp_conv, conv_block })
+    }
+
+    pub fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        let up = conv_transpose3d(x, &self.transp_conv, None, 2)?;
+        self.conv_block.forward(&Tensor::cat(&[&up, skip], 1)?)
+    }
+}
+
+/// `UnetOutBlock`: a 1x1x1 convolution with bias to the class logits (`conv.conv.{weight,bias}`).
+#[derive(Debug, Clone)]
+pub struct UnetOutBlock {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl UnetOutBlock {
+    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("conv.conv");
+        Ok(Self { weight: vb.get((out_channels, in_channels, 1, 1, 1), "weight")?, bias: vb.get(out_channels, "bias")? })
+    }
+}
+
+impl Module for UnetOutBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv3d(x, &self.weight, Some(&self.bias), 0, 1)
+    }
+}

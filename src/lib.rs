@@ -1,0 +1,1 @@
+pub use prosam_models as models; pub use prosam_runtime as runtime;

@@ -1,0 +1,42 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// `../shared` beside the workspace root, when present.
+pub fn shared_dir() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = root.join("..").join("shared");
+    shared.is_dir().then_some(shared)
+}
+
+/// A file under `../shared`, or `None` after printing why the test is skipped. With `CI=true` a
+/// missing fixture fails the test instead: CI always has `../shared`.
+pub fn shared_file(relative: &str) -> Option<PathBuf> {
+    let found = shared_dir().map(|d| d.join(relative)).filter(|p| p.is_file());
+    if found.is_none() {
+        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!in_ci, "CI=true but the fixture ../shared/{relative} is missing");
+        eprintln!("skipping: ../shared/{relative} not found (a clone without the shared fixtures)");
+    }
+    found
+}
+
+/// A fresh empty folder under the target directory for one test's files.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Max absolute difference and argmax agreement over the class axis (axis 1) of two logit
+/// tensors `(1, K, D, H, W)` given flat in C order.
+pub fn compare_logits(a: &[f32], b: &[f32], classes: usize) -> (f32, f64) {
+    assert_eq!(a.len(), b.len(), "logit tensors differ in size");
+    let max_abs = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let voxels = a.len() / classes;
+    let argmax = |t: &[f32], v: usize| (0..classes).max_by(|&i, &j| t[i * voxels + v].total_cmp(&t[j * voxels + v])).unwrap();
+    let agree = (0..voxels).filter(|&v| argmax(a, v) == argmax(b, v)).count();
+    (max_abs, agree as f64 / voxels as f64)
+}
