@@ -1,6 +1,7 @@
 //! prosam against the real MONAI: SwinUNETR checkpoints imported and run in Candle reproduce the
 //! logits MONAI 1.6.1 computed (`../shared/fixtures/monai/`).
 
+#[path = "../runtime/tests/common/mod.rs"]
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor};

@@ -1,1 +1,80 @@
-fn main(){}
+//! `prosam`: the device CLI.
+
+mod convert;
+mod forward;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "prosam", version, about = "On-device abdominal organ segmentation for CT")]
+struct Cli {
+    /// Worker threads for the compute kernels (default: the machine's physical cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// No progress or timing output on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a MONAI SwinUNETR checkpoint into a prosam model file.
+    Convert(convert::Args),
+    /// Print a model file's metadata, parameter count, size and precision.
+    Info(info::Args),
+    /// Run the raw network on a float32 array (1, C, D, H, W) from .npy and write the logits as .npy.
+    Forward(forward::Args),
+}
+
+/// Sizes the thread pools before any of them starts: rayon's (Candle's matrix products) and
+/// Candle's own pool for element-wise and quantized kernels, which read these variables.
+fn set_threads(threads: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(threads > 0, "--threads must be at least 1");
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = (|| {
+        if let Some(n) = cli.threads {
+            set_threads(n)?;
+        }
+        match cli.command {
+            Command::Convert(args) => convert::run(args, cli.quiet),
+            Command::Info(args) => info::run(args),
+            Command::Forward(args) => forward::run(args, cli.quiet),
+        }
+    })();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Refuses an output path that names one of the inputs: an input is never overwritten.
+pub(crate) fn ensure_distinct(output: &std::path::Path, inputs: &[&std::path::Path]) -> anyhow::Result<()> {
+    let canonical_out = output.parent().and_then(|p| {
+        let dir = if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p };
+        dir.canonicalize().ok().map(|d| d.join(output.file_name().unwrap_or_default()))
+    });
+    for input in inputs {
+        let same = match (&canonical_out, input.canonicalize()) {
+            (Some(o), Ok(i)) => *o == i,
+            _ => output == *input,
+        };
+        anyhow::ensure!(!same, "the output {} is the input {}: refusing to overwrite an input", output.display(), input.display());
+    }
+    Ok(())
+}

@@ -3,10 +3,20 @@
 
 use std::path::{Path, PathBuf};
 
+/// The workspace root: the nearest folder above this package whose Cargo.toml has `[workspace]`
+/// (cargo runs each package's tests from the package's own folder).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .ancestors()
+        .find(|d| std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]")))
+        .unwrap_or(manifest_dir)
+        .to_path_buf()
+}
+
 /// `../shared` beside the workspace root, when present.
 pub fn shared_dir() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shared = root.join("..").join("shared");
+    let shared = workspace_root().join("..").join("shared");
     shared.is_dir().then_some(shared)
 }
 

@@ -1,0 +1,53 @@
+//! `prosam info`: what a model file holds.
+
+use std::path::PathBuf;
+
+use prosam_models::format::{Architecture, ModelFile};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The prosam model file.
+    #[arg(short, long, value_name = "MODEL")]
+    model: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let file = ModelFile::open(&args.model)?;
+    let meta = file.metadata();
+    let parameters = meta.architecture.parameter_count();
+    let tensors = file.tensor_infos()?;
+    if args.json {
+        let report = serde_json::json!({
+            "path": args.model,
+            "file_bytes": file.file_size(),
+            "parameters": parameters,
+            "tensors": tensors.len(),
+            "precision": meta.precision,
+            "metadata": meta,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let Architecture::SwinUnetr(cfg) = &meta.architecture;
+    println!("model        {}", meta.name);
+    println!("file         {} ({:.1} MiB, format version {})", args.model.display(), file.file_size() as f64 / 1048576.0, meta.format_version);
+    println!(
+        "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {:?}, normalize {}",
+        cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.use_v2, cfg.downsample, cfg.normalize
+    );
+    println!("channels     {} in, {} out", cfg.in_channels, cfg.out_channels);
+    println!("parameters   {parameters} in {} tensors", tensors.len());
+    println!("precision    {}", meta.precision);
+    println!("spacing      {:?} mm, axes {}", meta.spacing, meta.axis_codes);
+    println!("roi          {:?}", meta.roi_size);
+    println!("intensity    {}", meta.intensity);
+    println!("labels       {}", meta.labels.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect::<Vec<_>>().join(" "));
+    println!("checksum     {} (verified)", meta.checksum);
+    if let Some(source) = &meta.source {
+        println!("source       {source}{}", meta.writer.as_deref().map(|w| format!(", converted by {w}")).unwrap_or_default());
+    }
+    Ok(())
+}
