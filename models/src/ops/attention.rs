@@ -11,6 +11,12 @@ const SCORE_CHUNK_ELEMENTS: usize = 1 << 25;
 /// `q`, `k`, `v`: `(B * nW, heads, n, head_dim)`, `q` already scaled; `bias`: `(heads, n, n)`;
 /// `mask`: `(nW, n, n)` added to every head of window `i mod nW`. Returns `(B * nW, heads, n, head_dim)`.
 pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    window_attention_chunked(q, k, v, bias, mask, SCORE_CHUNK_ELEMENTS)
+}
+
+/// [`window_attention`] with at most about `max_scores` score elements alive at once (at least one
+/// window's worth).
+pub fn window_attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&Tensor>, max_scores: usize) -> Result<Tensor> {
     let (windows, heads, n, _) = q.dims4()?;
     if bias.dims() != [heads, n, n] {
         bail!("window_attention: bias {:?} does not match {heads} heads of {n} tokens", bias.dims());
@@ -25,7 +31,7 @@ pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask:
         }
         None => windows,
     };
-    let chunk = (SCORE_CHUNK_ELEMENTS / (heads * n * n)).clamp(1, per_image);
+    let chunk = (max_scores / (heads * n * n)).clamp(1, per_image);
     let bias = bias.unsqueeze(0)?;
     let mut outputs = Vec::with_capacity(windows.div_ceil(chunk));
     for image_start in (0..windows).step_by(per_image) {

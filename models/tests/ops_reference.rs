@@ -1,0 +1,219 @@
+//! The 3D ops against naive f64 references (`reference/`), on random non-cubic inputs, in f64 and
+//! f32, and their backward passes against f64 central finite differences.
+
+mod reference;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use prosam_models::ops::attention::window_attention_chunked;
+use prosam_models::ops::window::{relative_position_index, roll_spatial, stage_window};
+use prosam_models::ops::{channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, instance_norm, window_partition, window_reverse};
+use reference::{Arr, Rng};
+
+fn tensor(a: &Arr, dtype: DType) -> Tensor {
+    Tensor::from_vec(a.data.clone(), a.shape.as_slice(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// Runs `op` in f64 and in f32 and compares each with the reference `expected`.
+fn check_against_reference(name: &str, inputs: &[&Arr], expected: &Arr, op: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+        let ts: Vec<Tensor> = inputs.iter().map(|a| tensor(a, dtype)).collect();
+        let y = op(&ts).unwrap();
+        assert_eq!(y.dims(), expected.shape.as_slice(), "{name}: shape");
+        let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let err = expected.max_abs_diff(&values(&y)) / scale;
+        assert!(err <= tol, "{name} {dtype:?}: max relative error {err:e} > {tol:e}");
+    }
+}
+
+/// Checks the gradients of `sum(op(inputs) * r)` for random `r` against central differences, on
+/// up to 20 entries of each input, and that no input is cut off from the graph.
+fn check_gradients(name: &str, inputs: &[&Arr], seed: u64, op: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let vars: Vec<Var> = inputs.iter().map(|a| Var::from_tensor(&tensor(a, DType::F64)).unwrap()).collect();
+    let y = op(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>()).unwrap();
+    let mut rng = Rng::new(seed);
+    let r = rng.arr(y.dims(), 1.0);
+    let r_t = tensor(&r, DType::F64);
+    let loss_of = |y: &Tensor| (y * &r_t).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let grads = (y * &r_t).unwrap().sum_all().unwrap().backward().unwrap();
+    let h = 1e-5;
+    for (i, input) in inputs.iter().enumerate() {
+        let g = grads.get(vars[i].as_tensor()).unwrap_or_else(|| panic!("{name}: input {i} received no gradient"));
+        let g = values(g);
+        assert!(g.iter().any(|v| *v != 0.0), "{name}: input {i} has an all-zero gradient");
+        let picks: Vec<usize> = if input.data.len() <= 20 { (0..input.data.len()).collect() } else { (0..20).map(|_| rng.next_u64() as usize % input.data.len()).collect() };
+        for &p in &picks {
+            let eval = |delta: f64| {
+                let ts: Vec<Tensor> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, a)| {
+                        let mut a = (*a).clone();
+                        if j == i {
+                            a.data[p] += delta;
+                        }
+                        tensor(&a, DType::F64)
+                    })
+                    .collect();
+                loss_of(&op(&ts).unwrap())
+            };
+            let fd = (eval(h) - eval(-h)) / (2.0 * h);
+            let err = (fd - g[p]).abs() / fd.abs().max(1.0);
+            assert!(err < 1e-6, "{name}: d/d input{i}[{p}]: backward {} vs finite difference {fd} (rel err {err:e})", g[p]);
+        }
+    }
+}
+
+#[test]
+fn conv3d_kernel3_padding1() {
+    let mut rng = Rng::new(1);
+    let x = rng.arr(&[2, 3, 5, 6, 7], 1.0);
+    let w = rng.arr(&[4, 3, 3, 3, 3], 0.3);
+    let b = rng.arr(&[4], 0.5);
+    let expected = reference::conv3d(&x, &w, Some(&b.data), 1, 1);
+    let op = |t: &[Tensor]| conv3d(&t[0], &t[1], Some(&t[2]), 1, 1);
+    check_against_reference("conv3d k3", &[&x, &w, &b], &expected, op);
+    check_gradients("conv3d k3", &[&rng.arr(&[1, 2, 3, 4, 5], 1.0), &rng.arr(&[3, 2, 3, 3, 3], 0.3), &rng.arr(&[3], 0.5)], 11, op);
+}
+
+#[test]
+fn conv3d_kernel1() {
+    let mut rng = Rng::new(2);
+    let x = rng.arr(&[2, 5, 4, 3, 6], 1.0);
+    let w = rng.arr(&[3, 5, 1, 1, 1], 0.5);
+    let b = rng.arr(&[3], 0.5);
+    let expected = reference::conv3d(&x, &w, Some(&b.data), 0, 1);
+    let op = |t: &[Tensor]| conv3d(&t[0], &t[1], Some(&t[2]), 0, 1);
+    check_against_reference("conv3d k1", &[&x, &w, &b], &expected, op);
+    check_gradients("conv3d k1", &[&x, &w, &b], 12, op);
+}
+
+#[test]
+fn conv3d_patch_embedding_kernel2_stride2() {
+    let mut rng = Rng::new(3);
+    let x = rng.arr(&[2, 2, 6, 4, 8], 1.0);
+    let w = rng.arr(&[5, 2, 2, 2, 2], 0.5);
+    let b = rng.arr(&[5], 0.5);
+    let expected = reference::conv3d(&x, &w, Some(&b.data), 0, 2);
+    let op = |t: &[Tensor]| conv3d(&t[0], &t[1], Some(&t[2]), 0, 2);
+    check_against_reference("conv3d k2s2", &[&x, &w, &b], &expected, op);
+    check_gradients("conv3d k2s2", &[&x, &w, &b], 13, op);
+}
+
+#[test]
+fn conv_transpose3d_kernel2_stride2() {
+    let mut rng = Rng::new(4);
+    let x = rng.arr(&[2, 4, 3, 2, 5], 1.0);
+    let w = rng.arr(&[4, 3, 2, 2, 2], 0.5);
+    let b = rng.arr(&[3], 0.5);
+    let expected = reference::conv_transpose3d(&x, &w, Some(&b.data), 2);
+    let op = |t: &[Tensor]| conv_transpose3d(&t[0], &t[1], Some(&t[2]), 2);
+    check_against_reference("conv_transpose3d", &[&x, &w, &b], &expected, op);
+    check_gradients("conv_transpose3d", &[&x, &w, &b], 14, op);
+}
+
+#[test]
+fn instance_norm_matches_reference() {
+    let mut rng = Rng::new(5);
+    // A large offset checks that statistics do not lose digits to f32 accumulation.
+    let mut x = rng.arr(&[2, 3, 5, 4, 6], 2.0);
+    x.data.iter_mut().enumerate().for_each(|(i, v)| *v += if i % 2 == 0 { 100.0 } else { 99.0 });
+    let expected = reference::instance_norm(&x, 1e-5);
+    let op = |t: &[Tensor]| instance_norm(&t[0], 1e-5);
+    check_against_reference("instance_norm", &[&x], &expected, op);
+    check_gradients("instance_norm", &[&rng.arr(&[2, 2, 3, 2, 4], 1.0)], 15, op);
+}
+
+#[test]
+fn channel_layer_norm_matches_reference() {
+    let mut rng = Rng::new(6);
+    let x = rng.arr(&[2, 3, 4, 5, 6], 1.5);
+    let w = rng.arr(&[6], 1.0);
+    let b = rng.arr(&[6], 1.0);
+    let expected = reference::layer_norm(&x, Some((&w.data, &b.data)), 1e-5);
+    let affine = |t: &[Tensor]| channel_layer_norm(&t[0], Some((&t[1], &t[2])), 1e-5);
+    check_against_reference("layer_norm affine", &[&x, &w, &b], &expected, affine);
+    check_gradients("layer_norm affine", &[&x, &w, &b], 16, affine);
+    let plain = |t: &[Tensor]| channel_layer_norm(&t[0], None, 1e-5);
+    check_against_reference("layer_norm plain", &[&x], &reference::layer_norm(&x, None, 1e-5), plain);
+    check_gradients("layer_norm plain", &[&x], 17, plain);
+}
+
+#[test]
+fn window_partition_reverse_and_roll() {
+    let mut rng = Rng::new(7);
+    let x = rng.arr(&[2, 6, 4, 9, 3], 1.0);
+    let ws = [3, 2, 3];
+    check_against_reference("window_partition", &[&x], &reference::window_partition(&x, ws), |t| window_partition(&t[0], ws));
+    let wins = reference::window_partition(&x, ws);
+    check_against_reference("window_reverse", &[&wins], &x, |t| window_reverse(&t[0], ws, [6, 4, 9]));
+    let shift = [-1, 2, -4];
+    check_against_reference("roll", &[&x], &reference::roll(&x, shift.map(|s| s as isize)), |t| roll_spatial(&t[0], shift));
+    let scale = rng.arr(&[2 * 2 * 2 * 3, 18, 3], 1.0);
+    check_gradients("shifted windows", &[&x, &scale], 18, |t| {
+        let w = window_partition(&roll_spatial(&t[0], shift)?, ws)?;
+        window_reverse(&(w * &t[1])?, ws, [6, 4, 9])
+    });
+}
+
+#[test]
+fn shift_mask_matches_python_slicing() {
+    // (stage size, window): cubic, a clamped axis with zero shift (non-cubic inputs), window 5.
+    for (dims, window) in [([14, 14, 14], 7), ([14, 4, 21], 7), ([8, 12, 3], 5), ([10, 15, 5], 5)] {
+        let (ws, shift) = stage_window(dims, window, window / 2);
+        assert_eq!((ws, shift), reference::window_for(dims, window), "window geometry for {dims:?}");
+        let padded = [0, 1, 2].map(|a| dims[a].div_ceil(ws[a]) * ws[a]);
+        let got = compute_shift_mask(padded, ws, shift, &Device::Cpu).unwrap();
+        let expected = reference::shift_mask(padded, ws, shift);
+        assert_eq!(got.dims(), expected.shape.as_slice());
+        assert_eq!(values(&got), expected.data, "mask for stage {dims:?}, window {window}");
+    }
+}
+
+#[test]
+fn relative_position_index_is_sliced_from_the_full_window() {
+    for (window, n) in [(7, 343), (7, 216), (7, 64), (5, 100), (4, 64)] {
+        let got = relative_position_index(window, n);
+        let expected: Vec<u32> = (0..n * n).map(|p| reference::rel_index(window, p / n, p % n) as u32).collect();
+        assert_eq!(got, expected, "window {window}, {n} tokens");
+    }
+}
+
+#[test]
+fn window_attention_matches_reference() {
+    let mut rng = Rng::new(8);
+    let (images, nw, heads, n, d) = (2, 4, 2, 12, 3);
+    let q = rng.arr(&[images * nw, heads, n, d], 1.0);
+    let k = rng.arr(&[images * nw, heads, n, d], 1.0);
+    let v = rng.arr(&[images * nw, heads, n, d], 1.0);
+    let bias = rng.arr(&[heads, n, n], 1.0);
+    let mut mask = Arr::zeros(&[nw, n, n]);
+    mask.data.iter_mut().for_each(|m| *m = if rng.uniform() > 0.3 { 0.0 } else { -100.0 });
+    let mut expected = Arr::zeros(q.shape.as_slice());
+    for win in 0..images * nw {
+        for h in 0..heads {
+            let rows = |a: &Arr| (0..n).map(|i| (0..d).map(|e| a.at(&[win, h, i, e])).collect::<Vec<_>>()).collect::<Vec<_>>();
+            let o = reference::attention_head(&rows(&q), &rows(&k), &rows(&v), |i, j| bias.at(&[h, i, j]) + mask.at(&[win % nw, i, j]));
+            for i in 0..n {
+                for e in 0..d {
+                    expected.set(&[win, h, i, e], o[i][e]);
+                }
+            }
+        }
+    }
+    // Budgets of one whole image, three windows (chunks straddle nothing but end unevenly), and one.
+    for max_scores in [usize::MAX, 3 * heads * n * n, 1] {
+        let op = |t: &[Tensor]| window_attention_chunked(&t[0], &t[1], &t[2], &t[3], Some(&t[4]), max_scores);
+        check_against_reference("window_attention", &[&q, &k, &v, &bias, &mask], &expected, op);
+    }
+    let small = |rng: &mut Rng| rng.arr(&[2 * 2, 2, 5, 2], 1.0);
+    let (q, k, v) = (small(&mut rng), small(&mut rng), small(&mut rng));
+    let bias = rng.arr(&[2, 5, 5], 1.0);
+    let mut mask = Arr::zeros(&[2, 5, 5]);
+    mask.data.iter_mut().for_each(|m| *m = if rng.uniform() > 0.3 { 0.0 } else { -100.0 });
+    let mask_t = tensor(&mask, DType::F64);
+    check_gradients("window_attention", &[&q, &k, &v, &bias], 19, |t| window_attention_chunked(&t[0], &t[1], &t[2], &t[3], Some(&mask_t), 2 * 5 * 5));
+}
