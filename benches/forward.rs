@@ -1,1 +1,59 @@
-fn main(){}
+//! Latency of one 96^3 window through the SwinUNETR students (fs 12 and fs 24, f32, CPU), and of
+//! loading a model file. Weights are random: latency does not depend on their values.
+//!
+//! `cargo bench --bench forward`; threads follow `RAYON_NUM_THREADS` (default: physical cores).
+//! `benches/compare_onnxruntime.sh` runs this next to ONNX Runtime on the same machine.
+
+use candle_core::{DType, Device, Module, Tensor};
+use criterion::{Criterion, criterion_group, criterion_main};
+use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, ModelFile, Precision};
+use prosam_models::swin_unetr::{Config, SwinUnetr};
+
+fn random_tensors(cfg: &Config) -> Vec<(String, Tensor)> {
+    cfg.parameter_shapes().into_iter().map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())).collect()
+}
+
+fn metadata(cfg: &Config) -> Metadata {
+    Metadata {
+        format_version: 1,
+        name: format!("random_fs{}", cfg.feature_size),
+        architecture: Architecture::SwinUnetr(cfg.clone()),
+        labels: BTCV_LABELS.iter().map(|s| s.to_string()).collect(),
+        axis_codes: "RAS".into(),
+        spacing: [1.5, 1.5, 2.0],
+        intensity: Intensity::btcv(),
+        roi_size: [96, 96, 96],
+        precision: Precision::F32,
+        checksum: String::new(),
+        source: None,
+        writer: None,
+    }
+}
+
+fn bench_students(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("prosam-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let x = Tensor::rand(0f32, 1.0, (1, 1, 96, 96, 96), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("swin_unetr_96");
+    group.sample_size(10);
+    for cfg in [Config::tiny(), Config::small()] {
+        let fs = cfg.feature_size;
+        let path = dir.join(format!("fs{fs}.safetensors"));
+        prosam_models::format::save(&path, metadata(&cfg), &random_tensors(&cfg)).unwrap();
+        let load = || ModelFile::open(&path).unwrap().swin_unetr(DType::F32, &Device::Cpu).unwrap();
+        group.bench_function(format!("load_fs{fs}"), |b| b.iter(load));
+        let net: SwinUnetr = load();
+        eprintln!(
+            "fs {fs}: {:.1} GMAC per 96^3 window, {} parameters, {:.1} MiB file",
+            cfg.macs([96, 96, 96]) as f64 / 1e9,
+            cfg.parameter_count(),
+            std::fs::metadata(&path).unwrap().len() as f64 / 1048576.0
+        );
+        group.bench_function(format!("forward_fs{fs}"), |b| b.iter(|| net.forward(&x).unwrap()));
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, bench_students);
+criterion_main!(benches);

@@ -8,7 +8,7 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -23,23 +23,24 @@ pub enum Error {
     #[error("invalid input of shape {shape:?}: {reason}")]
     InvalidInput { shape: Vec<usize>, reason: String },
 
-    #[error("missing tensor `{key}` (expected shape {expected:?})")]
-    MissingTensor { key: String, expected: Vec<usize> },
+    #[error("{}: missing tensor `{key}` (expected shape {expected:?})", path.display())]
+    MissingTensor { path: PathBuf, key: String, expected: Vec<usize> },
 
-    #[error("tensor `{key}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch { key: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{}: tensor `{key}` has shape {found:?}, expected {expected:?}", path.display())]
+    ShapeMismatch { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
 
-    #[error("{path}: not a SwinUNETR checkpoint: {reason}")]
+    #[error("{}: not a SwinUNETR checkpoint: {reason}", path.display())]
     NotSwinUnetr { path: PathBuf, reason: String },
 
-    #[error("{path}: cannot read PyTorch checkpoint: {reason}")]
+    #[error("{}: cannot read PyTorch checkpoint: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
 
-    #[error("{path}: invalid prosam model file: {reason}")]
+    #[error("{}: invalid prosam model file: {reason}", path.display())]
     ModelFile { path: PathBuf, reason: String },
 
     #[error(
-        "{path}: weights checksum mismatch (metadata says {expected}, weights hash to {found}); the file is corrupt or was modified"
+        "{}: weights checksum mismatch (metadata says {expected}, weights hash to {found}); the file is corrupt or was modified",
+        path.display()
     )]
     ChecksumMismatch { path: PathBuf, expected: String, found: String },
 }

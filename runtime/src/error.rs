@@ -10,7 +10,7 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -18,7 +18,7 @@ pub enum Error {
     },
 
     /// A `.npy` file that is not a readable NumPy array of a supported kind.
-    #[error("{path}: {reason}")]
+    #[error("{}: {reason}", path.display())]
     Npy { path: PathBuf, reason: String },
 }
 

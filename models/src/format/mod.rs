@@ -213,9 +213,9 @@ pub fn check_weights(config: &Config, tensors: &HashMap<String, Tensor>, path: &
     let expected = config.parameter_shapes();
     for (key, shape) in &expected {
         match tensors.get(key) {
-            None => return Err(Error::MissingTensor { key: key.clone(), expected: shape.clone() }),
+            None => return Err(Error::MissingTensor { path: path.to_path_buf(), key: key.clone(), expected: shape.clone() }),
             Some(t) if t.dims() != shape.as_slice() => {
-                return Err(Error::ShapeMismatch { key: key.clone(), expected: shape.clone(), found: t.dims().to_vec() });
+                return Err(Error::ShapeMismatch { path: path.to_path_buf(), key: key.clone(), expected: shape.clone(), found: t.dims().to_vec() });
             }
             Some(_) => {}
         }

@@ -44,6 +44,15 @@ impl Downsample {
     }
 }
 
+impl std::fmt::Display for Downsample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Downsample::Merging => "merging",
+            Downsample::MergingV2 => "mergingv2",
+        })
+    }
+}
+
 impl std::str::FromStr for Downsample {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

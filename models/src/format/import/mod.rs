@@ -3,4 +3,4 @@
 pub mod monai;
 pub mod pytorch;
 
-pub use monai::{MonaiImport, MonaiOptions, import_monai};
+pub use monai::{MonaiImport, MonaiOptions, from_state_dict, import_monai};

@@ -45,14 +45,25 @@ fn canonical_key(key: &str) -> String {
 /// Reads a MONAI SwinUNETR checkpoint and checks every tensor against the inferred configuration.
 pub fn import_monai(path: &Path, options: MonaiOptions) -> Result<MonaiImport> {
     let raw = read_state_dict(path, |names| names.iter().any(|n| canonical_key(n) == PATCH_EMBED))?;
+    from_state_dict(raw, options, path)
+}
+
+/// [`import_monai`] on a state_dict already in memory; `source` names it in errors.
+pub fn from_state_dict(state_dict: Vec<(String, Tensor)>, options: MonaiOptions, source: &Path) -> Result<MonaiImport> {
+    let path = source;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in raw {
+    for (name, t) in state_dict {
         if name.ends_with("relative_position_index") {
             continue; // a deterministic buffer, recomputed at load
         }
         tensors.insert(canonical_key(&name), t);
     }
-    let config = infer_config(&tensors, options).map_err(|reason| Error::NotSwinUnetr { path: path.to_path_buf(), reason })?;
+    let config = infer_config(&tensors, options).map_err(|reason| {
+        let mut keys: Vec<&str> = tensors.keys().map(String::as_str).collect();
+        keys.sort();
+        let sample = keys.iter().take(4).copied().collect::<Vec<_>>().join(", ");
+        Error::NotSwinUnetr { path: path.to_path_buf(), reason: format!("{reason}; it holds {} tensors such as {sample}", keys.len()) }
+    })?;
     config.validate()?;
     check_weights(&config, &tensors, path)?;
     let ordered = config

@@ -12,8 +12,9 @@ pub const NESTED_STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "network",
 
 /// The state_dict of a PyTorch checkpoint, as `(key, tensor)` pairs in no particular order.
 ///
-/// `looks_right` picks the dict that holds the model's weights: the top level is tried first,
-/// then [`NESTED_STATE_DICT_KEYS`].
+/// `looks_right` picks the dict that holds the model's weights among the top level and
+/// [`NESTED_STATE_DICT_KEYS`], tried in that order; when none does, the first dict holding any
+/// tensors is returned, for the caller to explain what it found.
 pub fn read_state_dict(path: &Path, looks_right: impl Fn(&[&str]) -> bool) -> Result<Vec<(String, Tensor)>> {
     let fail = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
     let mut magic = [0u8; 4];
@@ -27,7 +28,8 @@ pub fn read_state_dict(path: &Path, looks_right: impl Fn(&[&str]) -> bool) -> Re
             "not a zip-format PyTorch checkpoint (legacy pickles are not supported: re-save it with torch.save from PyTorch >= 1.6)".into(),
         ));
     }
-    let mut seen_keys: Vec<String> = Vec::new();
+    let mut fallback: Option<PthTensors> = None;
+    let mut chosen: Option<PthTensors> = None;
     for key in std::iter::once(None).chain(NESTED_STATE_DICT_KEYS.map(Some)) {
         let pth = match PthTensors::new(path, key) {
             Ok(p) => p,
@@ -38,23 +40,20 @@ pub fn read_state_dict(path: &Path, looks_right: impl Fn(&[&str]) -> bool) -> Re
         if names.is_empty() {
             continue;
         }
-        if !looks_right(&names) {
-            seen_keys.extend(names.iter().take(5).map(|s| s.to_string()));
-            continue;
+        if looks_right(&names) {
+            chosen = Some(pth);
+            break;
         }
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let t = pth
-                .get(name)
-                .map_err(|e| fail(format!("tensor `{name}`: {e}")))?
-                .ok_or_else(|| fail(format!("tensor `{name}` is listed but cannot be read")))?;
-            out.push((name.to_string(), t));
-        }
-        return Ok(out);
+        fallback.get_or_insert(pth);
     }
-    if seen_keys.is_empty() {
-        Err(fail(format!("no tensors found at the top level nor under {NESTED_STATE_DICT_KEYS:?}")))
-    } else {
-        Err(fail(format!("no state_dict of the expected model found; it holds tensors such as {}", seen_keys.join(", "))))
+    let pth = chosen.or(fallback).ok_or_else(|| fail(format!("no tensors found at the top level nor under {NESTED_STATE_DICT_KEYS:?}")))?;
+    let mut out = Vec::with_capacity(pth.tensor_infos().len());
+    for name in pth.tensor_infos().keys() {
+        let t = pth
+            .get(name)
+            .map_err(|e| fail(format!("tensor `{name}`: {e}")))?
+            .ok_or_else(|| fail(format!("tensor `{name}` is listed but cannot be read")))?;
+        out.push((name.clone(), t));
     }
+    Ok(out)
 }

@@ -134,7 +134,7 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     let written = prosam_models::format::save(&args.output, metadata, &imported.tensors)?;
     if !quiet {
         eprintln!(
-            "{}: SwinUNETR feature_size {} depths {:?} heads {:?} use_v2 {} {:?}, {} parameters, {}",
+            "{}: SwinUNETR feature_size {}, depths {:?}, heads {:?}, use_v2 {}, {}, {} parameters, {}",
             args.output.display(),
             config.feature_size,
             config.depths,

@@ -35,7 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("model        {}", meta.name);
     println!("file         {} ({:.1} MiB, format version {})", args.model.display(), file.file_size() as f64 / 1048576.0, meta.format_version);
     println!(
-        "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {:?}, normalize {}",
+        "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {}, normalize {}",
         cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.use_v2, cfg.downsample, cfg.normalize
     );
     println!("channels     {} in, {} out", cfg.in_channels, cfg.out_channels);
