@@ -10,7 +10,10 @@ use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, Mode
 use prosam_models::swin_unetr::{Config, SwinUnetr};
 
 fn random_tensors(cfg: &Config) -> Vec<(String, Tensor)> {
-    cfg.parameter_shapes().into_iter().map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())).collect()
+    cfg.parameter_shapes()
+        .into_iter()
+        .map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()))
+        .collect()
 }
 
 fn metadata(cfg: &Config) -> Metadata {

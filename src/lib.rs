@@ -1,1 +1,2 @@
-pub use prosam_models as models; pub use prosam_runtime as runtime;
+pub use prosam_models as models;
+pub use prosam_runtime as runtime;

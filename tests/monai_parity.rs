@@ -29,7 +29,11 @@ fn library_parity(ckpt: &str, io: &str, options: MonaiOptions) {
 
 #[test]
 fn fs12_library_matches_monai() {
-    library_parity("fixtures/monai/swinunetr_fs12.pt", "fixtures/monai/swinunetr_fs12_io.safetensors", MonaiOptions::default());
+    library_parity(
+        "fixtures/monai/swinunetr_fs12.pt",
+        "fixtures/monai/swinunetr_fs12_io.safetensors",
+        MonaiOptions::default(),
+    );
 }
 
 #[test]

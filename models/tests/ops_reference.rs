@@ -1,12 +1,17 @@
 //! The 3D ops against naive f64 references (`reference/`), on random non-cubic inputs, in f64 and
 //! f32, and their backward passes against f64 central finite differences.
 
+// The reference comparisons index by position, as the references do.
+#![allow(clippy::needless_range_loop)]
+
 mod reference;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use prosam_models::ops::attention::window_attention_chunked;
 use prosam_models::ops::window::{relative_position_index, roll_spatial, stage_window};
-use prosam_models::ops::{channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, instance_norm, window_partition, window_reverse};
+use prosam_models::ops::{
+    channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, instance_norm, window_partition, window_reverse,
+};
 use reference::{Arr, Rng};
 
 fn tensor(a: &Arr, dtype: DType) -> Tensor {
@@ -44,7 +49,11 @@ fn check_gradients(name: &str, inputs: &[&Arr], seed: u64, op: impl Fn(&[Tensor]
         let g = grads.get(vars[i].as_tensor()).unwrap_or_else(|| panic!("{name}: input {i} received no gradient"));
         let g = values(g);
         assert!(g.iter().any(|v| *v != 0.0), "{name}: input {i} has an all-zero gradient");
-        let picks: Vec<usize> = if input.data.len() <= 20 { (0..input.data.len()).collect() } else { (0..20).map(|_| rng.next_u64() as usize % input.data.len()).collect() };
+        let picks: Vec<usize> = if input.data.len() <= 20 {
+            (0..input.data.len()).collect()
+        } else {
+            (0..20).map(|_| rng.next_u64() as usize % input.data.len()).collect()
+        };
         for &p in &picks {
             let eval = |delta: f64| {
                 let ts: Vec<Tensor> = inputs
@@ -62,7 +71,11 @@ fn check_gradients(name: &str, inputs: &[&Arr], seed: u64, op: impl Fn(&[Tensor]
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
             let err = (fd - g[p]).abs() / fd.abs().max(1.0);
-            assert!(err < 1e-6, "{name}: d/d input{i}[{p}]: backward {} vs finite difference {fd} (rel err {err:e})", g[p]);
+            assert!(
+                err < 1e-6,
+                "{name}: d/d input{i}[{p}]: backward {} vs finite difference {fd} (rel err {err:e})",
+                g[p]
+            );
         }
     }
 }
@@ -76,7 +89,12 @@ fn conv3d_kernel3_padding1() {
     let expected = reference::conv3d(&x, &w, Some(&b.data), 1, 1);
     let op = |t: &[Tensor]| conv3d(&t[0], &t[1], Some(&t[2]), 1, 1);
     check_against_reference("conv3d k3", &[&x, &w, &b], &expected, op);
-    check_gradients("conv3d k3", &[&rng.arr(&[1, 2, 3, 4, 5], 1.0), &rng.arr(&[3, 2, 3, 3, 3], 0.3), &rng.arr(&[3], 0.5)], 11, op);
+    check_gradients(
+        "conv3d k3",
+        &[&rng.arr(&[1, 2, 3, 4, 5], 1.0), &rng.arr(&[3, 2, 3, 3, 3], 0.3), &rng.arr(&[3], 0.5)],
+        11,
+        op,
+    );
 }
 
 #[test]
@@ -147,11 +165,15 @@ fn window_partition_reverse_and_roll() {
     let mut rng = Rng::new(7);
     let x = rng.arr(&[2, 6, 4, 9, 3], 1.0);
     let ws = [3, 2, 3];
-    check_against_reference("window_partition", &[&x], &reference::window_partition(&x, ws), |t| window_partition(&t[0], ws));
+    check_against_reference("window_partition", &[&x], &reference::window_partition(&x, ws), |t| {
+        window_partition(&t[0], ws)
+    });
     let wins = reference::window_partition(&x, ws);
     check_against_reference("window_reverse", &[&wins], &x, |t| window_reverse(&t[0], ws, [6, 4, 9]));
     let shift = [-1, 2, -4];
-    check_against_reference("roll", &[&x], &reference::roll(&x, shift.map(|s| s as isize)), |t| roll_spatial(&t[0], shift));
+    check_against_reference("roll", &[&x], &reference::roll(&x, shift.map(|s| s as isize)), |t| {
+        roll_spatial(&t[0], shift)
+    });
     let scale = rng.arr(&[2 * 2 * 2 * 3, 18, 3], 1.0);
     check_gradients("shifted windows", &[&x, &scale], 18, |t| {
         let w = window_partition(&roll_spatial(&t[0], shift)?, ws)?;
@@ -195,8 +217,11 @@ fn window_attention_matches_reference() {
     let mut expected = Arr::zeros(q.shape.as_slice());
     for win in 0..images * nw {
         for h in 0..heads {
-            let rows = |a: &Arr| (0..n).map(|i| (0..d).map(|e| a.at(&[win, h, i, e])).collect::<Vec<_>>()).collect::<Vec<_>>();
-            let o = reference::attention_head(&rows(&q), &rows(&k), &rows(&v), |i, j| bias.at(&[h, i, j]) + mask.at(&[win % nw, i, j]));
+            let rows =
+                |a: &Arr| (0..n).map(|i| (0..d).map(|e| a.at(&[win, h, i, e])).collect::<Vec<_>>()).collect::<Vec<_>>();
+            let o = reference::attention_head(&rows(&q), &rows(&k), &rows(&v), |i, j| {
+                bias.at(&[h, i, j]) + mask.at(&[win % nw, i, j])
+            });
             for i in 0..n {
                 for e in 0..d {
                     expected.set(&[win, h, i, e], o[i][e]);
@@ -215,5 +240,7 @@ fn window_attention_matches_reference() {
     let mut mask = Arr::zeros(&[2, 5, 5]);
     mask.data.iter_mut().for_each(|m| *m = if rng.uniform() > 0.3 { 0.0 } else { -100.0 });
     let mask_t = tensor(&mask, DType::F64);
-    check_gradients("window_attention", &[&q, &k, &v, &bias], 19, |t| window_attention_chunked(&t[0], &t[1], &t[2], &t[3], Some(&mask_t), 2 * 5 * 5));
+    check_gradients("window_attention", &[&q, &k, &v, &bias], 19, |t| {
+        window_attention_chunked(&t[0], &t[1], &t[2], &t[3], Some(&mask_t), 2 * 5 * 5)
+    });
 }

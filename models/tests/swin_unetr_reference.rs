@@ -16,7 +16,8 @@ fn random_weights(cfg: &Config, seed: u64) -> HashMap<String, Arr> {
     cfg.parameter_shapes()
         .into_iter()
         .map(|(key, shape)| {
-            let arr = if key.ends_with("norm1.weight") || key.ends_with("norm2.weight") || key.ends_with("norm.weight") {
+            let arr = if key.ends_with("norm1.weight") || key.ends_with("norm2.weight") || key.ends_with("norm.weight")
+            {
                 let mut a = rng.arr(&shape, 0.2);
                 a.data.iter_mut().for_each(|v| *v += 1.0);
                 a
@@ -98,7 +99,8 @@ fn fs12_v2_mergingv2_unnormalized_window5_odd_depths_batch2() {
 fn backward_reaches_every_parameter_and_matches_finite_differences() {
     let cfg = Config { use_v2: true, out_channels: 3, ..Config::tiny() };
     let weights = random_weights(&cfg, 300);
-    let vars: HashMap<String, Var> = weights.iter().map(|(k, a)| (k.clone(), Var::from_tensor(&to_tensor(a, DType::F64)).unwrap())).collect();
+    let vars: HashMap<String, Var> =
+        weights.iter().map(|(k, a)| (k.clone(), Var::from_tensor(&to_tensor(a, DType::F64)).unwrap())).collect();
     let tensors = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     let net = SwinUnetr::new(&cfg, VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu)).unwrap();
     let x = to_tensor(&Rng::new(301).arr(&[1, 1, 64, 32, 32], 1.0), DType::F64);
@@ -129,7 +131,8 @@ fn backward_reaches_every_parameter_and_matches_finite_differences() {
     // 1e-4 of the true slope there (1e-7 elsewhere), while a dropped or wrong gradient is off by O(1).
     let h = 1e-6;
     for (key, index) in probes {
-        let analytic = grads.get(vars[key].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[index];
+        let analytic =
+            grads.get(vars[key].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[index];
         let eval = |delta: f64| {
             let tensors = weights
                 .iter()

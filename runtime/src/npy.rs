@@ -96,7 +96,8 @@ fn parse_header(text: &str) -> std::result::Result<Header, String> {
         Ok(body[at + tag.len()..].trim_start())
     };
     let descr = value_of("descr")?;
-    let descr = descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or("'descr' is not a string")?.to_string();
+    let descr =
+        descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or("'descr' is not a string")?.to_string();
     let fortran = value_of("fortran_order")?;
     let fortran_order = if fortran.starts_with("True") {
         true
@@ -134,7 +135,8 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Array, String> {
     } else {
         u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize
     };
-    let data_start = header_start.checked_add(header_len).filter(|&e| e <= bytes.len()).ok_or("truncated .npy header")?;
+    let data_start =
+        header_start.checked_add(header_len).filter(|&e| e <= bytes.len()).ok_or("truncated .npy header")?;
     let text = std::str::from_utf8(&bytes[header_start..data_start]).map_err(|_| "the .npy header is not text")?;
     let header = parse_header(text).map_err(|e| format!("bad .npy header: {e}"))?;
     let elem = Elem::parse(&header.descr).ok_or_else(|| {
@@ -144,14 +146,18 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Array, String> {
     let need = count.checked_mul(elem.size()).ok_or("the shape overflows")?;
     let have = bytes.len() - data_start;
     if have < need {
-        return Err(format!("truncated: shape {:?} of '{}' needs {need} data bytes, the file has {have}", header.shape, header.descr));
+        return Err(format!(
+            "truncated: shape {:?} of '{}' needs {need} data bytes, the file has {have}",
+            header.shape, header.descr
+        ));
     }
     if have > need {
         return Err(format!("{} bytes of trailing data after the array of shape {:?}", have - need, header.shape));
     }
     let raw = &bytes[data_start..];
     let values: Vec<f32> = raw.chunks_exact(elem.size()).map(|b| elem.decode(b)).collect();
-    let data = if header.fortran_order && header.shape.len() > 1 { fortran_to_c(&values, &header.shape) } else { values };
+    let data =
+        if header.fortran_order && header.shape.len() > 1 { fortran_to_c(&values, &header.shape) } else { values };
     Ok(Array { shape: header.shape, data })
 }
 

@@ -51,8 +51,11 @@ fn metadata(cfg: &Config) -> Metadata {
 /// A tiny student with random weights, `edit` applied to its tensors before saving.
 fn random_model(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> PathBuf {
     let cfg = Config::tiny();
-    let mut tensors: Vec<(String, Tensor)> =
-        cfg.parameter_shapes().into_iter().map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())).collect();
+    let mut tensors: Vec<(String, Tensor)> = cfg
+        .parameter_shapes()
+        .into_iter()
+        .map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()))
+        .collect();
     edit(&mut tensors);
     let path = dir.join(name);
     prosam_models::format::save(&path, metadata(&cfg), &tensors).unwrap();
@@ -94,7 +97,11 @@ fn forward_rejects_bad_inputs() {
     let (ok, stderr) = prosam(&["forward", "-m", s(&model), "-i", s(&good), "-o", s(&out), "--threads", "2"]);
     assert!(ok, "{stderr}");
     assert_eq!(npy::read(&out).unwrap().shape, vec![1, 14, 64, 32, 32]);
-    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
@@ -117,7 +124,11 @@ fn damaged_model_files_are_rejected() {
     assert_fails(&["info", "-m", s(&truncated)], &["not a safetensors file", s(&truncated)]);
 
     let plain = dir.join("plain.safetensors");
-    candle_core::safetensors::save(&std::collections::HashMap::from([("w", Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap())]), &plain).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("w", Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap())]),
+        &plain,
+    )
+    .unwrap();
     assert_fails(&["info", "-m", s(&plain)], &["no `prosam` metadata", s(&plain)]);
 
     let x = dir.join("x.npy");
@@ -127,9 +138,16 @@ fn damaged_model_files_are_rejected() {
         let (_, bias) = t.iter_mut().find(|(k, _)| k == "out.conv.conv.bias").unwrap();
         *bias = Tensor::zeros(13, candle_core::DType::F32, &Device::Cpu).unwrap();
     });
-    assert_fails(&["forward", "-m", s(&misshaped), "-i", s(&x), "-o", s(&y)], &["out.conv.conv.bias", "[13]", "[14]", s(&misshaped)]);
-    let missing = random_model(&dir, "missing.safetensors", |t| t.retain(|(k, _)| k != "decoder3.transp_conv.conv.weight"));
-    assert_fails(&["forward", "-m", s(&missing), "-i", s(&x), "-o", s(&y)], &["missing tensor `decoder3.transp_conv.conv.weight`", s(&missing)]);
+    assert_fails(
+        &["forward", "-m", s(&misshaped), "-i", s(&x), "-o", s(&y)],
+        &["out.conv.conv.bias", "[13]", "[14]", s(&misshaped)],
+    );
+    let missing =
+        random_model(&dir, "missing.safetensors", |t| t.retain(|(k, _)| k != "decoder3.transp_conv.conv.weight"));
+    assert_fails(
+        &["forward", "-m", s(&missing), "-i", s(&x), "-o", s(&y)],
+        &["missing tensor `decoder3.transp_conv.conv.weight`", s(&missing)],
+    );
 }
 
 #[test]
@@ -167,18 +185,33 @@ fn import_names_missing_and_misshaped_tensors() {
     assert!(state.iter().any(|(k, _)| k.ends_with("relative_position_index")), "the fixture carries the index buffers");
     let missing: Vec<_> = state.iter().filter(|(k, _)| k != "decoder2.conv_block.conv3.conv.weight").cloned().collect();
     let err = from_state_dict(missing, MonaiOptions::default(), &ckpt).unwrap_err().to_string();
-    assert!(err.contains("missing tensor `decoder2.conv_block.conv3.conv.weight`") && err.contains("[12, 24, 1, 1, 1]"), "{err}");
+    assert!(
+        err.contains("missing tensor `decoder2.conv_block.conv3.conv.weight`") && err.contains("[12, 24, 1, 1, 1]"),
+        "{err}"
+    );
     let misshaped: Vec<_> = state
         .iter()
         .map(|(k, t)| {
-            let t = if k == "swinViT.layers2.0.blocks.1.attn.proj.weight" { t.narrow(0, 0, 20).unwrap() } else { t.clone() };
+            let t = if k == "swinViT.layers2.0.blocks.1.attn.proj.weight" {
+                t.narrow(0, 0, 20).unwrap()
+            } else {
+                t.clone()
+            };
             (k.clone(), t)
         })
         .collect();
     let err = from_state_dict(misshaped, MonaiOptions::default(), &ckpt).unwrap_err().to_string();
-    assert!(err.contains("swinViT.layers2.0.blocks.1.attn.proj.weight") && err.contains("[20, 24]") && err.contains("[24, 24]"), "{err}");
+    assert!(
+        err.contains("swinViT.layers2.0.blocks.1.attn.proj.weight")
+            && err.contains("[20, 24]")
+            && err.contains("[24, 24]"),
+        "{err}"
+    );
     // Old names: DataParallel's `module.` prefix and `fc1`/`fc2` MLPs import to the same network.
-    let renamed: Vec<_> = state.iter().map(|(k, t)| (format!("module.{}", k.replace(".linear1.", ".fc1.").replace(".linear2.", ".fc2.")), t.clone())).collect();
+    let renamed: Vec<_> = state
+        .iter()
+        .map(|(k, t)| (format!("module.{}", k.replace(".linear1.", ".fc1.").replace(".linear2.", ".fc2.")), t.clone()))
+        .collect();
     let imported = from_state_dict(renamed, MonaiOptions::default(), &ckpt).unwrap();
     assert_eq!(imported.config, Config::tiny());
 }

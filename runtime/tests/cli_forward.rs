@@ -33,13 +33,27 @@ fn convert_and_forward(ckpt: &str, io: &str, extra_convert_args: &[&str], scratc
     let x_path: PathBuf = dir.join("x.npy");
     npy::write_f32(&x_path, input.dims(), &input.flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
     let y_path = dir.join("y.npy");
-    let out = prosam(&["forward", "-m", path_str(&model), "-i", path_str(&x_path), "-o", path_str(&y_path), "--threads", "2"]);
+    let out = prosam(&[
+        "forward",
+        "-m",
+        path_str(&model),
+        "-i",
+        path_str(&x_path),
+        "-o",
+        path_str(&y_path),
+        "--threads",
+        "2",
+    ]);
     assert!(out.status.success(), "forward failed");
 
     let y = npy::read(&y_path).expect("read logits");
     let expected = &fixture["logits"];
     assert_eq!(y.shape, expected.dims());
-    let (max_abs, agree) = common::compare_logits(&y.data, &expected.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected.dim(1).unwrap());
+    let (max_abs, agree) = common::compare_logits(
+        &y.data,
+        &expected.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        expected.dim(1).unwrap(),
+    );
     eprintln!("max |dlogit| = {max_abs:e}, argmax agreement = {:.5}%", agree * 100.0);
     assert!(max_abs <= 1e-4, "max abs logit difference {max_abs} > 1e-4");
     assert!(agree >= 0.9999, "argmax agreement {agree} < 99.99%");
@@ -47,7 +61,12 @@ fn convert_and_forward(ckpt: &str, io: &str, extra_convert_args: &[&str], scratc
 
 #[test]
 fn fs12_convert_and_forward_match_monai() {
-    convert_and_forward("fixtures/monai/swinunetr_fs12.pt", "fixtures/monai/swinunetr_fs12_io.safetensors", &[], "fs12");
+    convert_and_forward(
+        "fixtures/monai/swinunetr_fs12.pt",
+        "fixtures/monai/swinunetr_fs12_io.safetensors",
+        &[],
+        "fs12",
+    );
 }
 
 #[test]

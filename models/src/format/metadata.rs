@@ -72,7 +72,9 @@ impl std::fmt::Display for Intensity {
             Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip } => {
                 write!(f, "window {a_min}..{a_max} HU -> {b_min}..{b_max}{}", if clip { ", clipped" } else { "" })
             }
-            Intensity::ClipZScore { lower, upper, mean, std } => write!(f, "clip {lower}..{upper} HU, then (x - {mean}) / {std}"),
+            Intensity::ClipZScore { lower, upper, mean, std } => {
+                write!(f, "clip {lower}..{upper} HU, then (x - {mean}) / {std}")
+            }
         }
     }
 }

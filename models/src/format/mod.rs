@@ -101,7 +101,9 @@ pub fn save(path: &Path, mut metadata: Metadata, tensors: &[(String, Tensor)]) -
         blobs.push((name.as_str(), dtype, t.dims().to_vec(), tensor_bytes(t)?));
     }
     let dtype_names: Vec<String> = blobs.iter().map(|b| st_dtype_name(b.1)).collect();
-    metadata.checksum = weights_checksum(blobs.iter().zip(&dtype_names).map(|(b, d)| (b.0, d.as_str(), b.2.as_slice(), b.3.as_slice())));
+    metadata.checksum = weights_checksum(
+        blobs.iter().zip(&dtype_names).map(|(b, d)| (b.0, d.as_str(), b.2.as_slice(), b.3.as_slice())),
+    );
     metadata.format_version = FORMAT_VERSION;
     let views = blobs
         .iter()
@@ -113,7 +115,8 @@ pub fn save(path: &Path, mut metadata: Metadata, tensors: &[(String, Tensor)]) -
         .collect::<Result<Vec<_>>>()?;
     let json = serde_json::to_string(&metadata).expect("metadata serialises");
     let header = HashMap::from([(METADATA_KEY.to_string(), json)]);
-    let bytes = safetensors::serialize(views, Some(header)).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bytes = safetensors::serialize(views, Some(header))
+        .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
     write_atomically(path, |f| f.write_all(&bytes))?;
     Ok(metadata)
 }
@@ -140,7 +143,8 @@ impl ModelFile {
         // SAFETY: the map is read-only; prosam never writes model files in place (saves go through a
         // temporary file and a rename), so the mapped pages do not change under us.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
-        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let st =
+            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
         let json = header
             .metadata()
@@ -150,11 +154,16 @@ impl ModelFile {
         let metadata: Metadata = serde_json::from_str(json).map_err(|e| bad(format!("metadata: {e}")))?;
         metadata.validate().map_err(|e| bad(format!("metadata: {e}")))?;
         if metadata.format_version > FORMAT_VERSION {
-            return Err(bad(format!("format version {} is newer than this prosam reads ({FORMAT_VERSION})", metadata.format_version)));
+            return Err(bad(format!(
+                "format version {} is newer than this prosam reads ({FORMAT_VERSION})",
+                metadata.format_version
+            )));
         }
         let tensors = st.tensors();
         let dtype_names: Vec<String> = tensors.iter().map(|(_, v)| st_dtype_name(v.dtype())).collect();
-        let found = weights_checksum(tensors.iter().zip(&dtype_names).map(|((n, v), d)| (n.as_str(), d.as_str(), v.shape(), v.data())));
+        let found = weights_checksum(
+            tensors.iter().zip(&dtype_names).map(|((n, v), d)| (n.as_str(), d.as_str(), v.shape(), v.data())),
+        );
         if found != metadata.checksum {
             return Err(Error::ChecksumMismatch { path, expected: metadata.checksum.clone(), found });
         }
@@ -176,12 +185,14 @@ impl ModelFile {
     }
 
     fn safetensors(&self) -> Result<safetensors::SafeTensors<'_>> {
-        safetensors::SafeTensors::deserialize(&self.mmap).map_err(|e| Error::ModelFile { path: self.path.clone(), reason: e.to_string() })
+        safetensors::SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| Error::ModelFile { path: self.path.clone(), reason: e.to_string() })
     }
 
     /// Name, dtype and shape of every stored tensor, in name order.
     pub fn tensor_infos(&self) -> Result<Vec<(String, safetensors::Dtype, Vec<usize>)>> {
-        let mut infos: Vec<_> = self.safetensors()?.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec())).collect();
+        let mut infos: Vec<_> =
+            self.safetensors()?.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec())).collect();
         infos.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(infos)
     }
@@ -213,9 +224,20 @@ pub fn check_weights(config: &Config, tensors: &HashMap<String, Tensor>, path: &
     let expected = config.parameter_shapes();
     for (key, shape) in &expected {
         match tensors.get(key) {
-            None => return Err(Error::MissingTensor { path: path.to_path_buf(), key: key.clone(), expected: shape.clone() }),
+            None => {
+                return Err(Error::MissingTensor {
+                    path: path.to_path_buf(),
+                    key: key.clone(),
+                    expected: shape.clone(),
+                });
+            }
             Some(t) if t.dims() != shape.as_slice() => {
-                return Err(Error::ShapeMismatch { path: path.to_path_buf(), key: key.clone(), expected: shape.clone(), found: t.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    key: key.clone(),
+                    expected: shape.clone(),
+                    found: t.dims().to_vec(),
+                });
             }
             Some(_) => {}
         }
@@ -224,7 +246,10 @@ pub fn check_weights(config: &Config, tensors: &HashMap<String, Tensor>, path: &
         let known: std::collections::HashSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
         let mut extra: Vec<&str> = tensors.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
         extra.sort();
-        return Err(Error::ModelFile { path: path.to_path_buf(), reason: format!("unexpected tensors for this configuration: {}", extra.join(", ")) });
+        return Err(Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!("unexpected tensors for this configuration: {}", extra.join(", ")),
+        });
     }
     Ok(())
 }

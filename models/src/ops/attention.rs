@@ -16,7 +16,14 @@ pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask:
 
 /// [`window_attention`] with at most about `max_scores` score elements alive at once (at least one
 /// window's worth).
-pub fn window_attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&Tensor>, max_scores: usize) -> Result<Tensor> {
+pub fn window_attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    max_scores: usize,
+) -> Result<Tensor> {
     let (windows, heads, n, _) = q.dims4()?;
     if bias.dims() != [heads, n, n] {
         bail!("window_attention: bias {:?} does not match {heads} heads of {n} tokens", bias.dims());

@@ -58,11 +58,7 @@ fn patchify(x: &Tensor, w: &Tensor, s: usize) -> Result<Tensor> {
         .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
         .reshape((b * od * oh * ow, c_in * s * s * s))?;
     let w = w.reshape((c_out, c_in * s * s * s))?;
-    patches
-        .matmul(&w.t()?)?
-        .reshape((b, od, oh, ow, c_out))?
-        .permute((0, 4, 1, 2, 3))?
-        .contiguous()
+    patches.matmul(&w.t()?)?.reshape((b, od, oh, ow, c_out))?.permute((0, 4, 1, 2, 3))?.contiguous()
 }
 
 /// Stride-1 convolution as a sum over depth taps of 2D convolutions on depth slices.

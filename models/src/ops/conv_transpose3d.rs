@@ -21,10 +21,13 @@ pub fn conv_transpose3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: u
     // (B, N, Cin) x (Cin, Cout*k^3) -> (B, N, Cout*k^3)
     let rows = x.reshape((b, c_in, n))?.transpose(1, 2)?.contiguous()?;
     let y = rows.broadcast_matmul(&w.reshape((c_in, c_out * k * k * k))?)?;
-    let y = y
-        .reshape(vec![b, d, h, wd, c_out, k, k, k])?
-        .permute(vec![0, 4, 1, 5, 2, 6, 3, 7])?
-        .reshape((b, c_out, d * k, h * k, wd * k))?;
+    let y = y.reshape(vec![b, d, h, wd, c_out, k, k, k])?.permute(vec![0, 4, 1, 5, 2, 6, 3, 7])?.reshape((
+        b,
+        c_out,
+        d * k,
+        h * k,
+        wd * k,
+    ))?;
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1, 1))?),
         None => Ok(y),

@@ -13,16 +13,12 @@ pub mod norm;
 pub mod window;
 
 pub use attention::window_attention;
-pub use conv3d::conv3d;
 pub use conv_transpose3d::conv_transpose3d;
+pub use conv3d::conv3d;
 pub use norm::{channel_layer_norm, instance_norm};
 pub use window::{compute_shift_mask, window_partition, window_reverse};
 
 /// Softmax over the last axis: the fused kernel for inference, the differentiable one while training.
 pub(crate) fn softmax_last_dim(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, candle_core::D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
+    if x.track_op() { candle_nn::ops::softmax(x, candle_core::D::Minus1) } else { candle_nn::ops::softmax_last_dim(x) }
 }

@@ -97,7 +97,10 @@ pub struct UnetOutBlock {
 impl UnetOutBlock {
     pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("conv.conv");
-        Ok(Self { weight: vb.get((out_channels, in_channels, 1, 1, 1), "weight")?, bias: vb.get(out_channels, "bias")? })
+        Ok(Self {
+            weight: vb.get((out_channels, in_channels, 1, 1, 1), "weight")?,
+            bias: vb.get(out_channels, "bias")?,
+        })
     }
 }
 

@@ -20,26 +20,12 @@ impl Downsample {
     /// The (d, h, w) offsets of the 8 strided sub-volumes, in concatenation order.
     pub fn offsets(self) -> [[usize; 3]; 8] {
         match self {
-            Downsample::Merging => [
-                [0, 0, 0],
-                [1, 0, 0],
-                [0, 1, 0],
-                [0, 0, 1],
-                [1, 1, 0],
-                [1, 0, 1],
-                [0, 1, 1],
-                [1, 1, 1],
-            ],
-            Downsample::MergingV2 => [
-                [0, 0, 0],
-                [0, 0, 1],
-                [0, 1, 0],
-                [0, 1, 1],
-                [1, 0, 0],
-                [1, 0, 1],
-                [1, 1, 0],
-                [1, 1, 1],
-            ],
+            Downsample::Merging => {
+                [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]]
+            }
+            Downsample::MergingV2 => {
+                [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1]]
+            }
         }
     }
 }
@@ -140,7 +126,7 @@ impl Config {
         if self.in_channels == 0 || self.out_channels == 0 {
             return fail("in_channels and out_channels must be positive".into());
         }
-        if self.feature_size == 0 || self.feature_size % 12 != 0 {
+        if self.feature_size == 0 || !self.feature_size.is_multiple_of(12) {
             return fail(format!("feature_size {} is not a positive multiple of 12", self.feature_size));
         }
         if self.window_size < 2 {
@@ -257,7 +243,9 @@ impl Config {
         let vox = |level: u32| dims.iter().map(|&d| (d as u64) >> level).product::<u64>();
         let cin = self.in_channels as u64;
         let conv3 = |i: u64, o: u64, level: u32| 27 * i * o * vox(level);
-        let res = |i: u64, o: u64, level: u32| conv3(i, o, level) + conv3(o, o, level) + if i != o { i * o * vox(level) } else { 0 };
+        let res = |i: u64, o: u64, level: u32| {
+            conv3(i, o, level) + conv3(o, o, level) + if i != o { i * o * vox(level) } else { 0 }
+        };
         let mut total = cin * f * 8 * vox(1);
         for s in 0..4u32 {
             let c = f << s;

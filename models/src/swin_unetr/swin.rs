@@ -78,9 +78,8 @@ impl WindowAttention {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (windows, n, c) = x.dims3()?;
         let head_dim = c / self.heads;
-        let qkv = linear_tokens(&self.qkv, x)?
-            .reshape((windows, n, 3, self.heads, head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv =
+            linear_tokens(&self.qkv, x)?.reshape((windows, n, 3, self.heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)? * (head_dim as f64).powf(-0.5))?;
         let k = qkv.get(1)?;
         let v = qkv.get(2)?;
@@ -99,7 +98,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear1: candle_nn::linear(dim, hidden, vb.pp("linear1"))?, linear2: candle_nn::linear(hidden, dim, vb.pp("linear2"))? })
+        Ok(Self {
+            linear1: candle_nn::linear(dim, hidden, vb.pp("linear1"))?,
+            linear2: candle_nn::linear(hidden, dim, vb.pp("linear2"))?,
+        })
     }
 }
 
@@ -222,9 +224,21 @@ impl BasicLayer {
     pub fn new(cfg: &Config, stage: usize, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.stage_channels(stage);
         let blocks = (0..cfg.depths[stage])
-            .map(|b| SwinTransformerBlock::new(dim, cfg.num_heads[stage], cfg.window_size, b % 2 == 1, vb.pp(format!("blocks.{b}"))))
+            .map(|b| {
+                SwinTransformerBlock::new(
+                    dim,
+                    cfg.num_heads[stage],
+                    cfg.window_size,
+                    b % 2 == 1,
+                    vb.pp(format!("blocks.{b}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { blocks, downsample: PatchMerging::new(dim, cfg.downsample, vb.pp("downsample"))?, window_size: cfg.window_size })
+        Ok(Self {
+            blocks,
+            downsample: PatchMerging::new(dim, cfg.downsample, vb.pp("downsample"))?,
+            window_size: cfg.window_size,
+        })
     }
 }
 
@@ -235,7 +249,11 @@ impl Module for BasicLayer {
         let (window, shift) = stage_window(dims, self.window_size, self.window_size / 2);
         let padded = padded_dims(dims, window);
         let needs_mask = self.blocks.len() > 1 && shift.iter().any(|&s| s > 0);
-        let mask = if needs_mask { Some(compute_shift_mask(padded, window, shift, x.device())?.to_dtype(x.dtype())?) } else { None };
+        let mask = if needs_mask {
+            Some(compute_shift_mask(padded, window, shift, x.device())?.to_dtype(x.dtype())?)
+        } else {
+            None
+        };
         let geometry = StageGeometry { dims, window, shift, padded, mask };
         let mut y = x.permute((0, 2, 3, 4, 1))?.contiguous()?;
         for block in &self.blocks {
@@ -261,7 +279,8 @@ impl SwinTransformer {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let f = cfg.feature_size;
         let pe = vb.pp("patch_embed.proj");
-        let layers = (0..4).map(|s| BasicLayer::new(cfg, s, vb.pp(format!("layers{}.0", s + 1)))).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..4).map(|s| BasicLayer::new(cfg, s, vb.pp(format!("layers{}.0", s + 1)))).collect::<Result<Vec<_>>>()?;
         let layers_c = if cfg.use_v2 {
             let blocks = (0..4)
                 .map(|s| {
@@ -304,4 +323,3 @@ impl SwinTransformer {
         Ok(skips)
     }
 }
-

@@ -2,6 +2,8 @@
 //! written from `../shared/spec/swinunetr.md` (MONAI 1.6.1). Nothing here imports the code under
 //! test: every op is re-derived from its definition with explicit index arithmetic, slow but plain.
 #![allow(dead_code)]
+// Index loops are the point here: the references spell out every index.
+#![allow(clippy::needless_range_loop)]
 
 use std::collections::HashMap;
 
@@ -109,7 +111,8 @@ pub fn conv3d(x: &Arr, w: &Arr, bias: Option<&[f64]>, pad: usize, stride: usize)
                                         if xx < 0 || xx >= wd as isize {
                                             continue;
                                         }
-                                        let xv = x.data[(((bb * c + cc) * d + z as usize) * h + yy as usize) * wd + xx as usize];
+                                        let xv = x.data
+                                            [(((bb * c + cc) * d + z as usize) * h + yy as usize) * wd + xx as usize];
                                         let wv = w.data[(((oo * c + cc) * kd + a) * kh + bq) * kw + cq];
                                         acc += xv * wv;
                                     }
@@ -314,7 +317,10 @@ pub fn roll(x: &Arr, shift: [isize; 3]) -> Arr {
             for j in 0..h {
                 for k in 0..w {
                     for ch in 0..c {
-                        y.set(&[bb, wrap(i, shift[0], d), wrap(j, shift[1], h), wrap(k, shift[2], w), ch], x.at(&[bb, i, j, k, ch]));
+                        y.set(
+                            &[bb, wrap(i, shift[0], d), wrap(j, shift[1], h), wrap(k, shift[2], w), ch],
+                            x.at(&[bb, i, j, k, ch]),
+                        );
                     }
                 }
             }
@@ -343,7 +349,8 @@ fn shift_region(p: usize, len: usize, w: usize, s: usize) -> usize {
 pub fn shift_mask(padded: [usize; 3], ws: [usize; 3], shift: [usize; 3]) -> Arr {
     let nw = (padded[0] / ws[0]) * (padded[1] / ws[1]) * (padded[2] / ws[2]);
     let n = ws[0] * ws[1] * ws[2];
-    let label = |p: [usize; 3]| -> usize { (0..3).fold(0, |acc, a| acc * 3 + shift_region(p[a], padded[a], ws[a], shift[a])) };
+    let label =
+        |p: [usize; 3]| -> usize { (0..3).fold(0, |acc, a| acc * 3 + shift_region(p[a], padded[a], ws[a], shift[a])) };
     let mut m = Arr::zeros(&[nw, n, n]);
     for win in 0..nw {
         for i in 0..n {
@@ -368,12 +375,18 @@ pub fn rel_index(window: usize, i: usize, j: usize) -> usize {
 }
 
 /// Attention of one head on one window: `q, k, v [n][d]` (q already scaled), `bias(i, j)` added.
-pub fn attention_head(q: &[Vec<f64>], k: &[Vec<f64>], v: &[Vec<f64>], bias: impl Fn(usize, usize) -> f64) -> Vec<Vec<f64>> {
+pub fn attention_head(
+    q: &[Vec<f64>],
+    k: &[Vec<f64>],
+    v: &[Vec<f64>],
+    bias: impl Fn(usize, usize) -> f64,
+) -> Vec<Vec<f64>> {
     let n = q.len();
     let d = v[0].len();
     let mut out = vec![vec![0.0; d]; n];
     for i in 0..n {
-        let scores: Vec<f64> = (0..n).map(|j| q[i].iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f64>() + bias(i, j)).collect();
+        let scores: Vec<f64> =
+            (0..n).map(|j| q[i].iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f64>() + bias(i, j)).collect();
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
         let z: f64 = e.iter().sum();
@@ -480,7 +493,15 @@ fn up_block(w: &Weights, prefix: &str, x: &Arr, skip: &Arr) -> Arr {
 }
 
 /// Window attention of block `prefix` on the padded, possibly rolled, channels-last grid `x`.
-fn window_attention(w: &Weights, prefix: &str, x: &Arr, ws: [usize; 3], heads: usize, window: usize, mask: Option<&Arr>) -> Arr {
+fn window_attention(
+    w: &Weights,
+    prefix: &str,
+    x: &Arr,
+    ws: [usize; 3],
+    heads: usize,
+    window: usize,
+    mask: Option<&Arr>,
+) -> Arr {
     let padded = [x.shape[1], x.shape[2], x.shape[3]];
     let wins = window_partition(x, ws);
     let (bn, n, c) = (wins.shape[0], wins.shape[1], wins.shape[2]);
@@ -552,9 +573,17 @@ fn swin_block(w: &Weights, prefix: &str, x: &Arr, heads: usize, window: usize, s
             }
         }
     }
-    let hmid = linear(&ln(w, &format!("{prefix}.norm2"), &x1), wt(w, &format!("{prefix}.mlp.linear1.weight")), Some(&wt(w, &format!("{prefix}.mlp.linear1.bias")).data));
+    let hmid = linear(
+        &ln(w, &format!("{prefix}.norm2"), &x1),
+        wt(w, &format!("{prefix}.mlp.linear1.weight")),
+        Some(&wt(w, &format!("{prefix}.mlp.linear1.bias")).data),
+    );
     let hmid = Arr::new(&hmid.shape, hmid.data.iter().map(|&v| gelu(v)).collect());
-    let mlp = linear(&hmid, wt(w, &format!("{prefix}.mlp.linear2.weight")), Some(&wt(w, &format!("{prefix}.mlp.linear2.bias")).data));
+    let mlp = linear(
+        &hmid,
+        wt(w, &format!("{prefix}.mlp.linear2.weight")),
+        Some(&wt(w, &format!("{prefix}.mlp.linear2.bias")).data),
+    );
     add(&x1, &mlp)
 }
 
@@ -592,7 +621,8 @@ fn proj_out(x: &Arr, normalize: bool) -> Arr {
 
 /// The reference SwinUNETR forward pass: logits `[B, out, D, H, W]`.
 pub fn swin_unetr(cfg: &RefConfig, w: &Weights, x: &Arr) -> Arr {
-    let pe = conv3d(x, wt(w, "swinViT.patch_embed.proj.weight"), Some(&wt(w, "swinViT.patch_embed.proj.bias").data), 0, 2);
+    let pe =
+        conv3d(x, wt(w, "swinViT.patch_embed.proj.weight"), Some(&wt(w, "swinViT.patch_embed.proj.bias").data), 0, 2);
     let mut hs = vec![proj_out(&pe, cfg.normalize)];
     let mut feat = pe;
     for s in 0..4 {
@@ -601,9 +631,17 @@ pub fn swin_unetr(cfg: &RefConfig, w: &Weights, x: &Arr) -> Arr {
         }
         let mut cl = to_channels_last(&feat);
         for blk in 0..cfg.depths[s] {
-            cl = swin_block(w, &format!("swinViT.layers{}.0.blocks.{blk}", s + 1), &cl, cfg.heads[s], cfg.window, blk % 2 == 1);
+            cl = swin_block(
+                w,
+                &format!("swinViT.layers{}.0.blocks.{blk}", s + 1),
+                &cl,
+                cfg.heads[s],
+                cfg.window,
+                blk % 2 == 1,
+            );
         }
-        feat = to_channels_first(&patch_merging(w, &format!("swinViT.layers{}.0.downsample", s + 1), &cl, cfg.merging_v2));
+        feat =
+            to_channels_first(&patch_merging(w, &format!("swinViT.layers{}.0.downsample", s + 1), &cl, cfg.merging_v2));
         hs.push(proj_out(&feat, cfg.normalize));
     }
     let enc0 = res_block(w, "encoder1.layer", x);

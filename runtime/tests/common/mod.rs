@@ -46,7 +46,8 @@ pub fn compare_logits(a: &[f32], b: &[f32], classes: usize) -> (f32, f64) {
     assert_eq!(a.len(), b.len(), "logit tensors differ in size");
     let max_abs = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let voxels = a.len() / classes;
-    let argmax = |t: &[f32], v: usize| (0..classes).max_by(|&i, &j| t[i * voxels + v].total_cmp(&t[j * voxels + v])).unwrap();
+    let argmax =
+        |t: &[f32], v: usize| (0..classes).max_by(|&i, &j| t[i * voxels + v].total_cmp(&t[j * voxels + v])).unwrap();
     let agree = (0..voxels).filter(|&v| argmax(a, v) == argmax(b, v)).count();
     (max_abs, agree as f64 / voxels as f64)
 }

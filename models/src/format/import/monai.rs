@@ -62,7 +62,10 @@ pub fn from_state_dict(state_dict: Vec<(String, Tensor)>, options: MonaiOptions,
         let mut keys: Vec<&str> = tensors.keys().map(String::as_str).collect();
         keys.sort();
         let sample = keys.iter().take(4).copied().collect::<Vec<_>>().join(", ");
-        Error::NotSwinUnetr { path: path.to_path_buf(), reason: format!("{reason}; it holds {} tensors such as {sample}", keys.len()) }
+        Error::NotSwinUnetr {
+            path: path.to_path_buf(),
+            reason: format!("{reason}; it holds {} tensors such as {sample}", keys.len()),
+        }
     })?;
     config.validate()?;
     check_weights(&config, &tensors, path)?;
@@ -85,7 +88,8 @@ fn infer_config(t: &HashMap<String, Tensor>, options: MonaiOptions) -> std::resu
         return Err(format!("`{PATCH_EMBED}` has shape {patch:?}, expected (F, in_channels, 2, 2, 2)"));
     };
     let out_key = "out.conv.conv.weight";
-    let out = dims(out_key).ok_or_else(|| format!("it has no `{out_key}` (a Swin encoder without the UNETR decoder?)"))?;
+    let out =
+        dims(out_key).ok_or_else(|| format!("it has no `{out_key}` (a Swin encoder without the UNETR decoder?)"))?;
     let out_channels = out[0];
     let mut depths = [0; 4];
     let mut num_heads = [0; 4];
@@ -100,7 +104,7 @@ fn infer_config(t: &HashMap<String, Tensor>, options: MonaiOptions) -> std::resu
             return Err(format!("`{table_key}` has shape {table:?}, expected ((2w-1)^3, heads)"));
         };
         let span = (rows as f64).cbrt().round() as usize;
-        if span.pow(3) != rows || span % 2 == 0 {
+        if span.pow(3) != rows || span.is_multiple_of(2) {
             return Err(format!("`{table_key}` has {rows} rows, not (2w-1)^3 for a cubic window w"));
         }
         let w = span.div_ceil(2);

@@ -46,7 +46,9 @@ pub fn read_state_dict(path: &Path, looks_right: impl Fn(&[&str]) -> bool) -> Re
         }
         fallback.get_or_insert(pth);
     }
-    let pth = chosen.or(fallback).ok_or_else(|| fail(format!("no tensors found at the top level nor under {NESTED_STATE_DICT_KEYS:?}")))?;
+    let pth = chosen
+        .or(fallback)
+        .ok_or_else(|| fail(format!("no tensors found at the top level nor under {NESTED_STATE_DICT_KEYS:?}")))?;
     let mut out = Vec::with_capacity(pth.tensor_infos().len());
     for name in pth.tensor_infos().keys() {
         let t = pth

@@ -44,9 +44,7 @@ pub struct Args {
 }
 
 fn numbers(text: &str, what: &str) -> anyhow::Result<Vec<f64>> {
-    text.split(',')
-        .map(|s| s.trim().parse::<f64>().with_context(|| format!("{what}: `{s}` is not a number")))
-        .collect()
+    text.split(',').map(|s| s.trim().parse::<f64>().with_context(|| format!("{what}: `{s}` is not a number"))).collect()
 }
 
 fn parse_intensity(text: &str) -> anyhow::Result<Intensity> {
@@ -56,9 +54,9 @@ fn parse_intensity(text: &str) -> anyhow::Result<Intensity> {
             _ => bail!("--intensity clip-zscore: takes LOWER,UPPER,MEAN,STD"),
         }
     } else {
-        match numbers(text, "--intensity")?.as_slice() {
-            &[a_min, a_max] => Intensity::ScaleWindow { a_min, a_max, b_min: 0.0, b_max: 1.0, clip: true },
-            &[a_min, a_max, b_min, b_max] => Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip: true },
+        match *numbers(text, "--intensity")?.as_slice() {
+            [a_min, a_max] => Intensity::ScaleWindow { a_min, a_max, b_min: 0.0, b_max: 1.0, clip: true },
+            [a_min, a_max, b_min, b_max] => Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip: true },
             _ => bail!("--intensity takes A_MIN,A_MAX or A_MIN,A_MAX,B_MIN,B_MAX or clip-zscore:LOWER,UPPER,MEAN,STD"),
         }
     };
@@ -71,25 +69,39 @@ fn parse_labels(spec: &str) -> anyhow::Result<Vec<String>> {
         return Ok(BTCV_LABELS.iter().map(|s| s.to_string()).collect());
     }
     let path = Path::new(spec);
-    let text = std::fs::read_to_string(path).with_context(|| format!("--labels {spec}: not `btcv` and not a readable file"))?;
-    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--labels {spec}: not `btcv` and not a readable file"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
     match value {
         serde_json::Value::Array(items) => items
             .into_iter()
-            .map(|v| v.as_str().map(str::to_string).with_context(|| format!("{}: every label name must be a string", path.display())))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("{}: every label name must be a string", path.display()))
+            })
             .collect(),
         serde_json::Value::Object(map) => {
             let mut pairs = map
                 .into_iter()
                 .map(|(k, v)| {
-                    let index: usize = k.parse().with_context(|| format!("{}: key `{k}` is not a label number", path.display()))?;
-                    let name = v.as_str().with_context(|| format!("{}: label {k} is not a string", path.display()))?.to_string();
+                    let index: usize =
+                        k.parse().with_context(|| format!("{}: key `{k}` is not a label number", path.display()))?;
+                    let name = v
+                        .as_str()
+                        .with_context(|| format!("{}: label {k} is not a string", path.display()))?
+                        .to_string();
                     Ok((index, name))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             pairs.sort();
             for (expected, (index, _)) in pairs.iter().enumerate() {
-                anyhow::ensure!(*index == expected, "{}: label numbers must run 0, 1, 2, ... without gaps (missing {expected})", path.display());
+                anyhow::ensure!(
+                    *index == expected,
+                    "{}: label numbers must run 0, 1, 2, ... without gaps (missing {expected})",
+                    path.display()
+                );
             }
             Ok(pairs.into_iter().map(|(_, n)| n).collect())
         }
@@ -99,8 +111,14 @@ fn parse_labels(spec: &str) -> anyhow::Result<Vec<String>> {
 
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     super::ensure_distinct(&args.output, &[&args.monai])?;
-    let spacing: [f64; 3] = numbers(&args.spacing, "--spacing")?.try_into().map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))?;
-    let roi: Vec<usize> = args.roi.split(',').map(|s| s.trim().parse::<usize>().with_context(|| format!("--roi: `{s}` is not a size"))).collect::<anyhow::Result<_>>()?;
+    let spacing: [f64; 3] = numbers(&args.spacing, "--spacing")?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))?;
+    let roi: Vec<usize> = args
+        .roi
+        .split(',')
+        .map(|s| s.trim().parse::<usize>().with_context(|| format!("--roi: `{s}` is not a size")))
+        .collect::<anyhow::Result<_>>()?;
     let roi_size: [usize; 3] = roi.try_into().map_err(|_| anyhow::anyhow!("--roi takes three sizes D,H,W"))?;
     let intensity = parse_intensity(&args.intensity)?;
     let labels = parse_labels(&args.labels)?;
@@ -115,7 +133,9 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
         labels.len(),
         config.out_channels
     );
-    let name = args.name.unwrap_or_else(|| args.monai.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let name = args
+        .name
+        .unwrap_or_else(|| args.monai.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
     let metadata = Metadata {
         format_version: prosam_models::format::FORMAT_VERSION,
         name,

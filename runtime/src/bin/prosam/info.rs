@@ -33,7 +33,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let Architecture::SwinUnetr(cfg) = &meta.architecture;
     println!("model        {}", meta.name);
-    println!("file         {} ({:.1} MiB, format version {})", args.model.display(), file.file_size() as f64 / 1048576.0, meta.format_version);
+    println!(
+        "file         {} ({:.1} MiB, format version {})",
+        args.model.display(),
+        file.file_size() as f64 / 1048576.0,
+        meta.format_version
+    );
     println!(
         "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {}, normalize {}",
         cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.use_v2, cfg.downsample, cfg.normalize
@@ -44,10 +49,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("spacing      {:?} mm, axes {}", meta.spacing, meta.axis_codes);
     println!("roi          {:?}", meta.roi_size);
     println!("intensity    {}", meta.intensity);
-    println!("labels       {}", meta.labels.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "labels       {}",
+        meta.labels.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect::<Vec<_>>().join(" ")
+    );
     println!("checksum     {} (verified)", meta.checksum);
     if let Some(source) = &meta.source {
-        println!("source       {source}{}", meta.writer.as_deref().map(|w| format!(", converted by {w}")).unwrap_or_default());
+        println!(
+            "source       {source}{}",
+            meta.writer.as_deref().map(|w| format!(", converted by {w}")).unwrap_or_default()
+        );
     }
     Ok(())
 }

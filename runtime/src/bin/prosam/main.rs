@@ -74,7 +74,12 @@ pub(crate) fn ensure_distinct(output: &std::path::Path, inputs: &[&std::path::Pa
             (Some(o), Ok(i)) => *o == i,
             _ => output == *input,
         };
-        anyhow::ensure!(!same, "the output {} is the input {}: refusing to overwrite an input", output.display(), input.display());
+        anyhow::ensure!(
+            !same,
+            "the output {} is the input {}: refusing to overwrite an input",
+            output.display(),
+            input.display()
+        );
     }
     Ok(())
 }
