@@ -22,15 +22,24 @@ fn values(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
-/// Runs `op` in f64 and in f32 and compares each with the reference `expected`.
+/// Runs `op` in f64 and in f32, on plain tensors (the inference kernels) and on variables (the
+/// differentiable formulations used while training), and compares each with the reference.
 fn check_against_reference(name: &str, inputs: &[&Arr], expected: &Arr, op: impl Fn(&[Tensor]) -> Result<Tensor>) {
     for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
-        let ts: Vec<Tensor> = inputs.iter().map(|a| tensor(a, dtype)).collect();
-        let y = op(&ts).unwrap();
-        assert_eq!(y.dims(), expected.shape.as_slice(), "{name}: shape");
-        let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        let err = expected.max_abs_diff(&values(&y)) / scale;
-        assert!(err <= tol, "{name} {dtype:?}: max relative error {err:e} > {tol:e}");
+        for tracked in [false, true] {
+            let ts: Vec<Tensor> = inputs
+                .iter()
+                .map(|a| {
+                    let t = tensor(a, dtype);
+                    if tracked { Var::from_tensor(&t).unwrap().as_tensor().clone() } else { t }
+                })
+                .collect();
+            let y = op(&ts).unwrap();
+            assert_eq!(y.dims(), expected.shape.as_slice(), "{name}: shape");
+            let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let err = expected.max_abs_diff(&values(&y)) / scale;
+            assert!(err <= tol, "{name} {dtype:?} (gradients recorded: {tracked}): max relative error {err:e} > {tol:e}");
+        }
     }
 }
 

@@ -5,10 +5,14 @@
 //! - 1x1x1 kernels: a matrix product over channels;
 //! - kernel equal to stride without padding (the patch embedding): a reshape into patches and a
 //!   matrix product;
-//! - stride 1 (the 3x3x3 padding-1 convolutions): a sum over the kernel's depth taps of Candle's
-//!   `conv2d` on depth slices folded into the batch, which runs on every backend.
+//! - stride 1 (the 3x3x3 padding-1 convolutions): on the CPU at inference, a tiled im2col + gemm
+//!   kernel ([`super::conv3d_cpu`]); otherwise (gradients recorded, other devices or dtypes) a sum
+//!   over the kernel's depth taps of Candle's `conv2d` on depth slices folded into the batch,
+//!   which runs on every backend and has a backward pass.
 
-use candle_core::{Result, Tensor, bail};
+use candle_core::{DType, Result, Tensor, bail};
+
+use super::conv3d_cpu::Conv3dCpu;
 
 /// `conv3d(x, w, bias, padding, stride)`: `x (B, Cin, D, H, W)`, `w (Cout, Cin, kd, kh, kw)`,
 /// `bias (Cout)`; the same `padding` and `stride` on every axis.
@@ -26,7 +30,16 @@ pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, str
     } else if (kd, kh, kw) == (stride, stride, stride) && padding == 0 {
         patchify(x, w, stride)?
     } else if stride == 1 {
-        depth_taps(x, w, padding)?
+        let fast_kernel = x.device().is_cpu()
+            && !x.track_op()
+            && !w.track_op()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && x.dtype() == w.dtype();
+        if fast_kernel {
+            x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Conv3dCpu { padding })?
+        } else {
+            depth_taps(x, w, padding)?
+        }
     } else {
         bail!("conv3d: kernel {:?} with stride {stride} and padding {padding} is not supported", (kd, kh, kw));
     };

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod conv3d;
+mod conv3d_cpu;
 pub mod conv_transpose3d;
 pub mod norm;
 pub mod window;
