@@ -7,7 +7,7 @@
 mod reference;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use prosam_models::ops::attention::window_attention_chunked;
+use prosam_models::ops::attention::{window_attention_chunked, window_attention_qkv};
 use prosam_models::ops::window::{relative_position_index, roll_spatial, stage_window};
 use prosam_models::ops::{
     channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, instance_norm, window_partition, window_reverse,
@@ -38,7 +38,10 @@ fn check_against_reference(name: &str, inputs: &[&Arr], expected: &Arr, op: impl
             assert_eq!(y.dims(), expected.shape.as_slice(), "{name}: shape");
             let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
             let err = expected.max_abs_diff(&values(&y)) / scale;
-            assert!(err <= tol, "{name} {dtype:?} (gradients recorded: {tracked}): max relative error {err:e} > {tol:e}");
+            assert!(
+                err <= tol,
+                "{name} {dtype:?} (gradients recorded: {tracked}): max relative error {err:e} > {tol:e}"
+            );
         }
     }
 }
@@ -252,4 +255,43 @@ fn window_attention_matches_reference() {
     check_gradients("window_attention", &[&q, &k, &v, &bias], 19, |t| {
         window_attention_chunked(&t[0], &t[1], &t[2], &t[3], Some(&mask_t), 2 * 5 * 5)
     });
+}
+
+#[test]
+fn window_attention_from_qkv_matches_reference() {
+    // MONAI's layout: qkv (windows, n, 3C), C = heads * d, q scaled by d^-0.5; heads concatenated out.
+    let mut rng = Rng::new(9);
+    let (images, nw, heads, n, d) = (2, 3, 3, 10, 4);
+    let c = heads * d;
+    let windows = images * nw;
+    let qkv = rng.arr(&[windows, n, 3 * c], 1.0);
+    let bias = rng.arr(&[heads, n, n], 1.0);
+    let mut mask = Arr::zeros(&[nw, n, n]);
+    mask.data.iter_mut().for_each(|m| *m = if rng.uniform() > 0.3 { 0.0 } else { -100.0 });
+    let scale = (d as f64).powf(-0.5);
+    for masked in [false, true] {
+        let mut expected = Arr::zeros(&[windows, n, c]);
+        for win in 0..windows {
+            for h in 0..heads {
+                let part = |p: usize, s: f64| -> Vec<Vec<f64>> {
+                    (0..n).map(|t| (0..d).map(|e| qkv.at(&[win, t, p * c + h * d + e]) * s).collect()).collect()
+                };
+                let o = reference::attention_head(&part(0, scale), &part(1, 1.0), &part(2, 1.0), |i, j| {
+                    bias.at(&[h, i, j]) + if masked { mask.at(&[win % nw, i, j]) } else { 0.0 }
+                });
+                for i in 0..n {
+                    for e in 0..d {
+                        expected.set(&[win, i, h * d + e], o[i][e]);
+                    }
+                }
+            }
+        }
+        let mask_for = |dtype: DType| masked.then(|| tensor(&mask, dtype));
+        check_against_reference("window_attention_qkv", &[&qkv, &bias], &expected, |t| {
+            window_attention_qkv(&t[0], heads, scale, &t[1], mask_for(t[0].dtype()).as_ref())
+        });
+        check_gradients("window_attention_qkv", &[&qkv, &bias], 20, |t| {
+            window_attention_qkv(&t[0], heads, scale, &t[1], mask_for(DType::F64).as_ref())
+        });
+    }
 }

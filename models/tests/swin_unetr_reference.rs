@@ -67,20 +67,25 @@ fn check_network(cfg: &Config, input_shape: &[usize], seed: u64) {
         assert_eq!(y.dims(), expected.shape.as_slice());
         let got = y.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let err = expected.max_abs_diff(&got);
-        eprintln!("{dtype:?}: max |dlogit| {err:e}");
+        eprintln!(
+            "{dtype:?}: max |dlogit| {err:e}, max |logit| {}",
+            expected.data.iter().fold(0f64, |m, v| m.max(v.abs()))
+        );
         assert!(err <= tol, "{dtype:?}: max |dlogit| {err:e} > {tol:e}");
     }
 }
 
 #[test]
 fn fs24_small_student_non_cubic() {
-    check_network(&Config::small(), &[1, 1, 32, 64, 32], 100);
+    check_network(&Config::small(), &[1, 1, 64, 32, 64], 100);
 }
 
 #[test]
 fn fs12_v2_mergingv2_unnormalized_window5_odd_depths_batch2() {
-    // Window 5 clamps some axes but not others at stage 3 (8x4x4: window 5x4x4, shift 2x0x0),
-    // and all at stage 4; batch 2 checks that windows and norms stay per sample.
+    // Window 5 clamps some axes but not others at stage 3 (8x4x8: window 5x4x5, shift 2x0x2),
+    // and all at stage 4; batch 2 checks that windows and norms stay per sample. The bottleneck
+    // has 4 voxels: on 2, instance norm amplifies f32 rounding past MONAI's 1e-4 whatever the
+    // implementation (its output is nearly sign(a - b)).
     let cfg = Config {
         in_channels: 2,
         out_channels: 3,
@@ -92,7 +97,7 @@ fn fs12_v2_mergingv2_unnormalized_window5_odd_depths_batch2() {
         downsample: Downsample::MergingV2,
         normalize: false,
     };
-    check_network(&cfg, &[2, 2, 64, 32, 32], 200);
+    check_network(&cfg, &[2, 2, 64, 32, 64], 200);
 }
 
 #[test]

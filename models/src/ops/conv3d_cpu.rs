@@ -83,7 +83,8 @@ where
     let mut out = vec![T::default(); batch * g.c_out * spatial];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let in_len = g.c_in * g.d * g.h * g.w;
-    let tiles: Vec<(usize, usize)> = (0..batch).flat_map(|b| (0..total_rows).step_by(rows_per_tile).map(move |r| (b, r))).collect();
+    let tiles: Vec<(usize, usize)> =
+        (0..batch).flat_map(|b| (0..total_rows).step_by(rows_per_tile).map(move |r| (b, r))).collect();
     tiles.par_iter().for_each_init(
         || vec![T::default(); k_len * tile_len],
         |cols, &(b, row0)| {

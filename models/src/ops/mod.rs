@@ -13,7 +13,7 @@ pub mod conv_transpose3d;
 pub mod norm;
 pub mod window;
 
-pub use attention::window_attention;
+pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::conv_transpose3d;
 pub use conv3d::conv3d;
 pub use norm::{channel_layer_norm, instance_norm};

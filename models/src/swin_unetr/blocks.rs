@@ -9,8 +9,9 @@ use crate::ops::{conv_transpose3d, conv3d, instance_norm};
 const NORM_EPS: f64 = 1e-5;
 const LEAKY_SLOPE: f64 = 0.01;
 
+/// `max(x, slope * x)`: LeakyReLU for a slope below one, in two passes (Candle's takes five).
 fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::leaky_relu(x, LEAKY_SLOPE)
+    x.maximum(&(x * LEAKY_SLOPE)?)
 }
 
 /// `UnetResBlock(in, out, kernel 3, stride 1)`: two 3x3x3 convolutions with instance norm and a

@@ -7,7 +7,7 @@ use candle_nn::{Linear, VarBuilder};
 use super::blocks::UnetrBasicBlock;
 use super::config::{Config, Downsample};
 use crate::ops::window::{compute_shift_mask, padded_dims, relative_position_index, roll_spatial, stage_window};
-use crate::ops::{channel_layer_norm, conv3d, window_attention, window_partition, window_reverse};
+use crate::ops::{channel_layer_norm, conv3d, window_attention_qkv, window_partition, window_reverse};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -76,15 +76,10 @@ impl WindowAttention {
 
     /// `x (B * nW, n, C)`, `mask (nW, n, n)` for shifted windows.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (windows, n, c) = x.dims3()?;
-        let head_dim = c / self.heads;
-        let qkv =
-            linear_tokens(&self.qkv, x)?.reshape((windows, n, 3, self.heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * (head_dim as f64).powf(-0.5))?;
-        let k = qkv.get(1)?;
-        let v = qkv.get(2)?;
-        let o = window_attention(&q, &k, &v, &self.bias(n)?, mask)?;
-        let o = o.transpose(1, 2)?.reshape((windows, n, c))?;
+        let (_, n, c) = x.dims3()?;
+        let scale = ((c / self.heads) as f64).powf(-0.5);
+        let qkv = linear_tokens(&self.qkv, x)?;
+        let o = window_attention_qkv(&qkv, self.heads, scale, &self.bias(n)?, mask)?;
         linear_tokens(&self.proj, &o)
     }
 }
