@@ -9,5 +9,6 @@ pub mod error;
 pub mod format;
 pub mod ops;
 pub mod swin_unetr;
+pub mod temp_file;
 
 pub use error::{Error, Result};

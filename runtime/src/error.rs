@@ -17,6 +17,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A NIfTI file that cannot be read as a CT volume.
+    #[error("{}: {reason}", path.display())]
+    Nifti { path: PathBuf, reason: String },
+
+    /// Pipeline options out of range.
+    #[error("invalid options: {0}")]
+    Options(String),
+
     /// A `.npy` file that is not a readable NumPy array of a supported kind.
     #[error("{}: {reason}", path.display())]
     Npy { path: PathBuf, reason: String },

@@ -1,10 +1,15 @@
 //! prosam's runtime: the inference engine behind the `prosam` device CLI.
 //!
-//! For now it holds the array I/O of the raw-network commands ([`npy`]) and process resource
-//! figures ([`resources`]); the whole-volume pipeline grows here.
+//! - [`volume`]: CT volumes, NIfTI I/O, orientation and resampling;
+//! - [`pipeline`]: intensity transform and sliding-window inference;
+//! - [`engine`]: [`engine::Segmenter`], the whole pipeline behind `prosam segment`;
+//! - [`npy`] for the raw-network commands and [`resources`] for memory figures.
 
+pub mod engine;
 pub mod error;
 pub mod npy;
+pub mod pipeline;
 pub mod resources;
+pub mod volume;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
@@ -68,28 +69,14 @@ fn st_dtype_name(d: safetensors::Dtype) -> String {
     format!("{d:?}")
 }
 
-/// Writes `path` through a temporary file in the same folder and a rename, so that the
-/// destination holds either its old content or the complete new file. The temporary file is
-/// removed when writing fails.
+/// Writes `path` with `write` through a temporary file and a rename (see [`crate::temp_file`]).
 pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
-    let io_err = |source| Error::Io { path: path.to_path_buf(), source };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| io_err(std::io::Error::other("the output path names no file")))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+    crate::temp_file::write_via_temp(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
         write(&mut f)?;
         f.flush()?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err)
+        f.sync_all()
+    })
 }
 
 /// Writes a model file: `tensors` under their names, `metadata` with its checksum filled in.

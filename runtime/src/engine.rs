@@ -1,0 +1,234 @@
+//! `Segmenter`: a loaded model and the pipeline options; what the CLI and the C ABI call.
+//!
+//! The way of a CT: stored grid -> RAS orientation (an index view, no copy) -> resampling to the
+//! model spacing -> intensity transform -> sliding windows -> softmax -> probabilities mapped back
+//! to the CT's grid slab by slab -> argmax, with the orientation undone as labels are written.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use prosam_models::format::{Metadata, ModelFile};
+use prosam_models::swin_unetr::SwinUnetr;
+
+use crate::pipeline::sliding_window::{Accumulator, softmax_classes};
+use crate::pipeline::{Blend, WindowPlan, intensity};
+use crate::volume::resample::{labels_from_probabilities, resample_view, resampled_size};
+use crate::volume::{Affine, Orientation, Volume};
+use crate::{Error, Result};
+
+/// Sliding-window settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegmentOptions {
+    /// Fraction of a window shared with its neighbour along each axis, in [0, 1).
+    pub overlap: f64,
+    pub blend: Blend,
+    /// Windows per forward pass.
+    pub batch: usize,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        Self { overlap: 0.5, blend: Blend::Gaussian, batch: 1 }
+    }
+}
+
+impl SegmentOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.overlap) {
+            return Err(Error::Options(format!("overlap {} is not in [0, 1)", self.overlap)));
+        }
+        if self.batch == 0 {
+            return Err(Error::Options("the window batch must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The CT on the model's grid, ready for the network, with the geometry to map results back.
+#[derive(Debug, Clone)]
+pub struct ModelGrid {
+    /// Network input, C order (axis 0 slowest), `dims`.
+    pub data: Vec<f32>,
+    pub dims: [usize; 3],
+    /// Affine of the model grid (RAS-oriented, model spacing).
+    pub affine: Affine,
+    /// The stored grid's size and how the oriented grid indexes it.
+    pub stored_dims: [usize; 3],
+    pub orientation: Orientation,
+    /// Oriented voxel size over model voxel size, per oriented axis.
+    pub oriented_over_model: [f64; 3],
+}
+
+/// Wall time of each stage of [`Segmenter::segment`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    pub preprocess: Duration,
+    pub infer: Duration,
+    pub restore: Duration,
+}
+
+/// A label map on the input's stored grid (`data[i + nx * (j + ny * k)]`).
+#[derive(Debug, Clone)]
+pub struct Segmentation {
+    pub labels: Vec<u8>,
+    pub dims: [usize; 3],
+    pub windows: usize,
+    pub times: StageTimes,
+}
+
+/// A loaded student and the options it segments with.
+pub struct Segmenter {
+    net: SwinUnetr,
+    metadata: Metadata,
+    device: Device,
+    options: SegmentOptions,
+}
+
+impl Segmenter {
+    /// Loads a model file (checksum verified) for CPU inference.
+    pub fn load(model: &Path, options: SegmentOptions) -> Result<Self> {
+        options.validate()?;
+        let file = ModelFile::open(model)?;
+        let device = Device::Cpu;
+        let net = file.swin_unetr(DType::F32, &device)?;
+        Ok(Self { net, metadata: file.metadata().clone(), device, options })
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    pub fn options(&self) -> &SegmentOptions {
+        &self.options
+    }
+
+    /// Orientation to RAS, resampling to the model spacing and the intensity transform.
+    pub fn preprocess(&self, volume: &Volume) -> Result<ModelGrid> {
+        let orientation = Orientation::to_ras(&volume.affine);
+        let oriented_dims = orientation.oriented_dims(volume.dims);
+        let oriented_affine = orientation.oriented_affine(&volume.affine, volume.dims);
+        let old = oriented_affine.spacing();
+        let new = self.metadata.spacing;
+        let dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]));
+        let (base, strides) = orientation.view(volume.dims, volume.strides());
+        let mut data = resample_view(&volume.data, base, strides, oriented_dims, dims, [0, 1, 2].map(|a| new[a] / old[a]));
+        intensity::apply(&self.metadata.intensity, &mut data);
+        Ok(ModelGrid {
+            data,
+            dims,
+            affine: oriented_affine.scale_columns([0, 1, 2].map(|a| new[a] / old[a])),
+            stored_dims: volume.dims,
+            orientation,
+            oriented_over_model: [0, 1, 2].map(|a| old[a] / new[a]),
+        })
+    }
+
+    /// Sliding-window inference and softmax: class probabilities on the model grid
+    /// (`classes x dims`, C order). `progress(done, total)` is called after every batch.
+    pub fn probabilities(&self, grid: &ModelGrid, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<f32>> {
+        let roi = self.metadata.roi_size;
+        let classes = self.metadata.labels.len();
+        let plan = WindowPlan::new(grid.dims, roi, self.options.overlap);
+        let padded = plan.pad(&grid.data);
+        let starts = plan.starts.clone();
+        let mut acc = Accumulator::new(plan.clone(), classes, self.options.blend);
+        let roi_len: usize = roi.iter().product();
+        progress(0, starts.len());
+        for (b, batch) in starts.chunks(self.options.batch).enumerate() {
+            let mut input = vec![0f32; batch.len() * roi_len];
+            for (w, &s) in batch.iter().enumerate() {
+                plan.extract(&padded, s, &mut input[w * roi_len..(w + 1) * roi_len]);
+            }
+            let x = Tensor::from_vec(input, (batch.len(), 1, roi[0], roi[1], roi[2]), &self.device)?;
+            let logits = self.net.forward_checked(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for (w, &s) in batch.iter().enumerate() {
+                acc.add(s, &logits[w * classes * roi_len..(w + 1) * classes * roi_len]);
+            }
+            progress((b * self.options.batch + batch.len()).min(starts.len()), starts.len());
+        }
+        let mut probs = acc.finish();
+        softmax_classes(&mut probs, classes);
+        Ok(probs)
+    }
+
+    /// Labels on the stored grid from model-grid probabilities.
+    pub fn restore(&self, grid: &ModelGrid, probs: &[f32]) -> Vec<u8> {
+        let classes = self.metadata.labels.len();
+        let stored = grid.stored_dims;
+        let oriented_dims = grid.orientation.oriented_dims(stored);
+        let (base, strides) = grid.orientation.view(stored, [1, stored[0], stored[0] * stored[1]]);
+        let mut labels = vec![0u8; stored.iter().product()];
+        labels_from_probabilities(probs, classes, grid.dims, oriented_dims, grid.oriented_over_model, &mut labels, base, strides);
+        labels
+    }
+
+    /// The whole pipeline. The volume is consumed so that its voxels are freed once resampled.
+    pub fn segment(&self, volume: Volume, progress: &mut dyn FnMut(usize, usize)) -> Result<Segmentation> {
+        let t0 = Instant::now();
+        let dims = volume.dims;
+        let grid = self.preprocess(&volume)?;
+        drop(volume);
+        let t1 = Instant::now();
+        let probs = self.probabilities(&grid, progress)?;
+        let windows = WindowPlan::new(grid.dims, self.metadata.roi_size, self.options.overlap).starts.len();
+        let t2 = Instant::now();
+        let labels = self.restore(&grid, &probs);
+        let times = StageTimes { preprocess: t1 - t0, infer: t2 - t1, restore: t2.elapsed() };
+        Ok(Segmentation { labels, dims, windows, times })
+    }
+}
+
+/// Per-label statistics of a label map on a grid with `affine`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LabelStats {
+    pub label: u8,
+    pub name: String,
+    pub voxels: usize,
+    pub volume_ml: f64,
+    /// World-coordinate (RAS mm) bounds of the voxel centres, `[min, max]` per axis.
+    pub bbox_world: [[f64; 2]; 3],
+}
+
+/// Voxel count, volume and world bounding box of every non-background label present.
+pub fn label_stats(labels: &[u8], dims: [usize; 3], affine: &Affine, names: &[String]) -> Vec<LabelStats> {
+    let mut count = vec![0usize; 256];
+    let mut lo = vec![[usize::MAX; 3]; 256];
+    let mut hi = vec![[0usize; 3]; 256];
+    for k in 0..dims[2] {
+        for j in 0..dims[1] {
+            let row = &labels[(k * dims[1] + j) * dims[0]..(k * dims[1] + j + 1) * dims[0]];
+            for (i, &l) in row.iter().enumerate() {
+                let l = l as usize;
+                count[l] += 1;
+                let p = [i, j, k];
+                for a in 0..3 {
+                    lo[l][a] = lo[l][a].min(p[a]);
+                    hi[l][a] = hi[l][a].max(p[a]);
+                }
+            }
+        }
+    }
+    let voxel_ml = affine.det3().abs() / 1000.0;
+    (1..256)
+        .filter(|&l| count[l] > 0)
+        .map(|l| {
+            let mut bbox = [[f64::INFINITY, f64::NEG_INFINITY]; 3];
+            for corner in 0..8 {
+                let p = [0, 1, 2].map(|a| if corner >> a & 1 == 1 { hi[l][a] } else { lo[l][a] } as f64);
+                let w = affine.apply(p);
+                for a in 0..3 {
+                    bbox[a][0] = bbox[a][0].min(w[a]);
+                    bbox[a][1] = bbox[a][1].max(w[a]);
+                }
+            }
+            LabelStats {
+                label: l as u8,
+                name: names.get(l).cloned().unwrap_or_else(|| format!("label_{l}")),
+                voxels: count[l],
+                volume_ml: count[l] as f64 * voxel_ml,
+                bbox_world: bbox,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,226 @@
+//! NIfTI-1 input (`.nii`, `.nii.gz`) and label-map output, with nibabel's reading rules.
+//!
+//! The header is validated here before anything else touches it: the nifti crate panics on some
+//! malformed headers (qform with a bad qfac or quaternion) and scales with a NaN slope, so prosam
+//! computes the affine and the scaling itself and hands the crate only the raw bytes to read.
+
+use std::path::Path;
+
+use nifti::{Endianness, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
+
+use super::{Affine, Volume};
+use crate::{Error, Result};
+
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Nifti { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// A NIfTI file read into memory: the volume in HU and the header it came with (the template of
+/// the output's header).
+#[derive(Debug)]
+pub struct NiftiInput {
+    pub volume: Volume,
+    pub header: NiftiHeader,
+}
+
+/// Which affine a header's codes select (nibabel's `get_best_affine` order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AffineSource {
+    Sform,
+    Qform,
+    Pixdim,
+}
+
+/// Voxel types prosam reads, with their sizes.
+fn element_size(t: NiftiType) -> Option<usize> {
+    match t {
+        NiftiType::Uint8 | NiftiType::Int8 => Some(1),
+        NiftiType::Int16 | NiftiType::Uint16 => Some(2),
+        NiftiType::Int32 | NiftiType::Float32 => Some(4),
+        NiftiType::Float64 => Some(8),
+        _ => None,
+    }
+}
+
+/// The three spatial sizes, after checking the header's `dim` (a 4D file must hold one volume).
+pub fn spatial_dims(h: &NiftiHeader) -> std::result::Result<[usize; 3], String> {
+    let rank = h.dim[0] as usize;
+    if !(1..=7).contains(&rank) {
+        return Err(format!("dim[0] = {rank} is not a rank between 1 and 7"));
+    }
+    let sizes: Vec<usize> = (1..=7).map(|a| if a <= rank { h.dim[a] as usize } else { 1 }).collect();
+    if let Some(a) = sizes[..rank].iter().position(|&s| s == 0) {
+        return Err(format!("dimension {} has size 0 (dim = {:?})", a + 1, &h.dim[..=rank]));
+    }
+    let volumes: usize = sizes[3..].iter().product();
+    if volumes > 1 {
+        return Err(format!("holds {volumes} volumes (dim = {:?}); prosam segments one 3D volume", &h.dim[..=rank]));
+    }
+    Ok([sizes[0], sizes[1], sizes[2]])
+}
+
+/// nibabel's `quat2mat` for the unit quaternion (a, b, c, d).
+fn quaternion_matrix(b: f64, c: f64, d: f64) -> std::result::Result<[[f64; 3]; 3], String> {
+    let w2 = 1.0 - (b * b + c * c + d * d);
+    // nibabel's `fillpositive` threshold for float32 quaternions: -3 eps.
+    let a = if w2 < 0.0 {
+        if w2 < -3.0 * f32::EPSILON as f64 {
+            return Err(format!("qform quaternion ({b}, {c}, {d}) is longer than 1"));
+        }
+        0.0
+    } else {
+        w2.sqrt()
+    };
+    let n = a * a + b * b + c * c + d * d;
+    let s = 2.0 / n;
+    let (x2, y2, z2) = (b * s, c * s, d * s);
+    let (wx, wy, wz) = (a * x2, a * y2, a * z2);
+    let (xx, xy, xz) = (b * x2, b * y2, b * z2);
+    let (yy, yz, zz) = (c * y2, c * z2, d * z2);
+    Ok([[1.0 - (yy + zz), xy - wz, xz + wy], [xy + wz, 1.0 - (xx + zz), yz - wx], [xz - wy, yz + wx, 1.0 - (xx + yy)]])
+}
+
+/// The voxel-to-world affine nibabel would give this header, and where it came from. Rejects
+/// non-positive spacings, a qfac other than +-1 (0 counts as 1, as nibabel fixes it) and singular
+/// or non-finite affines.
+pub fn header_affine(h: &NiftiHeader, dims: [usize; 3]) -> std::result::Result<(Affine, AffineSource), String> {
+    let pix = |a: usize| h.pixdim[a] as f64;
+    let positive_spacing = || -> std::result::Result<(), String> {
+        for a in 1..=3 {
+            if !(pix(a).is_finite() && pix(a) > 0.0) {
+                return Err(format!("voxel spacing pixdim[{a}] = {} is not positive", pix(a)));
+            }
+        }
+        Ok(())
+    };
+    let (affine, source) = if h.sform_code != 0 {
+        let row = |r: [f32; 4]| r.map(|v| v as f64);
+        (Affine::from_rows([row(h.srow_x), row(h.srow_y), row(h.srow_z)]), AffineSource::Sform)
+    } else if h.qform_code != 0 {
+        positive_spacing()?;
+        let qfac = match h.pixdim[0] {
+            q if q == 0.0 || q == 1.0 => 1.0,
+            q if q == -1.0 => -1.0,
+            q => return Err(format!("qfac (pixdim[0]) is {q}, not 1 or -1")),
+        };
+        let r = quaternion_matrix(h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64)?;
+        let zooms = [pix(1), pix(2), pix(3) * qfac];
+        let mut rows = [[0.0; 4]; 3];
+        let offset = [h.quatern_x, h.quatern_y, h.quatern_z];
+        for i in 0..3 {
+            for j in 0..3 {
+                rows[i][j] = r[i][j] * zooms[j];
+            }
+            rows[i][3] = offset[i] as f64;
+        }
+        (Affine::from_rows(rows), AffineSource::Qform)
+    } else {
+        positive_spacing()?;
+        let zooms = [-pix(1), pix(2), pix(3)];
+        let mut rows = [[0.0; 4]; 3];
+        for a in 0..3 {
+            rows[a][a] = zooms[a];
+            rows[a][3] = -zooms[a] * (dims[a] as f64 - 1.0) / 2.0;
+        }
+        (Affine::from_rows(rows), AffineSource::Pixdim)
+    };
+    if !affine.is_finite() {
+        return Err(format!("the {source:?} affine has non-finite entries"));
+    }
+    if affine.inverse().is_none() {
+        return Err(format!("the {source:?} affine is singular (a zero voxel size or collinear axes): {:?}", affine.0));
+    }
+    Ok((affine, source))
+}
+
+/// nibabel's scaling: `raw * slope + inter` when the slope is finite and non-zero, else none.
+fn scaling(h: &NiftiHeader) -> std::result::Result<Option<(f64, f64)>, String> {
+    let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
+    if slope == 0.0 || !slope.is_finite() {
+        return Ok(None);
+    }
+    if !inter.is_finite() {
+        return Err(format!("scl_inter is {inter} with a valid scl_slope {slope}"));
+    }
+    Ok(Some((slope, inter)))
+}
+
+fn decode<const N: usize>(raw: &[u8], big_endian: bool, convert: impl Fn([u8; N]) -> f64 + Sync, scale: Option<(f64, f64)>) -> Vec<f32> {
+    use rayon::prelude::*;
+    raw.par_chunks_exact(N)
+        .map(|c| {
+            let mut b: [u8; N] = c.try_into().expect("chunk of N bytes");
+            if big_endian {
+                b.reverse();
+            }
+            let v = convert(b);
+            (match scale {
+                Some((s, i)) => v * s + i,
+                None => v,
+            }) as f32
+        })
+        .collect()
+}
+
+/// Reads a NIfTI-1 file (`.nii` or `.nii.gz`) into HU.
+pub fn read(path: &Path) -> Result<NiftiInput> {
+    if !path.is_file() {
+        return Err(bad(path, "no such file"));
+    }
+    let header = NiftiHeader::from_file(path).map_err(|e| bad(path, format!("not a readable NIfTI-1 file: {e}")))?;
+    let dims = spatial_dims(&header).map_err(|e| bad(path, e))?;
+    let dtype = header.data_type().map_err(|_| bad(path, format!("unknown datatype code {}", header.datatype)))?;
+    let size = element_size(dtype)
+        .ok_or_else(|| bad(path, format!("voxel type {dtype:?} is not supported (int8/16/32, uint8/16, float32/64 are)")))?;
+    let (affine, _) = header_affine(&header, dims).map_err(|e| bad(path, e))?;
+    let scale = scaling(&header).map_err(|e| bad(path, e))?;
+    let voxels = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad(path, "the dimensions overflow"))?;
+
+    let object = ReaderOptions::new().read_file(path).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("UnexpectedEof") || text.contains("unexpected end") || text.contains("failed to fill") {
+            bad(path, format!("truncated file: {text}"))
+        } else {
+            bad(path, format!("cannot read the voxel data: {text}"))
+        }
+    })?;
+    let raw = object.into_volume().into_raw_data();
+    let need = voxels * size;
+    if raw.len() < need {
+        return Err(bad(path, format!("truncated voxel data: {} bytes for {dims:?} of {dtype:?}, expected {need}", raw.len())));
+    }
+    let raw = &raw[..need];
+    let big = header.endianness == Endianness::Big;
+    let data = match dtype {
+        NiftiType::Uint8 => decode::<1>(raw, big, |b| b[0] as f64, scale),
+        NiftiType::Int8 => decode::<1>(raw, big, |b| b[0] as i8 as f64, scale),
+        NiftiType::Int16 => decode::<2>(raw, big, |b| i16::from_le_bytes(b) as f64, scale),
+        NiftiType::Uint16 => decode::<2>(raw, big, |b| u16::from_le_bytes(b) as f64, scale),
+        NiftiType::Int32 => decode::<4>(raw, big, |b| i32::from_le_bytes(b) as f64, scale),
+        NiftiType::Float32 => decode::<4>(raw, big, |b| f32::from_le_bytes(b) as f64, scale),
+        NiftiType::Float64 => decode::<8>(raw, big, f64::from_le_bytes, scale),
+        _ => unreachable!("element_size accepted only the types above"),
+    };
+    Ok(NiftiInput { volume: Volume { dims, data, affine }, header })
+}
+
+/// Writes a uint8 label map `labels` (stored order, `dims`) with `reference`'s geometry (sform,
+/// qform, pixdim) and `description` (at most 79 bytes), through a temporary file and a rename.
+pub fn write_labels(path: &Path, labels: &[u8], dims: [usize; 3], reference: &NiftiHeader, description: &str) -> Result<()> {
+    let mut header = reference.clone();
+    let mut text = description.as_bytes().to_vec();
+    text.truncate(79);
+    header.descrip = text;
+    header.scl_slope = 1.0;
+    header.scl_inter = 0.0;
+    header.cal_min = 0.0;
+    header.cal_max = 0.0;
+    header.intent_code = 0;
+    // The writer reads its array in logical [x, y, z] order; `labels` is x-fastest (Fortran) order.
+    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(dims), labels.to_vec())
+        .map_err(|e| bad(path, format!("label buffer does not match {dims:?}: {e}")))?;
+    prosam_models::temp_file::write_via_temp(path, |tmp| {
+        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&array).map_err(std::io::Error::other)
+    })?;
+    Ok(())
+}
