@@ -1,9 +1,6 @@
 //! The 3D ops against naive f64 references (`reference/`), on random non-cubic inputs, in f64 and
 //! f32, and their backward passes against f64 central finite differences.
 
-// The reference comparisons index by position, as the references do.
-#![allow(clippy::needless_range_loop)]
-
 mod reference;
 
 use candle_core::{DType, Device, Result, Tensor, Var};

@@ -112,7 +112,8 @@ impl Segmenter {
         let new = self.metadata.spacing;
         let dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]));
         let (base, strides) = orientation.view(volume.dims, volume.strides());
-        let mut data = resample_view(&volume.data, base, strides, oriented_dims, dims, [0, 1, 2].map(|a| new[a] / old[a]));
+        let mut data =
+            resample_view(&volume.data, base, strides, oriented_dims, dims, [0, 1, 2].map(|a| new[a] / old[a]));
         intensity::apply(&self.metadata.intensity, &mut data);
         Ok(ModelGrid {
             data,
@@ -159,7 +160,16 @@ impl Segmenter {
         let oriented_dims = grid.orientation.oriented_dims(stored);
         let (base, strides) = grid.orientation.view(stored, [1, stored[0], stored[0] * stored[1]]);
         let mut labels = vec![0u8; stored.iter().product()];
-        labels_from_probabilities(probs, classes, grid.dims, oriented_dims, grid.oriented_over_model, &mut labels, base, strides);
+        labels_from_probabilities(
+            probs,
+            classes,
+            grid.dims,
+            oriented_dims,
+            grid.oriented_over_model,
+            &mut labels,
+            base,
+            strides,
+        );
         labels
     }
 

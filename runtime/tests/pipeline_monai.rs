@@ -60,7 +60,9 @@ fn model_grid_input_and_labels_match_monai() {
     let expected_labels = fixture["model_grid_labels"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let agree = (0..voxels)
         .filter(|&v| {
-            let best = (0..classes).max_by(|&a, &b| probs[a * voxels + v].total_cmp(&probs[b * voxels + v]).then(b.cmp(&a))).unwrap();
+            let best = (0..classes)
+                .max_by(|&a, &b| probs[a * voxels + v].total_cmp(&probs[b * voxels + v]).then(b.cmp(&a)))
+                .unwrap();
             best as u8 == expected_labels[v]
         })
         .count();

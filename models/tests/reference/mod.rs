@@ -2,8 +2,6 @@
 //! written from `../shared/spec/swinunetr.md` (MONAI 1.6.1). Nothing here imports the code under
 //! test: every op is re-derived from its definition with explicit index arithmetic, slow but plain.
 #![allow(dead_code)]
-// Index loops are the point here: the references spell out every index.
-#![allow(clippy::needless_range_loop)]
 
 use std::collections::HashMap;
 

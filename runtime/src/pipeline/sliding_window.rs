@@ -187,7 +187,13 @@ impl Accumulator {
 }
 
 /// Visits the voxels of window `start` in ROI order with their accumulator slot and weight.
-fn add_window(acc: &mut [f32], weights: &[f32], plan: &WindowPlan, start: [usize; 3], mut f: impl FnMut(&mut f32, f32)) {
+fn add_window(
+    acc: &mut [f32],
+    weights: &[f32],
+    plan: &WindowPlan,
+    start: [usize; 3],
+    mut f: impl FnMut(&mut f32, f32),
+) {
     let [r0, r1, r2] = plan.roi;
     let [_, w1, w2] = plan.working;
     for a in 0..r0 {

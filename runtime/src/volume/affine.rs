@@ -96,6 +96,8 @@ mod tests {
                 assert!((id.0[r][c] - if r == c { 1.0 } else { 0.0 }).abs() < 1e-12);
             }
         }
-        assert!(Affine::from_rows([[1.0, 2.0, 0.0, 0.0], [2.0, 4.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]).inverse().is_none());
+        assert!(
+            Affine::from_rows([[1.0, 2.0, 0.0, 0.0], [2.0, 4.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]).inverse().is_none()
+        );
     }
 }

@@ -100,7 +100,7 @@ pub fn header_affine(h: &NiftiHeader, dims: [usize; 3]) -> std::result::Result<(
         positive_spacing()?;
         let qfac = match h.pixdim[0] {
             q if q == 0.0 || q == 1.0 => 1.0,
-            q if q == -1.0 => -1.0,
+            -1.0 => -1.0,
             q => return Err(format!("qfac (pixdim[0]) is {q}, not 1 or -1")),
         };
         let r = quaternion_matrix(h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64)?;
@@ -145,7 +145,12 @@ fn scaling(h: &NiftiHeader) -> std::result::Result<Option<(f64, f64)>, String> {
     Ok(Some((slope, inter)))
 }
 
-fn decode<const N: usize>(raw: &[u8], big_endian: bool, convert: impl Fn([u8; N]) -> f64 + Sync, scale: Option<(f64, f64)>) -> Vec<f32> {
+fn decode<const N: usize>(
+    raw: &[u8],
+    big_endian: bool,
+    convert: impl Fn([u8; N]) -> f64 + Sync,
+    scale: Option<(f64, f64)>,
+) -> Vec<f32> {
     use rayon::prelude::*;
     raw.par_chunks_exact(N)
         .map(|c| {
@@ -170,11 +175,15 @@ pub fn read(path: &Path) -> Result<NiftiInput> {
     let header = NiftiHeader::from_file(path).map_err(|e| bad(path, format!("not a readable NIfTI-1 file: {e}")))?;
     let dims = spatial_dims(&header).map_err(|e| bad(path, e))?;
     let dtype = header.data_type().map_err(|_| bad(path, format!("unknown datatype code {}", header.datatype)))?;
-    let size = element_size(dtype)
-        .ok_or_else(|| bad(path, format!("voxel type {dtype:?} is not supported (int8/16/32, uint8/16, float32/64 are)")))?;
+    let size = element_size(dtype).ok_or_else(|| {
+        bad(path, format!("voxel type {dtype:?} is not supported (int8/16/32, uint8/16, float32/64 are)"))
+    })?;
     let (affine, _) = header_affine(&header, dims).map_err(|e| bad(path, e))?;
     let scale = scaling(&header).map_err(|e| bad(path, e))?;
-    let voxels = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad(path, "the dimensions overflow"))?;
+    let voxels = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad(path, "the dimensions overflow"))?;
 
     let object = ReaderOptions::new().read_file(path).map_err(|e| {
         let text = e.to_string();
@@ -187,7 +196,10 @@ pub fn read(path: &Path) -> Result<NiftiInput> {
     let raw = object.into_volume().into_raw_data();
     let need = voxels * size;
     if raw.len() < need {
-        return Err(bad(path, format!("truncated voxel data: {} bytes for {dims:?} of {dtype:?}, expected {need}", raw.len())));
+        return Err(bad(
+            path,
+            format!("truncated voxel data: {} bytes for {dims:?} of {dtype:?}, expected {need}", raw.len()),
+        ));
     }
     let raw = &raw[..need];
     let big = header.endianness == Endianness::Big;
@@ -206,7 +218,13 @@ pub fn read(path: &Path) -> Result<NiftiInput> {
 
 /// Writes a uint8 label map `labels` (stored order, `dims`) with `reference`'s geometry (sform,
 /// qform, pixdim) and `description` (at most 79 bytes), through a temporary file and a rename.
-pub fn write_labels(path: &Path, labels: &[u8], dims: [usize; 3], reference: &NiftiHeader, description: &str) -> Result<()> {
+pub fn write_labels(
+    path: &Path,
+    labels: &[u8],
+    dims: [usize; 3],
+    reference: &NiftiHeader,
+    description: &str,
+) -> Result<()> {
     let mut header = reference.clone();
     let mut text = description.as_bytes().to_vec();
     text.truncate(79);
@@ -220,7 +238,10 @@ pub fn write_labels(path: &Path, labels: &[u8], dims: [usize; 3], reference: &Ni
     let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(dims), labels.to_vec())
         .map_err(|e| bad(path, format!("label buffer does not match {dims:?}: {e}")))?;
     prosam_models::temp_file::write_via_temp(path, |tmp| {
-        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&array).map_err(std::io::Error::other)
+        nifti::writer::WriterOptions::new(tmp)
+            .reference_header(&header)
+            .write_nifti(&array)
+            .map_err(std::io::Error::other)
     })?;
     Ok(())
 }

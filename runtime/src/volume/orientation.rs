@@ -17,7 +17,12 @@ pub struct Orientation {
 fn polar_factor(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
     let mut q = m;
     for _ in 0..100 {
-        let a = Affine([[q[0][0], q[0][1], q[0][2], 0.0], [q[1][0], q[1][1], q[1][2], 0.0], [q[2][0], q[2][1], q[2][2], 0.0], [0.0, 0.0, 0.0, 1.0]]);
+        let a = Affine([
+            [q[0][0], q[0][1], q[0][2], 0.0],
+            [q[1][0], q[1][1], q[1][2], 0.0],
+            [q[2][0], q[2][1], q[2][2], 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]);
         let Some(inv) = a.inverse() else { return q };
         let mut next = [[0.0; 3]; 3];
         let mut change: f64 = 0.0;
@@ -51,7 +56,8 @@ impl Orientation {
         let mut source_axis = [0; 3];
         let mut flip = [false; 3];
         for input_axis in 0..3 {
-            let world = (0..3).max_by(|&a, &b| r[a][input_axis].abs().total_cmp(&r[b][input_axis].abs())).expect("three axes");
+            let world =
+                (0..3).max_by(|&a, &b| r[a][input_axis].abs().total_cmp(&r[b][input_axis].abs())).expect("three axes");
             source_axis[world] = input_axis;
             flip[world] = r[world][input_axis] < 0.0;
             r[world] = [0.0; 3];

@@ -173,8 +173,11 @@ mod tests {
                     let f = c.map(|v| v.floor() as usize);
                     let mut v = 0.0;
                     for corner in 0..8 {
-                        let idx = [0, 1, 2].map(|a| if corner >> a & 1 == 1 { (f[a] + 1).min(dims[a] - 1) } else { f[a] });
-                        let w: f64 = (0..3).map(|a| if corner >> a & 1 == 1 { c[a] - f[a] as f64 } else { 1.0 - (c[a] - f[a] as f64) }).product();
+                        let idx =
+                            [0, 1, 2].map(|a| if corner >> a & 1 == 1 { (f[a] + 1).min(dims[a] - 1) } else { f[a] });
+                        let w: f64 = (0..3)
+                            .map(|a| if corner >> a & 1 == 1 { c[a] - f[a] as f64 } else { 1.0 - (c[a] - f[a] as f64) })
+                            .product();
                         v += w * get(idx[0], idx[1], idx[2]);
                     }
                     assert!((out[(x * 3 + y) * 13 + z] as f64 - v).abs() < 1e-5, "({x},{y},{z})");

@@ -51,3 +51,30 @@ pub fn compare_logits(a: &[f32], b: &[f32], classes: usize) -> (f32, f64) {
     let agree = (0..voxels).filter(|&v| argmax(a, v) == argmax(b, v)).count();
     (max_abs, agree as f64 / voxels as f64)
 }
+
+/// Writes a float32 NIfTI-1 volume (`data` x-fastest, `dims`) whose sform is `rows` (qform unset).
+pub fn write_nifti_f32(path: &Path, dims: [usize; 3], data: &[f32], rows: [[f32; 4]; 3]) {
+    let mut header = nifti::NiftiHeader {
+        sform_code: 1,
+        qform_code: 0,
+        srow_x: rows[0],
+        srow_y: rows[1],
+        srow_z: rows[2],
+        ..Default::default()
+    };
+    for a in 0..3 {
+        header.pixdim[a + 1] = (0..3).map(|r| rows[r][a] * rows[r][a]).sum::<f32>().sqrt();
+    }
+    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(dims), data.to_vec()).unwrap();
+    nifti::writer::WriterOptions::new(path).reference_header(&header).write_nifti(&array).unwrap();
+}
+
+/// Files in `dir` whose names mark them as prosam's temporary files.
+pub fn temp_files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".prosam-")))
+        .collect()
+}

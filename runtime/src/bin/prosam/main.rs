@@ -3,6 +3,7 @@
 mod convert;
 mod forward;
 mod info;
+mod segment;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Segment the abdominal organs of a CT (NIfTI in, uint8 label map out).
+    Segment(segment::Args),
     /// Convert a MONAI SwinUNETR checkpoint into a prosam model file.
     Convert(convert::Args),
     /// Print a model file's metadata, parameter count, size and precision.
@@ -48,7 +51,9 @@ fn main() -> std::process::ExitCode {
         if let Some(n) = cli.threads {
             set_threads(n)?;
         }
+        install_interrupt_cleanup();
         match cli.command {
+            Command::Segment(args) => segment::run(args, cli.quiet),
             Command::Convert(args) => convert::run(args, cli.quiet),
             Command::Info(args) => info::run(args),
             Command::Forward(args) => forward::run(args, cli.quiet),
@@ -61,6 +66,16 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// On Ctrl-C (or SIGTERM), removes the temporary files being written and exits with 130, so an
+/// interrupted run leaves neither a partial output nor a temporary file.
+fn install_interrupt_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        prosam_models::temp_file::remove_in_flight();
+        eprintln!("interrupted");
+        std::process::exit(130);
+    });
 }
 
 /// Refuses an output path that names one of the inputs: an input is never overwritten.
