@@ -163,26 +163,30 @@ impl Accumulator {
         });
     }
 
-    /// Divides by the summed weights, crops the padding and returns `classes x size` (C order).
+    /// Divides by the summed weights, crops the padding and returns `classes x size` (C order),
+    /// reusing the accumulator's memory: there is never a second class-score volume.
     pub fn finish(self) -> Vec<f32> {
-        let [s0, s1, s2] = self.plan.size;
-        let [_, w1, w2] = self.plan.working;
-        let [p0, p1, p2] = self.plan.pad_before;
-        let voxels: usize = self.plan.working.iter().product();
-        let mut result = vec![0f32; self.classes * s0 * s1 * s2];
-        result.par_chunks_mut(s0 * s1 * s2).enumerate().for_each(|(c, dst)| {
-            let out_c = &self.out[c * voxels..(c + 1) * voxels];
-            for i in 0..s0 {
-                for j in 0..s1 {
-                    let src = ((i + p0) * w1 + j + p1) * w2 + p2;
-                    let d = (i * s1 + j) * s2;
-                    for k in 0..s2 {
-                        dst[d + k] = out_c[src + k] / self.count[src + k];
+        let Accumulator { plan, classes, mut out, count, .. } = self;
+        let [s0, s1, s2] = plan.size;
+        let [_, w1, w2] = plan.working;
+        let [p0, p1, p2] = plan.pad_before;
+        let voxels: usize = plan.working.iter().product();
+        out.par_chunks_mut(voxels).for_each(|c| c.iter_mut().zip(&count).for_each(|(v, n)| *v /= n));
+        if plan.working != plan.size {
+            // Compact in place: every element moves to an index no greater than its own, in order.
+            let size = s0 * s1 * s2;
+            for c in 0..classes {
+                for i in 0..s0 {
+                    for j in 0..s1 {
+                        let src = c * voxels + ((i + p0) * w1 + j + p1) * w2 + p2;
+                        out.copy_within(src..src + s2, c * size + (i * s1 + j) * s2);
                     }
                 }
             }
-        });
-        result
+            out.truncate(classes * size);
+            out.shrink_to_fit();
+        }
+        out
     }
 }
 
@@ -273,6 +277,29 @@ mod tests {
         assert_eq!(floored, 512_888);
         let peak = w.iter().cloned().fold(0f32, f32::max);
         assert!((peak - 0.99740).abs() < 1e-5, "{peak}");
+    }
+
+    #[test]
+    fn windows_that_echo_their_input_give_back_the_input() {
+        // Padded on two axes and tiled with overlap on the third.
+        for size in [[5, 9, 3], [20, 9, 13]] {
+            let plan = WindowPlan::new(size, [8, 8, 8], 0.5);
+            let n: usize = size.iter().product();
+            let input: Vec<f32> = (0..n).map(|v| ((v * 7919) % 1000) as f32 / 100.0).collect();
+            let padded = plan.pad(&input);
+            let mut acc = Accumulator::new(plan.clone(), 2, Blend::Gaussian);
+            let mut window = vec![0f32; 512];
+            for &s in &plan.starts {
+                plan.extract(&padded, s, &mut window);
+                let logits: Vec<f32> = window.iter().copied().chain(window.iter().map(|v| 2.0 * v)).collect();
+                acc.add(s, &logits);
+            }
+            let out = acc.finish();
+            assert_eq!(out.len(), 2 * n);
+            for v in 0..n {
+                assert!((out[v] - input[v]).abs() < 1e-4 && (out[n + v] - 2.0 * input[v]).abs() < 1e-4, "{size:?} voxel {v}");
+            }
+        }
     }
 
     #[test]
