@@ -297,7 +297,10 @@ mod tests {
             let out = acc.finish();
             assert_eq!(out.len(), 2 * n);
             for v in 0..n {
-                assert!((out[v] - input[v]).abs() < 1e-4 && (out[n + v] - 2.0 * input[v]).abs() < 1e-4, "{size:?} voxel {v}");
+                assert!(
+                    (out[v] - input[v]).abs() < 1e-4 && (out[n + v] - 2.0 * input[v]).abs() < 1e-4,
+                    "{size:?} voxel {v}"
+                );
             }
         }
     }
