@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use prosam::models::format::import::{MonaiOptions, import_monai};
-use prosam::models::swin_unetr::{Downsample, SwinUnetr};
+use prosam_models::format::import::{MonaiOptions, import_monai};
+use prosam_models::swin_unetr::{Downsample, SwinUnetr};
 
 fn library_parity(ckpt: &str, io: &str, options: MonaiOptions) {
     let (Some(ckpt), Some(io)) = (common::shared_file(ckpt), common::shared_file(io)) else { return };

@@ -103,6 +103,11 @@ impl Segmenter {
         &self.options
     }
 
+    /// The same model with other options; the weights are shared, not copied.
+    pub fn with_options(&self, options: SegmentOptions) -> Segmenter {
+        Segmenter { net: self.net.clone(), metadata: self.metadata.clone(), device: self.device.clone(), options }
+    }
+
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.
     pub fn preprocess(&self, volume: &Volume) -> Result<ModelGrid> {
         let orientation = Orientation::to_ras(&volume.affine);
@@ -126,8 +131,9 @@ impl Segmenter {
     }
 
     /// Sliding-window inference and softmax: class probabilities on the model grid
-    /// (`classes x dims`, C order). `progress(done, total)` is called after every batch.
-    pub fn probabilities(&self, grid: &ModelGrid, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<f32>> {
+    /// (`classes x dims`, C order). `progress(done, total)` is called before the first window and
+    /// after every batch; returning `false` cancels the run with [`Error::Cancelled`].
+    pub fn probabilities(&self, grid: &ModelGrid, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<f32>> {
         let roi = self.metadata.roi_size;
         let classes = self.metadata.labels.len();
         let plan = WindowPlan::new(grid.dims, roi, self.options.overlap);
@@ -135,7 +141,9 @@ impl Segmenter {
         let starts = plan.starts.clone();
         let mut acc = Accumulator::new(plan.clone(), classes, self.options.blend);
         let roi_len: usize = roi.iter().product();
-        progress(0, starts.len());
+        if !progress(0, starts.len()) {
+            return Err(Error::Cancelled);
+        }
         for (b, batch) in starts.chunks(self.options.batch).enumerate() {
             let mut input = vec![0f32; batch.len() * roi_len];
             for (w, &s) in batch.iter().enumerate() {
@@ -146,7 +154,9 @@ impl Segmenter {
             for (w, &s) in batch.iter().enumerate() {
                 acc.add(s, &logits[w * classes * roi_len..(w + 1) * classes * roi_len]);
             }
-            progress((b * self.options.batch + batch.len()).min(starts.len()), starts.len());
+            if !progress((b * self.options.batch + batch.len()).min(starts.len()), starts.len()) {
+                return Err(Error::Cancelled);
+            }
         }
         let mut probs = acc.finish();
         softmax_classes(&mut probs, classes);
@@ -174,7 +184,7 @@ impl Segmenter {
     }
 
     /// The whole pipeline. The volume is consumed so that its voxels are freed once resampled.
-    pub fn segment(&self, volume: Volume, progress: &mut dyn FnMut(usize, usize)) -> Result<Segmentation> {
+    pub fn segment(&self, volume: Volume, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Segmentation> {
         let t0 = Instant::now();
         let dims = volume.dims;
         let grid = self.preprocess(&volume)?;

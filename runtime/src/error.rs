@@ -21,6 +21,10 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Nifti { path: PathBuf, reason: String },
 
+    /// The caller's progress callback asked to stop.
+    #[error("cancelled by the caller")]
+    Cancelled,
+
     /// Pipeline options out of range.
     #[error("invalid options: {0}")]
     Options(String),

@@ -77,6 +77,16 @@ impl Affine {
         Affine(m)
     }
 
+    /// The same affine with world coordinates converted from DICOM's LPS to NIfTI's RAS (x and
+    /// y negated).
+    pub fn lps_to_ras(&self) -> Affine {
+        let mut m = self.0;
+        for row in m.iter_mut().take(2) {
+            row.iter_mut().for_each(|v| *v = -*v);
+        }
+        Affine(m)
+    }
+
     pub fn is_finite(&self) -> bool {
         self.0.iter().flatten().all(|v| v.is_finite())
     }

@@ -84,6 +84,7 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     let result = segmenter.segment(input.volume, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+        true
     })?;
     bar.finish_and_clear();
 

@@ -1,0 +1,588 @@
+//! prosam's C ABI (`include/prosam.h`, generated from this file by cbindgen).
+//!
+//! Thin on purpose: every function checks its arguments, converts them, calls
+//! [`prosam_runtime::engine::Segmenter`], and maps the outcome to a status code, with the message
+//! kept per thread for `prosam_last_error`. No panic crosses the boundary: each entry point runs
+//! under `catch_unwind`.
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::RwLock;
+
+use prosam_runtime::engine::{SegmentOptions, Segmenter};
+use prosam_runtime::pipeline::Blend;
+use prosam_runtime::volume::{Affine, Volume};
+
+/// Result of every fallible call. On anything but PROSAM_STATUS_OK, prosam_last_error() says why.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_status {
+    Ok = 0,
+    /// A NULL pointer, a size or value out of range, an inconsistent descriptor.
+    InvalidArgument = 1,
+    /// A file could not be read or written.
+    Io = 2,
+    /// The model file is not a valid prosam model (corrupt, wrong checksum, unknown format).
+    Model = 3,
+    /// The caller's output buffer is smaller than the volume.
+    BufferTooSmall = 4,
+    /// A valid request this build cannot serve (a device or precision it was built without).
+    Unsupported = 5,
+    /// The progress callback asked to stop.
+    Cancelled = 6,
+    /// A bug in prosam (a caught panic); the process can continue.
+    Internal = 7,
+}
+
+/// Voxel types of `prosam_volume.voxel_type`, little-endian host values.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_voxel_type {
+    Int16 = 0,
+    Int32 = 1,
+    Uint8 = 2,
+    Uint16 = 3,
+    Float32 = 4,
+}
+
+/// World convention of `prosam_volume.affine`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_affine_convention {
+    /// NIfTI's RAS+ world: x grows towards the patient's right, y anterior, z superior.
+    Ras = 0,
+    /// DICOM's LPS+ patient coordinates (x left, y posterior, z superior), as built from
+    /// ImagePositionPatient and ImageOrientationPatient.
+    Lps = 1,
+}
+
+/// Compute devices of `prosam_model_params.device`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_device {
+    Cpu = 0,
+    Cuda = 1,
+    Metal = 2,
+}
+
+/// Precisions of `prosam_model_params.precision`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_precision {
+    /// The precision the model file was stored in.
+    Model = 0,
+    F32 = 1,
+}
+
+/// How overlapping windows are weighted (`prosam_segment_params.blend`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_blend {
+    Gaussian = 0,
+    Constant = 1,
+}
+
+/// Log levels passed to the log callback.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_log_level {
+    Error = 0,
+    Warn = 1,
+    Info = 2,
+}
+
+/// Called after every batch of windows with the windows done and their total. Return 0 to go on,
+/// anything else to cancel (prosam_segment then returns PROSAM_STATUS_CANCELLED). Called from one
+/// of the model's compute threads, never concurrently within one prosam_segment call, and never
+/// after that call has returned.
+pub type prosam_progress_fn = Option<unsafe extern "C" fn(done: i32, total: i32, user_data: *mut c_void) -> i32>;
+
+/// Receives the library's log lines. `message` is valid only during the call. May be called from
+/// any thread that calls into the library, concurrently.
+pub type prosam_log_fn =
+    Option<unsafe extern "C" fn(level: prosam_log_level, message: *const c_char, user_data: *mut c_void)>;
+
+/// How to load a model. Get one from prosam_model_default_params() and change what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct prosam_model_params {
+    /// Compute threads for this model's calls; 0 = the machine's physical cores.
+    pub n_threads: i32,
+    /// One of prosam_device. This build computes on the CPU only.
+    pub device: i32,
+    /// One of prosam_precision, overriding the file's.
+    pub precision: i32,
+}
+
+/// A CT volume in the caller's memory.
+///
+/// Voxel (i, j, k), for 0 <= i < dims[0] etc., is the element at
+/// `data + i * strides[0] + j * strides[1] + k * strides[2]` (strides in elements, not bytes, and
+/// may be negative); every such element must be readable. Its value in HU is
+/// `raw * rescale_slope + rescale_intercept` (DICOM's Rescale Slope and Intercept; 1 and 0 for data
+/// already in HU).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct prosam_volume {
+    /// Borrowed for the duration of the call only.
+    pub data: *const c_void,
+    /// One of prosam_voxel_type.
+    pub voxel_type: i32,
+    pub dims: [i64; 3],
+    pub strides: [i64; 3],
+    pub rescale_slope: f64,
+    pub rescale_intercept: f64,
+    /// Row-major 4x4 voxel-to-world matrix in millimetres, mapping (i, j, k, 1) to world
+    /// coordinates; the last row must be 0 0 0 1.
+    pub affine: [f64; 16],
+    /// One of prosam_affine_convention: the world frame of `affine`.
+    pub affine_convention: i32,
+}
+
+/// How to segment. Get one from prosam_segment_default_params() and change what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct prosam_segment_params {
+    /// Fraction of a window shared with its neighbour, in [0, 1). Default 0.5.
+    pub overlap: f64,
+    /// One of prosam_blend. Default gaussian.
+    pub blend: i32,
+    /// Windows per forward pass, at least 1. Default 1.
+    pub batch: i32,
+    /// Optional; NULL for none.
+    pub progress: prosam_progress_fn,
+    /// Passed to `progress` untouched.
+    pub progress_user_data: *mut c_void,
+}
+
+/// A loaded model: opaque. Create with prosam_model_load, release with prosam_model_free.
+pub struct prosam_model {
+    segmenter: Segmenter,
+    pool: rayon::ThreadPool,
+    label_names: Vec<CString>,
+    metadata_json: CString,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+struct LogSink {
+    callback: unsafe extern "C" fn(prosam_log_level, *const c_char, *mut c_void),
+    user_data: usize,
+}
+
+static LOG: RwLock<Option<LogSink>> = RwLock::new(None);
+
+fn set_error(message: &str) {
+    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+}
+
+fn log(level: prosam_log_level, message: &str) {
+    let sink = LOG.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(sink) = sink.as_ref() {
+        let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: the caller registered this function pointer and user data for this purpose.
+        unsafe { (sink.callback)(level, text.as_ptr(), sink.user_data as *mut c_void) };
+    }
+}
+
+/// A failed call: its status and message.
+struct Failure(prosam_status, String);
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure(prosam_status::InvalidArgument, message.into())
+}
+
+fn from_runtime(e: prosam_runtime::Error) -> Failure {
+    use prosam_models::Error as M;
+    use prosam_runtime::Error as R;
+    let status = match &e {
+        R::Io { .. } | R::Model(M::Io { .. }) => prosam_status::Io,
+        R::Model(_) => prosam_status::Model,
+        R::Cancelled => prosam_status::Cancelled,
+        R::Options(_) | R::Nifti { .. } | R::Npy { .. } => prosam_status::InvalidArgument,
+        R::Candle(_) => prosam_status::Internal,
+    };
+    Failure(status, e.to_string())
+}
+
+/// Runs an entry point: clears the thread's error, maps failures and panics to status codes.
+fn entry(f: impl FnOnce() -> Result<(), Failure>) -> prosam_status {
+    set_error("");
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => prosam_status::Ok,
+        Ok(Err(Failure(status, message))) => {
+            log(prosam_log_level::Error, &message);
+            set_error(&message);
+            status
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let message = format!("internal error (a bug in prosam, please report it): {what}");
+            set_error(&message);
+            prosam_status::Internal
+        }
+    }
+}
+
+/// The library's version, "MAJOR.MINOR.PATCH". A static string: never free it.
+#[unsafe(no_mangle)]
+pub extern "C" fn prosam_version() -> *const c_char {
+    c"0.1.0".as_ptr()
+}
+
+/// The message of the last failed call on this thread ("" after a successful one). Owned by
+/// the library; valid until the next prosam call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn prosam_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// A short name of a status code ("PROSAM_STATUS_OK", ...), or "unknown status". Static.
+#[unsafe(no_mangle)]
+pub extern "C" fn prosam_status_name(status: i32) -> *const c_char {
+    let name: &CStr = match status {
+        0 => c"PROSAM_STATUS_OK",
+        1 => c"PROSAM_STATUS_INVALID_ARGUMENT",
+        2 => c"PROSAM_STATUS_IO",
+        3 => c"PROSAM_STATUS_MODEL",
+        4 => c"PROSAM_STATUS_BUFFER_TOO_SMALL",
+        5 => c"PROSAM_STATUS_UNSUPPORTED",
+        6 => c"PROSAM_STATUS_CANCELLED",
+        7 => c"PROSAM_STATUS_INTERNAL",
+        _ => c"unknown status",
+    };
+    name.as_ptr()
+}
+
+/// Sets (or, with NULL, removes) the process-wide log callback. `user_data` is passed to it
+/// untouched and must stay valid until the callback is replaced.
+///
+/// # Safety
+/// `callback`, when not NULL, must be a function safe to call from any thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_set_log_callback(callback: prosam_log_fn, user_data: *mut c_void) {
+    let sink = callback.map(|callback| LogSink { callback, user_data: user_data as usize });
+    *LOG.write().unwrap_or_else(|e| e.into_inner()) = sink;
+}
+
+/// Defaults: all physical cores, CPU, the file's precision.
+#[unsafe(no_mangle)]
+pub extern "C" fn prosam_model_default_params() -> prosam_model_params {
+    prosam_model_params { n_threads: 0, device: prosam_device::Cpu as i32, precision: prosam_precision::Model as i32 }
+}
+
+/// Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback.
+#[unsafe(no_mangle)]
+pub extern "C" fn prosam_segment_default_params() -> prosam_segment_params {
+    prosam_segment_params {
+        overlap: 0.5,
+        blend: prosam_blend::Gaussian as i32,
+        batch: 1,
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+    }
+}
+
+/// Loads a model file (its checksum verified). On success `*out_model` receives a model the
+/// caller owns and must release with prosam_model_free; on failure it is set to NULL.
+///
+/// # Safety
+/// `path` must be a NUL-terminated string; `params` NULL (defaults) or a valid struct;
+/// `out_model` a valid pointer to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_model_load(
+    path: *const c_char,
+    params: *const prosam_model_params,
+    out_model: *mut *mut prosam_model,
+) -> prosam_status {
+    entry(|| {
+        if out_model.is_null() {
+            return Err(invalid("prosam_model_load: out_model is NULL"));
+        }
+        // SAFETY: checked non-NULL; the caller provides a writable pointer.
+        unsafe { *out_model = std::ptr::null_mut() };
+        if path.is_null() {
+            return Err(invalid("prosam_model_load: path is NULL"));
+        }
+        // SAFETY: the caller passes a NUL-terminated string.
+        let path =
+            unsafe { CStr::from_ptr(path) }.to_str().map_err(|_| invalid("prosam_model_load: path is not UTF-8"))?;
+        // SAFETY: NULL or a valid struct, per the contract.
+        let params = if params.is_null() { prosam_model_default_params() } else { unsafe { *params } };
+        if params.n_threads < 0 {
+            return Err(invalid(format!("prosam_model_load: n_threads {} is negative", params.n_threads)));
+        }
+        match params.device {
+            0 => {}
+            1 | 2 => {
+                return Err(Failure(
+                    prosam_status::Unsupported,
+                    format!(
+                        "prosam_model_load: this build of prosam computes on the CPU only (device {})",
+                        params.device
+                    ),
+                ));
+            }
+            d => return Err(invalid(format!("prosam_model_load: unknown device {d}"))),
+        }
+        match params.precision {
+            0 | 1 => {}
+            p => return Err(invalid(format!("prosam_model_load: unknown precision {p}"))),
+        }
+        let segmenter = Segmenter::load(Path::new(path), SegmentOptions::default()).map_err(from_runtime)?;
+        let threads = if params.n_threads == 0 { 0 } else { params.n_threads as usize };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("prosam-{i}"))
+            .build()
+            .map_err(|e| Failure(prosam_status::Internal, format!("cannot start compute threads: {e}")))?;
+        let meta = segmenter.metadata();
+        let label_names = meta.labels.iter().map(|l| CString::new(l.replace('\0', " ")).unwrap_or_default()).collect();
+        let json = serde_json::to_string(meta).map_err(|e| Failure(prosam_status::Internal, e.to_string()))?;
+        let metadata_json = CString::new(json).unwrap_or_default();
+        log(prosam_log_level::Info, &format!("loaded {} ({})", path, meta.name));
+        let model = Box::new(prosam_model { segmenter, pool, label_names, metadata_json });
+        // SAFETY: checked non-NULL above.
+        unsafe { *out_model = Box::into_raw(model) };
+        Ok(())
+    })
+}
+
+/// Releases a model and every string it handed out. NULL is ignored. Must not race with other
+/// calls on the same model.
+///
+/// # Safety
+/// `model` must be NULL or a pointer from prosam_model_load not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_model_free(model: *mut prosam_model) {
+    if !model.is_null() {
+        // SAFETY: per the contract, a live pointer from Box::into_raw.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(model) })));
+    }
+}
+
+/// # Safety
+/// `model` must be NULL or a live model.
+unsafe fn model_ref<'a>(model: *const prosam_model, function: &str) -> Result<&'a prosam_model, Failure> {
+    // SAFETY: NULL or a live model, per the caller's contract.
+    unsafe { model.as_ref() }.ok_or_else(|| invalid(format!("{function}: model is NULL")))
+}
+
+/// The number of labels the model outputs, background (label 0) included.
+///
+/// # Safety
+/// `model` must be NULL or a live model; `out_count` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_model_label_count(model: *const prosam_model, out_count: *mut i32) -> prosam_status {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let model = unsafe { model_ref(model, "prosam_model_label_count") }?;
+        if out_count.is_null() {
+            return Err(invalid("prosam_model_label_count: out_count is NULL"));
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { *out_count = model.label_names.len() as i32 };
+        Ok(())
+    })
+}
+
+/// The name of label `index` (e.g. "liver"). The string is owned by the model and valid until
+/// prosam_model_free.
+///
+/// # Safety
+/// `model` must be NULL or a live model; `out_name` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_model_label_name(
+    model: *const prosam_model,
+    index: i32,
+    out_name: *mut *const c_char,
+) -> prosam_status {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let model = unsafe { model_ref(model, "prosam_model_label_name") }?;
+        if out_name.is_null() {
+            return Err(invalid("prosam_model_label_name: out_name is NULL"));
+        }
+        let name = usize::try_from(index).ok().and_then(|i| model.label_names.get(i)).ok_or_else(|| {
+            invalid(format!("prosam_model_label_name: index {index} is outside 0..{}", model.label_names.len()))
+        })?;
+        // SAFETY: checked non-NULL.
+        unsafe { *out_name = name.as_ptr() };
+        Ok(())
+    })
+}
+
+/// The model's metadata (architecture, labels, spacing, intensity transform, ROI, precision,
+/// checksum) as a JSON object. Owned by the model; valid until prosam_model_free.
+///
+/// # Safety
+/// `model` must be NULL or a live model; `out_json` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_model_metadata_json(
+    model: *const prosam_model,
+    out_json: *mut *const c_char,
+) -> prosam_status {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let model = unsafe { model_ref(model, "prosam_model_metadata_json") }?;
+        if out_json.is_null() {
+            return Err(invalid("prosam_model_metadata_json: out_json is NULL"));
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { *out_json = model.metadata_json.as_ptr() };
+        Ok(())
+    })
+}
+
+/// Reads the caller's volume into HU, stored first axis fastest.
+///
+/// # Safety
+/// `v.data` must be readable at every offset the descriptor addresses.
+unsafe fn read_volume(v: &prosam_volume) -> Result<Volume, Failure> {
+    if v.data.is_null() {
+        return Err(invalid("prosam_segment: volume->data is NULL"));
+    }
+    let mut dims = [0usize; 3];
+    for a in 0..3 {
+        if v.dims[a] <= 0 || v.dims[a] > i32::MAX as i64 {
+            return Err(invalid(format!("prosam_segment: volume->dims[{a}] = {} must be positive", v.dims[a])));
+        }
+        if v.strides[a] == 0 {
+            return Err(invalid(format!("prosam_segment: volume->strides[{a}] is 0")));
+        }
+        dims[a] = v.dims[a] as usize;
+    }
+    let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= isize::MAX as usize / 8);
+    let count = count.ok_or_else(|| invalid(format!("prosam_segment: volume->dims {:?} are too large", v.dims)))?;
+    if !(v.rescale_slope.is_finite() && v.rescale_slope != 0.0 && v.rescale_intercept.is_finite()) {
+        return Err(invalid(format!(
+            "prosam_segment: rescale slope {} and intercept {} must be finite, the slope non-zero",
+            v.rescale_slope, v.rescale_intercept
+        )));
+    }
+    if v.affine.iter().any(|x| !x.is_finite()) {
+        return Err(invalid("prosam_segment: volume->affine has a NaN or infinite entry"));
+    }
+    if v.affine[12..] != [0.0, 0.0, 0.0, 1.0] {
+        return Err(invalid(format!("prosam_segment: the affine's last row is {:?}, not 0 0 0 1", &v.affine[12..])));
+    }
+    let rows = [0, 1, 2].map(|r| [v.affine[4 * r], v.affine[4 * r + 1], v.affine[4 * r + 2], v.affine[4 * r + 3]]);
+    let affine = match v.affine_convention {
+        0 => Affine::from_rows(rows),
+        1 => Affine::from_rows(rows).lps_to_ras(),
+        c => return Err(invalid(format!("prosam_segment: unknown affine convention {c}"))),
+    };
+    if affine.inverse().is_none() {
+        return Err(invalid("prosam_segment: the affine is singular"));
+    }
+    let (slope, intercept) = (v.rescale_slope, v.rescale_intercept);
+    let mut data = Vec::with_capacity(count);
+    macro_rules! gather {
+        ($t:ty) => {{
+            let base = v.data as *const $t;
+            for k in 0..dims[2] as i64 {
+                for j in 0..dims[1] as i64 {
+                    let row = k * v.strides[2] + j * v.strides[1];
+                    for i in 0..dims[0] as i64 {
+                        // SAFETY: the caller guarantees that every addressed element is readable.
+                        let raw = unsafe { base.offset((row + i * v.strides[0]) as isize).read_unaligned() };
+                        data.push((raw as f64 * slope + intercept) as f32);
+                    }
+                }
+            }
+        }};
+    }
+    match v.voxel_type {
+        0 => gather!(i16),
+        1 => gather!(i32),
+        2 => gather!(u8),
+        3 => gather!(u16),
+        4 => gather!(f32),
+        t => return Err(invalid(format!("prosam_segment: unknown voxel type {t}"))),
+    }
+    Ok(Volume { dims, data, affine })
+}
+
+/// Segments a volume into `labels`: one uint8 label per voxel, dense, first dimension fastest
+/// (`labels[i + dims[0] * (j + dims[1] * k)]`, as NIfTI stores voxels), on the volume's own grid.
+/// `labels_len` must be at least dims[0] * dims[1] * dims[2]. The caller owns `labels`; on failure
+/// its content is unspecified.
+///
+/// Several threads may segment with the same model at once; each call computes on the model's
+/// thread pool.
+///
+/// # Safety
+/// `model` must be NULL or a live model; `volume` NULL or a valid descriptor whose data is
+/// readable as it describes; `params` NULL (defaults) or valid; `labels` NULL or writable for
+/// `labels_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prosam_segment(
+    model: *const prosam_model,
+    volume: *const prosam_volume,
+    params: *const prosam_segment_params,
+    labels: *mut u8,
+    labels_len: usize,
+) -> prosam_status {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let model = unsafe { model_ref(model, "prosam_segment") }?;
+        // SAFETY: NULL or valid, per the contract.
+        let volume = unsafe { volume.as_ref() }.ok_or_else(|| invalid("prosam_segment: volume is NULL"))?;
+        // SAFETY: NULL or valid, per the contract.
+        let params = if params.is_null() { prosam_segment_default_params() } else { unsafe { *params } };
+        if labels.is_null() {
+            return Err(invalid("prosam_segment: labels is NULL"));
+        }
+        let blend = match params.blend {
+            0 => Blend::Gaussian,
+            1 => Blend::Constant,
+            b => return Err(invalid(format!("prosam_segment: unknown blend {b}"))),
+        };
+        if params.batch < 1 {
+            return Err(invalid(format!("prosam_segment: batch {} must be at least 1", params.batch)));
+        }
+        let options = SegmentOptions { overlap: params.overlap, blend, batch: params.batch as usize };
+        options.validate().map_err(|e| invalid(format!("prosam_segment: {e}")))?;
+        let needed = volume.dims.iter().map(|&d| d.max(0) as u128).product::<u128>();
+        if (labels_len as u128) < needed {
+            return Err(Failure(
+                prosam_status::BufferTooSmall,
+                format!("prosam_segment: labels holds {labels_len} bytes, the volume {needed} voxels"),
+            ));
+        }
+        // SAFETY: forwarded contract on the volume's data.
+        let input = unsafe { read_volume(volume) }?;
+        let segmenter = model.segmenter.with_options(options);
+        let (callback, user_data) = (params.progress, params.progress_user_data as usize);
+        let mut progress = move |done: usize, total: usize| -> bool {
+            match callback {
+                // SAFETY: the caller's callback, called as its contract says.
+                Some(f) => unsafe { f(done as i32, total as i32, user_data as *mut c_void) == 0 },
+                None => true,
+            }
+        };
+        let result = model.pool.install(move || segmenter.segment(input, &mut progress)).map_err(from_runtime)?;
+        // SAFETY: `labels` is writable for `labels_len` >= result.labels.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(result.labels.as_ptr(), labels, result.labels.len()) };
+        log(
+            prosam_log_level::Info,
+            &format!(
+                "segmented {:?} in {} windows ({:.2} s inference)",
+                result.dims,
+                result.windows,
+                result.times.infer.as_secs_f64()
+            ),
+        );
+        Ok(())
+    })
+}
