@@ -586,3 +586,11 @@ pub unsafe extern "C" fn prosam_segment(
         Ok(())
     })
 }
+
+/// Panics inside the library, so that tests can check that a panic becomes
+/// PROSAM_STATUS_INTERNAL and the process goes on. Not part of the public header.
+#[doc(hidden)]
+#[unsafe(no_mangle)]
+pub extern "C" fn prosam_internal_test_panic() -> prosam_status {
+    entry(|| panic!("deliberate test panic"))
+}
