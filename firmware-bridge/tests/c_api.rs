@@ -80,7 +80,13 @@ fn compile(source: &Path, linkage: Linkage, scratch: &Path, extra: &[&str]) -> P
 
 fn run(exe: &Path, args: &[&str]) -> Output {
     let out = Command::new(exe).args(args).output().expect("run C program");
-    eprintln!("{} {}\n{}{}", exe.display(), args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "{} {}\n{}{}",
+        exe.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -91,8 +97,11 @@ fn s(p: &Path) -> &str {
 /// A random-weight fs 12 student with a 64x32x32 window: small enough for valgrind.
 fn tiny_model(dir: &Path) -> PathBuf {
     let cfg = Config::tiny();
-    let tensors: Vec<(String, Tensor)> =
-        cfg.parameter_shapes().into_iter().map(|(k, shape)| (k, Tensor::randn(0f32, 0.05, shape, &Device::Cpu).unwrap())).collect();
+    let tensors: Vec<(String, Tensor)> = cfg
+        .parameter_shapes()
+        .into_iter()
+        .map(|(k, shape)| (k, Tensor::randn(0f32, 0.05, shape, &Device::Cpu).unwrap()))
+        .collect();
     let metadata = Metadata {
         format_version: 1,
         name: "tiny_random".into(),
@@ -158,14 +167,22 @@ fn memcheck_finds_no_invalid_access_and_no_leak() {
     let volume = small_volume(&dir);
     let exe = compile(&crate_dir().join("examples/segment.c"), Linkage::Shared, &dir, &[]);
     let identity = ["1.5", "0", "0", "0", "0", "1.5", "0", "0", "0", "0", "1.5", "0"];
-    let mut args = vec!["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--track-origins=no"];
+    let mut args =
+        vec!["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--track-origins=no"];
     args.push(s(&exe));
     let mut program = vec![s(&model), s(&volume), "40", "20", "20"];
     program.extend(identity);
     args.extend(program);
     let out = Command::new("valgrind").args(&args).env("RAYON_NUM_THREADS", "2").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{}", stderr.lines().filter(|l| l.contains("ERROR SUMMARY") || l.contains("definitely lost")).collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "{}",
+        stderr
+            .lines()
+            .filter(|l| l.contains("ERROR SUMMARY") || l.contains("definitely lost"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(out.status.code(), Some(0), "valgrind reported errors:\n{stderr}");
     assert!(stderr.contains("ERROR SUMMARY: 0 errors"), "{stderr}");
 }
@@ -179,7 +196,8 @@ fn example_labels_equal_prosam_segment() {
         return;
     };
     let imported =
-        prosam_models::format::import::import_monai(&ckpt, prosam_models::format::import::MonaiOptions::default()).unwrap();
+        prosam_models::format::import::import_monai(&ckpt, prosam_models::format::import::MonaiOptions::default())
+            .unwrap();
     let metadata = Metadata {
         format_version: 1,
         name: "swinunetr_fs12".into(),
@@ -202,13 +220,19 @@ fn example_labels_equal_prosam_segment() {
     let raw = dir.join("ct.raw");
     std::fs::write(&raw, input.volume.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
     let dims = input.volume.dims.map(|d| d.to_string());
-    let affine: Vec<String> = (0..3).flat_map(|r| (0..4).map(move |c| (r, c))).map(|(r, c)| format!("{:.17e}", input.volume.affine.0[r][c])).collect();
+    let affine: Vec<String> = (0..3)
+        .flat_map(|r| (0..4).map(move |c| (r, c)))
+        .map(|(r, c)| format!("{:.17e}", input.volume.affine.0[r][c]))
+        .collect();
 
     // prosam segment's labels: the CLI when it was built beside this test, else the same engine.
     let cli = built_dir().join("prosam");
     let expected: Vec<u8> = if cli.is_file() {
         let seg = dir.join("seg.nii.gz");
-        let out = Command::new(&cli).args(["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--quiet"]).output().unwrap();
+        let out = Command::new(&cli)
+            .args(["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--quiet"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         prosam_runtime::volume::nifti::read(&seg).unwrap().volume.data.iter().map(|&v| v as u8).collect()
     } else {
@@ -236,13 +260,22 @@ fn example_labels_equal_prosam_segment() {
 fn install_gives_pkg_config_and_cmake_packages() {
     let dir = common::scratch_dir("c_api_install");
     let prefix = dir.join("prefix");
-    let out = Command::new(crate_dir().join("install.sh")).arg(&prefix).env("CARGO_TARGET_DIR", built_dir().parent().unwrap()).output().unwrap();
+    let out = Command::new(crate_dir().join("install.sh"))
+        .arg(&prefix)
+        .env("CARGO_TARGET_DIR", built_dir().parent().unwrap())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_link(prefix.join("lib/libprosam.so.0")).unwrap(), Path::new("libprosam.so.0.1.0"));
 
     let pc_path = prefix.join("lib/pkgconfig");
     let pkg = |flag: &str| {
-        let out = Command::new("pkg-config").arg(flag).arg("prosam").env("PKG_CONFIG_PATH", &pc_path).output().expect("pkg-config");
+        let out = Command::new("pkg-config")
+            .arg(flag)
+            .arg("prosam")
+            .env("PKG_CONFIG_PATH", &pc_path)
+            .output()
+            .expect("pkg-config");
         assert!(out.status.success(), "pkg-config {flag}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
@@ -250,7 +283,11 @@ fn install_gives_pkg_config_and_cmake_packages() {
     assert_eq!(libs, format!("-L{}/lib -lprosam", prefix.display()));
     let exe = dir.join("segment_pkgconfig");
     let mut cmd = Command::new("gcc");
-    cmd.arg(crate_dir().join("examples/segment.c")).arg("-o").arg(&exe).args(cflags.split_whitespace()).args(libs.split_whitespace());
+    cmd.arg(crate_dir().join("examples/segment.c"))
+        .arg("-o")
+        .arg(&exe)
+        .args(cflags.split_whitespace())
+        .args(libs.split_whitespace());
     cmd.arg(format!("-Wl,-rpath,{}/lib", prefix.display())).arg("-lm");
     assert!(cmd.status().unwrap().success(), "gcc with pkg-config flags");
     // With no arguments the example prints its usage and exits 2: it linked and loaded.
@@ -273,8 +310,20 @@ fn install_gives_pkg_config_and_cmake_packages() {
     )
     .unwrap();
     let build = project.join("build");
-    let configure = Command::new("cmake").arg("-S").arg(&project).arg("-B").arg(&build).arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display())).output().unwrap();
-    assert!(configure.status.success(), "cmake configure: {}{}", String::from_utf8_lossy(&configure.stdout), String::from_utf8_lossy(&configure.stderr));
+    let configure = Command::new("cmake")
+        .arg("-S")
+        .arg(&project)
+        .arg("-B")
+        .arg(&build)
+        .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
+        .output()
+        .unwrap();
+    assert!(
+        configure.status.success(),
+        "cmake configure: {}{}",
+        String::from_utf8_lossy(&configure.stdout),
+        String::from_utf8_lossy(&configure.stderr)
+    );
     let compile = Command::new("cmake").arg("--build").arg(&build).output().unwrap();
     assert!(compile.status.success(), "cmake build: {}", String::from_utf8_lossy(&compile.stdout));
     for exe in ["cart_shared", "cart_static"] {
