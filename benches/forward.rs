@@ -4,33 +4,16 @@
 //! `cargo bench --bench forward`; threads follow `RAYON_NUM_THREADS` (default: physical cores).
 //! `benches/compare_onnxruntime.sh` runs this next to ONNX Runtime on the same machine.
 
+#[path = "../runtime/tests/common/mod.rs"]
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, ModelFile, Precision};
+use prosam_models::format::{Metadata, ModelFile};
 use prosam_models::swin_unetr::{Config, SwinUnetr};
 
-fn random_tensors(cfg: &Config) -> Vec<(String, Tensor)> {
-    cfg.parameter_shapes()
-        .into_iter()
-        .map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()))
-        .collect()
-}
-
 fn metadata(cfg: &Config) -> Metadata {
-    Metadata {
-        format_version: 1,
-        name: format!("random_fs{}", cfg.feature_size),
-        architecture: Architecture::SwinUnetr(cfg.clone()),
-        labels: BTCV_LABELS.iter().map(|s| s.to_string()).collect(),
-        axis_codes: "RAS".into(),
-        spacing: [1.5, 1.5, 2.0],
-        intensity: Intensity::btcv(),
-        roi_size: [96, 96, 96],
-        precision: Precision::F32,
-        checksum: String::new(),
-        source: None,
-        writer: None,
-    }
+    Metadata::btcv(&format!("random_fs{}", cfg.feature_size), cfg.clone())
 }
 
 fn bench_students(c: &mut Criterion) {
@@ -42,7 +25,7 @@ fn bench_students(c: &mut Criterion) {
     for cfg in [Config::tiny(), Config::small()] {
         let fs = cfg.feature_size;
         let path = dir.join(format!("fs{fs}.safetensors"));
-        prosam_models::format::save(&path, metadata(&cfg), &random_tensors(&cfg)).unwrap();
+        prosam_models::format::save(&path, metadata(&cfg), &common::random_weights(&cfg, 0.02)).unwrap();
         let load = || ModelFile::open(&path).unwrap().swin_unetr(DType::F32, &Device::Cpu).unwrap();
         group.bench_function(format!("load_fs{fs}"), |b| b.iter(load));
         let net: SwinUnetr = load();

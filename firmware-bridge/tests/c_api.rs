@@ -7,8 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::{Device, Tensor};
-use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision};
+use prosam_models::format::Metadata;
 use prosam_models::swin_unetr::Config;
 
 /// Where `cargo build` put libprosam.so / libprosam.a: the profile folder above this test binary.
@@ -97,25 +96,8 @@ fn s(p: &Path) -> &str {
 /// A random-weight fs 12 student with a 64x32x32 window: small enough for valgrind.
 fn tiny_model(dir: &Path) -> PathBuf {
     let cfg = Config::tiny();
-    let tensors: Vec<(String, Tensor)> = cfg
-        .parameter_shapes()
-        .into_iter()
-        .map(|(k, shape)| (k, Tensor::randn(0f32, 0.05, shape, &Device::Cpu).unwrap()))
-        .collect();
-    let metadata = Metadata {
-        format_version: 1,
-        name: "tiny_random".into(),
-        architecture: Architecture::SwinUnetr(cfg),
-        labels: BTCV_LABELS.iter().map(|s| s.to_string()).collect(),
-        axis_codes: "RAS".into(),
-        spacing: [1.5, 1.5, 1.5],
-        intensity: Intensity::btcv(),
-        roi_size: [64, 32, 32],
-        precision: Precision::F32,
-        checksum: String::new(),
-        source: None,
-        writer: None,
-    };
+    let tensors = common::random_weights(&cfg, 0.05);
+    let metadata = Metadata { spacing: [1.5, 1.5, 1.5], roi_size: [64, 32, 32], ..Metadata::btcv("tiny_random", cfg) };
     let path = dir.join("tiny.safetensors");
     prosam_models::format::save(&path, metadata, &tensors).unwrap();
     path
@@ -198,20 +180,7 @@ fn example_labels_equal_prosam_segment() {
     let imported =
         prosam_models::format::import::import_monai(&ckpt, prosam_models::format::import::MonaiOptions::default())
             .unwrap();
-    let metadata = Metadata {
-        format_version: 1,
-        name: "swinunetr_fs12".into(),
-        architecture: Architecture::SwinUnetr(imported.config.clone()),
-        labels: BTCV_LABELS.iter().map(|s| s.to_string()).collect(),
-        axis_codes: "RAS".into(),
-        spacing: [1.5, 1.5, 2.0],
-        intensity: Intensity::btcv(),
-        roi_size: [96, 96, 96],
-        precision: Precision::F32,
-        checksum: String::new(),
-        source: None,
-        writer: None,
-    };
+    let metadata = Metadata::btcv("swinunetr_fs12", imported.config.clone());
     let model = dir.join("fs12.safetensors");
     prosam_models::format::save(&model, metadata, &imported.tensors).unwrap();
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
+use prosam_models::format::Metadata;
 use prosam_models::format::import::{MonaiOptions, from_state_dict};
-use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision};
 use prosam_models::swin_unetr::Config;
 use prosam_runtime::npy;
 
@@ -32,30 +32,13 @@ fn assert_fails(args: &[&str], needles: &[&str]) {
 }
 
 fn metadata(cfg: &Config) -> Metadata {
-    Metadata {
-        format_version: 1,
-        name: "random".into(),
-        architecture: Architecture::SwinUnetr(cfg.clone()),
-        labels: BTCV_LABELS.iter().map(|s| s.to_string()).collect(),
-        axis_codes: "RAS".into(),
-        spacing: [1.5, 1.5, 2.0],
-        intensity: Intensity::btcv(),
-        roi_size: [96, 96, 96],
-        precision: Precision::F32,
-        checksum: String::new(),
-        source: None,
-        writer: None,
-    }
+    Metadata::btcv("random", cfg.clone())
 }
 
 /// A tiny student with random weights, `edit` applied to its tensors before saving.
 fn random_model(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> PathBuf {
     let cfg = Config::tiny();
-    let mut tensors: Vec<(String, Tensor)> = cfg
-        .parameter_shapes()
-        .into_iter()
-        .map(|(k, shape)| (k, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()))
-        .collect();
+    let mut tensors = common::random_weights(&cfg, 0.02);
     edit(&mut tensors);
     let path = dir.join(name);
     prosam_models::format::save(&path, metadata(&cfg), &tensors).unwrap();

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
+use prosam_models::format::Metadata;
 use prosam_models::format::import::{MonaiOptions, import_monai};
-use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision};
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::volume::nifti;
 
@@ -14,20 +14,7 @@ use prosam_runtime::volume::nifti;
 pub fn fixture_model(dir: &Path) -> Option<std::path::PathBuf> {
     let ckpt = common::shared_file("fixtures/monai/swinunetr_fs12.pt")?;
     let imported = import_monai(&ckpt, MonaiOptions::default()).unwrap();
-    let metadata = Metadata {
-        format_version: 1,
-        name: "swinunetr_fs12".into(),
-        architecture: Architecture::SwinUnetr(imported.config.clone()),
-        labels: BTCV_LABELS.iter().map(|s| s.to_string()).collect(),
-        axis_codes: "RAS".into(),
-        spacing: [1.5, 1.5, 2.0],
-        intensity: Intensity::btcv(),
-        roi_size: [96, 96, 96],
-        precision: Precision::F32,
-        checksum: String::new(),
-        source: None,
-        writer: None,
-    };
+    let metadata = Metadata::btcv("swinunetr_fs12", imported.config.clone());
     let path = dir.join("fs12.safetensors");
     prosam_models::format::save(&path, metadata, &imported.tensors).unwrap();
     Some(path)

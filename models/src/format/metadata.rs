@@ -141,6 +141,31 @@ pub const BTCV_LABELS: [&str; 14] = [
 ];
 
 impl Metadata {
+    /// Metadata for a SwinUNETR student with the BTCV defaults: the 14 BTCV labels (when the
+    /// network has 14 outputs; `label_N` otherwise), RAS axes, 1.5 x 1.5 x 2.0 mm, the -175..250 HU
+    /// window, a 96^3 ROI, f32. The checksum is filled in by `format::save`.
+    pub fn btcv(name: &str, config: Config) -> Self {
+        let labels = if config.out_channels == BTCV_LABELS.len() {
+            BTCV_LABELS.iter().map(|s| s.to_string()).collect()
+        } else {
+            (0..config.out_channels).map(|i| format!("label_{i}")).collect()
+        };
+        Metadata {
+            format_version: super::FORMAT_VERSION,
+            name: name.to_string(),
+            architecture: Architecture::SwinUnetr(config),
+            labels,
+            axis_codes: "RAS".into(),
+            spacing: [1.5, 1.5, 2.0],
+            intensity: Intensity::btcv(),
+            roi_size: [96, 96, 96],
+            precision: Precision::F32,
+            checksum: String::new(),
+            source: None,
+            writer: Some(format!("prosam {}", env!("CARGO_PKG_VERSION"))),
+        }
+    }
+
     /// Checks the fields against each other and against the architecture.
     pub fn validate(&self) -> Result<(), String> {
         let Architecture::SwinUnetr(cfg) = &self.architecture;

@@ -78,3 +78,11 @@ pub fn temp_files_in(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".prosam-")))
         .collect()
 }
+
+/// Random weights (normal, std `std`) for every parameter of a SwinUNETR configuration.
+pub fn random_weights(cfg: &prosam_models::swin_unetr::Config, std: f32) -> Vec<(String, candle_core::Tensor)> {
+    cfg.parameter_shapes()
+        .into_iter()
+        .map(|(k, shape)| (k, candle_core::Tensor::randn(0f32, std, shape, &candle_core::Device::Cpu).unwrap()))
+        .collect()
+}

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use prosam_models::format::import::{MonaiOptions, import_monai};
-use prosam_models::format::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision};
+use prosam_models::format::{BTCV_LABELS, Intensity, Metadata};
 use prosam_models::swin_unetr::Downsample;
 
 #[derive(clap::Args)]
@@ -137,18 +137,13 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
         .name
         .unwrap_or_else(|| args.monai.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
     let metadata = Metadata {
-        format_version: prosam_models::format::FORMAT_VERSION,
-        name,
-        architecture: Architecture::SwinUnetr(config.clone()),
         labels,
         axis_codes: args.axis_codes,
         spacing,
         intensity,
         roi_size,
-        precision: Precision::F32,
-        checksum: String::new(),
         source: args.monai.file_name().map(|s| s.to_string_lossy().into_owned()),
-        writer: Some(format!("prosam {}", env!("CARGO_PKG_VERSION"))),
+        ..Metadata::btcv(&name, config.clone())
     };
     metadata.validate().map_err(|e| anyhow::anyhow!("invalid model description: {e}"))?;
     let written = prosam_models::format::save(&args.output, metadata, &imported.tensors)?;
