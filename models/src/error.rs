@@ -19,6 +19,10 @@ pub enum Error {
     #[error("invalid SwinUNETR configuration: {0}")]
     InvalidConfig(String),
 
+    /// A precision conversion that is not possible.
+    #[error("cannot convert: {0}")]
+    Quantize(String),
+
     /// An input tensor that the network cannot take.
     #[error("invalid input of shape {shape:?}: {reason}")]
     InvalidInput { shape: Vec<usize>, reason: String },

@@ -84,12 +84,30 @@ impl std::fmt::Display for Intensity {
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
+    /// Every tensor in half precision.
+    F16,
+    /// Linear layers and 3x3x3 convolutions as Q8_0 int8 blocks, everything else in f16.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "int8" => Ok(Precision::Int8),
+            other => Err(format!("unknown precision `{other}` (expected f32, f16 or int8)")),
+        }
+    }
 }
 
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Int8 => "int8",
         })
     }
 }
@@ -120,6 +138,19 @@ pub struct Metadata {
     /// The prosam version that wrote the file.
     #[serde(default)]
     pub writer: Option<String>,
+    /// Weights stored in a quantized encoding, by their key (the stored tensor is `KEY.q8_0`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub quantized: std::collections::BTreeMap<String, QuantizedTensor>,
+}
+
+/// How a quantized weight is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantizedTensor {
+    /// `q8_0`: Candle/GGML Q8_0 blocks of the weight flattened to (rows, cols), cols zero-padded to
+    /// a multiple of 32.
+    pub encoding: String,
+    /// The weight's shape as the network uses it.
+    pub shape: Vec<usize>,
 }
 
 /// The 14 BTCV classes, in the label order of the BTCV challenge and MONAI's BTCV models.
@@ -163,6 +194,7 @@ impl Metadata {
             checksum: String::new(),
             source: None,
             writer: Some(format!("prosam {}", env!("CARGO_PKG_VERSION"))),
+            quantized: Default::default(),
         }
     }
 
@@ -178,6 +210,9 @@ impl Metadata {
         }
         if !is_axis_codes(&self.axis_codes) {
             return Err(format!("axis codes `{}` are not three of L/R, P/A, I/S on distinct axes", self.axis_codes));
+        }
+        if (self.precision == Precision::Int8) == self.quantized.is_empty() {
+            return Err(format!("precision {} but {} quantized tensors listed", self.precision, self.quantized.len()));
         }
         let mut roi_shape = vec![1, cfg.in_channels];
         roi_shape.extend(self.roi_size);

@@ -7,6 +7,7 @@
 
 pub mod import;
 pub mod metadata;
+pub mod quantize;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
-pub use metadata::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision};
+pub use metadata::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision, QuantizedTensor};
 
 use crate::swin_unetr::{Config, SwinUnetr};
 use crate::{Error, Result};
@@ -198,17 +199,55 @@ impl ModelFile {
     pub fn swin_unetr(&self, dtype: DType, device: &Device) -> Result<SwinUnetr> {
         let Architecture::SwinUnetr(config) = &self.metadata.architecture;
         let tensors = self.tensors(device)?;
-        check_weights(config, &tensors, &self.path)?;
+        check_weights(config, &tensors, &self.metadata.quantized, &self.path)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         SwinUnetr::new(config, vb)
     }
 }
 
-/// Checks that `tensors` hold every parameter `config` needs, each with its shape; the errors
-/// name the key and both shapes. Tensors the network does not use are reported too.
-pub fn check_weights(config: &Config, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+/// Checks that `tensors` hold every parameter `config` needs, each with its shape, either dense
+/// or, for the keys in `quantized`, as Q8_0 blocks of the right size; the errors name the key and
+/// both shapes. Tensors the network does not use are reported too.
+pub fn check_weights(
+    config: &Config,
+    tensors: &HashMap<String, Tensor>,
+    quantized: &std::collections::BTreeMap<String, QuantizedTensor>,
+    path: &Path,
+) -> Result<()> {
+    use crate::ops::quantized::{Q8_BLOCK, Q8_BLOCK_BYTES, Q8_SUFFIX, padded_cols};
     let expected = config.parameter_shapes();
+    let bad = |reason: String| Error::ModelFile { path: path.to_path_buf(), reason };
+    let mut used = std::collections::HashSet::new();
     for (key, shape) in &expected {
+        if let Some(q) = quantized.get(key) {
+            if q.encoding != Q8_SUFFIX {
+                return Err(bad(format!("`{key}` has the unknown encoding `{}`", q.encoding)));
+            }
+            if &q.shape != shape {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    key: key.clone(),
+                    expected: shape.clone(),
+                    found: q.shape.clone(),
+                });
+            }
+            let q_key = format!("{key}.{Q8_SUFFIX}");
+            let t = tensors
+                .get(&q_key)
+                .ok_or_else(|| bad(format!("the metadata lists `{key}` as int8 but the file has no `{q_key}`")))?;
+            let rows = shape[0];
+            let cols: usize = shape[1..].iter().product();
+            let bytes = rows * padded_cols(cols) / Q8_BLOCK * Q8_BLOCK_BYTES;
+            if t.dtype() != DType::U8 || t.elem_count() != bytes {
+                return Err(bad(format!(
+                    "`{q_key}` holds {} {:?} values, expected {bytes} Q8_0 bytes for {shape:?}",
+                    t.elem_count(),
+                    t.dtype()
+                )));
+            }
+            used.insert(q_key);
+            continue;
+        }
         match tensors.get(key) {
             None => {
                 return Err(Error::MissingTensor {
@@ -225,17 +264,15 @@ pub fn check_weights(config: &Config, tensors: &HashMap<String, Tensor>, path: &
                     found: t.dims().to_vec(),
                 });
             }
-            Some(_) => {}
+            Some(_) => {
+                used.insert(key.clone());
+            }
         }
     }
-    if tensors.len() > expected.len() {
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
-        let mut extra: Vec<&str> = tensors.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+    if tensors.len() > used.len() {
+        let mut extra: Vec<&str> = tensors.keys().map(String::as_str).filter(|k| !used.contains(*k)).collect();
         extra.sort();
-        return Err(Error::ModelFile {
-            path: path.to_path_buf(),
-            reason: format!("unexpected tensors for this configuration: {}", extra.join(", ")),
-        });
+        return Err(bad(format!("tensors the metadata does not account for: {}", extra.join(", "))));
     }
     Ok(())
 }

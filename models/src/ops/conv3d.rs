@@ -12,7 +12,8 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
-use super::conv3d_cpu::Conv3dCpu;
+use super::conv3d_cpu::{Conv3dCpu, conv3d_q8};
+use super::quantized::Weight;
 
 /// `conv3d(x, w, bias, padding, stride)`: `x (B, Cin, D, H, W)`, `w (Cout, Cin, kd, kh, kw)`,
 /// `bias (Cout)`; the same `padding` and `stride` on every axis.
@@ -98,4 +99,29 @@ fn depth_taps(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
     let y = sum.expect("kernel depth is at least one");
     let (_, _, h_out, w_out) = y.dims4()?;
     y.reshape((b, d_out, c_out, h_out, w_out))?.permute((0, 2, 1, 3, 4))?.contiguous()
+}
+
+/// [`conv3d`] with a weight that may be int8 (see [`super::quantized`]): `kernel` is the weight's
+/// spatial size, which an int8 matrix no longer carries. int8 convolutions run on the CPU with
+/// stride 1.
+pub fn conv3d_weight(
+    x: &Tensor,
+    w: &Weight,
+    kernel: [usize; 3],
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = match w {
+        Weight::Dense(w) => return conv3d(x, w, bias, padding, 1),
+        Weight::Q8(q) => {
+            if !x.device().is_cpu() {
+                bail!("int8 conv3d runs on the CPU only");
+            }
+            conv3d_q8(x, q, kernel, padding)?
+        }
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1, 1))?),
+        None => Ok(y),
+    }
 }

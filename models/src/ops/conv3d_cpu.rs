@@ -176,3 +176,45 @@ impl CustomOp2 for Conv3dCpu {
         Ok((storage, shape))
     }
 }
+
+/// Output rows (z, y lines) per int8 tile: about 4M patch values.
+const Q8_TILE_ELEMENTS: usize = 1 << 22;
+
+/// Stride-1 convolution with int8 weights: im2col tiles (f32) through Candle's Q8_0 matrix
+/// product (the activations are quantized to Q8_0 per block of 32). `w` is `(c_out, c_in * k^3)`.
+pub(crate) fn conv3d_q8(
+    x: &candle_core::Tensor,
+    w: &super::quantized::Q8Matrix,
+    kernel: [usize; 3],
+    padding: usize,
+) -> Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    let (batch, c_in, d, h, wd) = x.dims5()?;
+    let k_len = c_in * kernel.iter().product::<usize>();
+    if w.cols() != k_len {
+        bail!("int8 conv3d: weight has {} columns, the input needs {k_len}", w.cols());
+    }
+    let out = [0, 1, 2].map(|a| [d, h, wd][a] + 2 * padding + 1 - kernel[a]);
+    let g = Geometry { c_in, c_out: w.rows(), d, h, w: wd, k: kernel, pad: padding, out };
+    let [od, ho, wo] = out;
+    let spatial = od * ho * wo;
+    let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let in_len = c_in * d * h * wd;
+    let rows_per_tile = (Q8_TILE_ELEMENTS / (k_len * wo)).max(1);
+    let mut result = vec![0f32; batch * g.c_out * spatial];
+    let mut cols = vec![0f32; k_len * rows_per_tile * wo];
+    for b in 0..batch {
+        for row0 in (0..od * ho).step_by(rows_per_tile) {
+            let rows = rows_per_tile.min(od * ho - row0);
+            let t = rows * wo;
+            im2col(&data[b * in_len..(b + 1) * in_len], g, row0, rows, &mut cols, t);
+            let patches = Tensor::from_slice(&cols[..k_len * t], (k_len, t), x.device())?.t()?.contiguous()?;
+            let y = w.forward(&patches)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            for o in 0..g.c_out {
+                let dst = b * g.c_out * spatial + o * spatial + row0 * wo;
+                result[dst..dst + t].copy_from_slice(&y[o * t..(o + 1) * t]);
+            }
+        }
+    }
+    Tensor::from_vec(result, (batch, g.c_out, od, ho, wo), x.device())?.to_dtype(x.dtype())
+}

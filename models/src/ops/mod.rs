@@ -11,11 +11,12 @@ pub mod conv3d;
 mod conv3d_cpu;
 pub mod conv_transpose3d;
 pub mod norm;
+pub mod quantized;
 pub mod window;
 
 pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::conv_transpose3d;
-pub use conv3d::conv3d;
+pub use conv3d::{conv3d, conv3d_weight};
 pub use norm::{channel_layer_norm, instance_norm};
 pub use window::{compute_shift_mask, window_partition, window_reverse};
 

@@ -4,7 +4,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::ops::{conv_transpose3d, conv3d, instance_norm};
+use crate::ops::quantized::Weight;
+use crate::ops::{conv_transpose3d, conv3d, conv3d_weight, instance_norm};
 
 const NORM_EPS: f64 = 1e-5;
 const LEAKY_SLOPE: f64 = 0.01;
@@ -19,15 +20,15 @@ fn leaky_relu(x: &Tensor) -> Result<Tensor> {
 /// Keys: `conv1.conv.weight`, `conv2.conv.weight`, `conv3.conv.weight`.
 #[derive(Debug, Clone)]
 pub struct UnetResBlock {
-    conv1: Tensor,
-    conv2: Tensor,
+    conv1: Weight,
+    conv2: Weight,
     conv3: Option<Tensor>,
 }
 
 impl UnetResBlock {
     pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
-        let conv1 = vb.get((out_channels, in_channels, 3, 3, 3), "conv1.conv.weight")?;
-        let conv2 = vb.get((out_channels, out_channels, 3, 3, 3), "conv2.conv.weight")?;
+        let conv1 = Weight::load(&vb, "conv1.conv.weight", &[out_channels, in_channels, 3, 3, 3])?;
+        let conv2 = Weight::load(&vb, "conv2.conv.weight", &[out_channels, out_channels, 3, 3, 3])?;
         let conv3 = if in_channels != out_channels {
             Some(vb.get((out_channels, in_channels, 1, 1, 1), "conv3.conv.weight")?)
         } else {
@@ -39,8 +40,8 @@ impl UnetResBlock {
 
 impl Module for UnetResBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let o = leaky_relu(&instance_norm(&conv3d(x, &self.conv1, None, 1, 1)?, NORM_EPS)?)?;
-        let o = instance_norm(&conv3d(&o, &self.conv2, None, 1, 1)?, NORM_EPS)?;
+        let o = leaky_relu(&instance_norm(&conv3d_weight(x, &self.conv1, [3; 3], None, 1)?, NORM_EPS)?)?;
+        let o = instance_norm(&conv3d_weight(&o, &self.conv2, [3; 3], None, 1)?, NORM_EPS)?;
         let residual = match &self.conv3 {
             Some(w) => instance_norm(&conv3d(x, w, None, 0, 1)?, NORM_EPS)?,
             None => x.clone(),

@@ -2,16 +2,17 @@
 //! (shifted) window attention blocks, patch merging, and the normalised skip features.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::blocks::UnetrBasicBlock;
 use super::config::{Config, Downsample};
+use crate::ops::quantized::Linear;
 use crate::ops::window::{compute_shift_mask, padded_dims, relative_position_index, roll_spatial, stage_window};
 use crate::ops::{channel_layer_norm, conv3d, window_attention_qkv, window_partition, window_reverse};
 
 const LN_EPS: f64 = 1e-5;
 
-/// Applies a linear layer to the last axis of a tensor of any rank (Candle's `Linear` takes 2-4 dims).
+/// Applies a linear layer to the last axis of a tensor of any rank.
 fn linear_tokens(layer: &Linear, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let c = *dims.last().expect("tokens have a channel axis");
@@ -54,8 +55,8 @@ impl WindowAttention {
     pub fn new(dim: usize, heads: usize, window_size: usize, vb: VarBuilder) -> Result<Self> {
         let table_rows = (2 * window_size - 1).pow(3);
         Ok(Self {
-            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
-            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            qkv: Linear::new(dim, 3 * dim, true, vb.pp("qkv"))?,
+            proj: Linear::new(dim, dim, true, vb.pp("proj"))?,
             relative_position_bias_table: vb.get((table_rows, heads), "relative_position_bias_table")?,
             heads,
             window_size,
@@ -94,8 +95,8 @@ pub struct Mlp {
 impl Mlp {
     pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear1: candle_nn::linear(dim, hidden, vb.pp("linear1"))?,
-            linear2: candle_nn::linear(hidden, dim, vb.pp("linear2"))?,
+            linear1: Linear::new(dim, hidden, true, vb.pp("linear1"))?,
+            linear2: Linear::new(hidden, dim, true, vb.pp("linear2"))?,
         })
     }
 }
@@ -180,7 +181,7 @@ impl PatchMerging {
         let order: Vec<u32> = downsample.offsets().iter().map(|[a, b, c]| (a * 4 + b * 2 + c) as u32).collect();
         Ok(Self {
             norm: LayerNorm::new(8 * dim, vb.pp("norm"))?,
-            reduction: candle_nn::linear_no_bias(8 * dim, 2 * dim, vb.pp("reduction"))?,
+            reduction: Linear::new(8 * dim, 2 * dim, false, vb.pp("reduction"))?,
             order: Tensor::from_vec(order, 8, vb.device())?,
         })
     }

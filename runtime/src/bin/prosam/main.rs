@@ -1,8 +1,10 @@
 //! `prosam`: the device CLI.
 
+mod bench;
 mod convert;
 mod forward;
 mod info;
+mod quantize;
 mod segment;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +28,10 @@ enum Command {
     Segment(segment::Args),
     /// Convert a MONAI SwinUNETR checkpoint into a prosam model file.
     Convert(convert::Args),
+    /// Re-encode a model file in f16 or int8.
+    Quantize(quantize::Args),
+    /// Time one window of the network on this device.
+    Bench(bench::Args),
     /// Print a model file's metadata, parameter count, size and precision.
     Info(info::Args),
     /// Run the raw network on a float32 array (1, C, D, H, W) from .npy and write the logits as .npy.
@@ -56,6 +62,8 @@ fn main() -> std::process::ExitCode {
             Command::Segment(args) => segment::run(args, cli.quiet),
             Command::Convert(args) => convert::run(args, cli.quiet),
             Command::Info(args) => info::run(args),
+            Command::Quantize(args) => quantize::run(args, cli.quiet),
+            Command::Bench(args) => bench::run(args),
             Command::Forward(args) => forward::run(args, cli.quiet),
         }
     })();

@@ -1,0 +1,54 @@
+//! Re-encoding a model file's weights: f16 (every tensor in half precision) or int8 (linear
+//! layers and 3x3x3 convolutions as Q8_0 blocks, the rest in f16, where int8 buys nothing).
+
+use candle_core::{DType, Tensor};
+
+use super::{Metadata, Precision, QuantizedTensor};
+use crate::ops::quantized::{Q8_SUFFIX, Q8Matrix};
+use crate::{Error, Result};
+
+/// Whether a weight runs through an int8 matrix product when quantized: the linear layers'
+/// matrices and the 3x3x3 convolution kernels (the layers that load a `quantized::Weight`).
+pub fn is_int8_candidate(key: &str, shape: &[usize]) -> bool {
+    key.ends_with(".weight") && (shape.len() == 2 || (shape.len() == 5 && shape[2..] == [3, 3, 3]))
+}
+
+/// The tensors and metadata of `metadata`'s model re-encoded in `to`. `tensors` are the stored
+/// tensors of an f32 or f16 model; quantizing an int8 model again is refused.
+pub fn quantize(
+    metadata: &Metadata,
+    tensors: Vec<(String, Tensor)>,
+    to: Precision,
+) -> Result<(Metadata, Vec<(String, Tensor)>)> {
+    let refuse = Error::Quantize;
+    if metadata.precision == Precision::Int8 {
+        return Err(refuse("the model is already int8; quantize from its f32 or f16 file".into()));
+    }
+    if to == Precision::F32 && metadata.precision != Precision::F32 {
+        return Err(refuse(format!(
+            "converting {} back to f32 gains no accuracy; keep the original f32 file",
+            metadata.precision
+        )));
+    }
+    let mut out_meta = metadata.clone();
+    out_meta.precision = to;
+    out_meta.quantized.clear();
+    let mut out = Vec::with_capacity(tensors.len());
+    for (key, t) in tensors {
+        match to {
+            Precision::F32 => out.push((key, t.to_dtype(DType::F32)?)),
+            Precision::F16 => out.push((key, t.to_dtype(DType::F16)?)),
+            Precision::Int8 if is_int8_candidate(&key, t.dims()) => {
+                let rows = t.dim(0)?;
+                let (_, bytes) = Q8Matrix::quantize(&t.reshape((rows, ()))?)?;
+                let n = bytes.len();
+                out_meta
+                    .quantized
+                    .insert(key.clone(), QuantizedTensor { encoding: Q8_SUFFIX.into(), shape: t.dims().to_vec() });
+                out.push((format!("{key}.{Q8_SUFFIX}"), Tensor::from_vec(bytes, n, t.device())?));
+            }
+            Precision::Int8 => out.push((key, t.to_dtype(DType::F16)?)),
+        }
+    }
+    Ok((out_meta, out))
+}

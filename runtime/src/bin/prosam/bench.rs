@@ -1,0 +1,115 @@
+//! `prosam bench`: latency of one window on this device, the figure device engineers compare.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Tensor};
+use prosam_models::format::{Architecture, ModelFile};
+use prosam_runtime::resources;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The prosam model file (any precision).
+    #[arg(short, long, value_name = "MODEL")]
+    model: PathBuf,
+    /// Window size: `S` for S^3 or `D,H,W`; each a multiple of 32.
+    #[arg(long, default_value = "96")]
+    size: String,
+    /// Timed runs.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed runs first (allocations, caches).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Compute device; this build has the CPU only.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print one JSON object (the fields are documented in the README).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(text: &str) -> anyhow::Result<[usize; 3]> {
+    let parts: Vec<usize> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--size: `{s}` is not a size")))
+        .collect::<anyhow::Result<_>>()?;
+    match parts.as_slice() {
+        &[s] => Ok([s; 3]),
+        &[d, h, w] => Ok([d, h, w]),
+        _ => anyhow::bail!("--size takes S or D,H,W"),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.device == "cpu", "--device {}: this build of prosam computes on the CPU only", args.device);
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    let size = parse_size(&args.size)?;
+    let device = Device::Cpu;
+    let t0 = Instant::now();
+    let file = ModelFile::open(&args.model)?;
+    let net = file.swin_unetr(DType::F32, &device)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let resident = resources::resident_mib();
+    let meta = file.metadata().clone();
+    let Architecture::SwinUnetr(cfg) = &meta.architecture;
+    let shape = [1, cfg.in_channels, size[0], size[1], size[2]];
+    cfg.check_input(&shape).map_err(|e| anyhow::anyhow!("--size {}: {e}", args.size))?;
+    let x = Tensor::rand(0f32, 1.0, &shape, &device)?;
+    for _ in 0..args.warmup {
+        net.forward(&x)?;
+    }
+    let mut times = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        net.forward(&x)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    };
+    let gmac = cfg.macs(size) as f64 / 1e9;
+    let report = serde_json::json!({
+        "model": meta.name,
+        "precision": meta.precision,
+        "device": args.device,
+        "threads": candle_core::utils::get_num_threads(),
+        "size": size,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "median_s": median,
+        "min_s": times[0],
+        "max_s": times[times.len() - 1],
+        "gmac": gmac,
+        "gmac_per_s": gmac / median,
+        "load_s": load_s,
+        "resident_mib": resident,
+        "peak_rss_mib": resources::peak_rss_mib(),
+        "prosam_version": env!("CARGO_PKG_VERSION"),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} ({}, {} threads, {}x{}x{}): median {:.3} s (min {:.3}, max {:.3}, {} runs), {:.1} GMAC/s; load {:.3} s, resident {:.0} MiB, peak RSS {:.0} MiB",
+            meta.name,
+            meta.precision,
+            report["threads"],
+            size[0],
+            size[1],
+            size[2],
+            median,
+            times[0],
+            times[times.len() - 1],
+            args.runs,
+            gmac / median,
+            load_s,
+            resident.unwrap_or(f64::NAN),
+            resources::peak_rss_mib().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
