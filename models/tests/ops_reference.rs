@@ -292,3 +292,29 @@ fn window_attention_from_qkv_matches_reference() {
         });
     }
 }
+
+#[test]
+fn int8_convolution_and_linear_stay_close_to_the_reference() {
+    use prosam_models::ops::conv3d_weight;
+    use prosam_models::ops::quantized::{Q8Matrix, Weight};
+    let mut rng = Rng::new(21);
+    let x = rng.arr(&[1, 20, 6, 5, 7], 1.0);
+    let w = rng.arr(&[8, 20, 3, 3, 3], 0.1);
+    let expected = reference::conv3d(&x, &w, None, 1, 1);
+    let (q, bytes) = Q8Matrix::quantize(&tensor(&w, DType::F32).reshape((8, ())).unwrap()).unwrap();
+    assert_eq!(bytes.len(), 8 * 544 / 32 * 34, "20 x 27 = 540 columns pad to 544");
+    let y = conv3d_weight(&tensor(&x, DType::F32), &Weight::Q8(std::sync::Arc::new(q)), [3; 3], None, 1).unwrap();
+    let scale = expected.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let err = expected.max_abs_diff(&values(&y)) / scale;
+    eprintln!("int8 conv3d: max error {:.3}% of the output range", err * 100.0);
+    assert!(err < 0.02, "int8 conv3d max relative error {err}");
+
+    let x2 = rng.arr(&[50, 40], 1.0);
+    let w2 = rng.arr(&[9, 40], 0.2);
+    let (q2, _) = Q8Matrix::quantize(&tensor(&w2, DType::F32)).unwrap();
+    let y2 = values(&q2.forward(&tensor(&x2, DType::F32)).unwrap());
+    let exact = reference::linear(&x2, &w2, None);
+    let scale = exact.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let err = exact.max_abs_diff(&y2) / scale;
+    assert!(err < 0.02, "int8 linear max relative error {err}");
+}

@@ -7,10 +7,17 @@ use super::{Metadata, Precision, QuantizedTensor};
 use crate::ops::quantized::{Q8_SUFFIX, Q8Matrix};
 use crate::{Error, Result};
 
-/// Whether a weight runs through an int8 matrix product when quantized: the linear layers'
-/// matrices and the 3x3x3 convolution kernels (the layers that load a `quantized::Weight`).
+/// Weights with fewer values stay in f16: they are the full-resolution convolutions next to the
+/// input and output (where int8 rounding moves labels most) and the narrow first-stage linear
+/// layers, and together they weigh little in the file.
+pub const INT8_MIN_VALUES: usize = 8_192;
+
+/// Whether a weight is stored and run as int8: the linear layers' matrices and the 3x3x3
+/// convolution kernels (the layers that load a `quantized::Weight`) of at least
+/// [`INT8_MIN_VALUES`] values.
 pub fn is_int8_candidate(key: &str, shape: &[usize]) -> bool {
-    key.ends_with(".weight") && (shape.len() == 2 || (shape.len() == 5 && shape[2..] == [3, 3, 3]))
+    let kind = shape.len() == 2 || (shape.len() == 5 && shape[2..] == [3, 3, 3]);
+    key.ends_with(".weight") && kind && shape.iter().product::<usize>() >= INT8_MIN_VALUES
 }
 
 /// The tensors and metadata of `metadata`'s model re-encoded in `to`. `tensors` are the stored

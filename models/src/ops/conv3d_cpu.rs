@@ -177,44 +177,59 @@ impl CustomOp2 for Conv3dCpu {
     }
 }
 
-/// Output rows (z, y lines) per int8 tile: about 4M patch values.
-const Q8_TILE_ELEMENTS: usize = 1 << 22;
-
-/// Stride-1 convolution with int8 weights: im2col tiles (f32) through Candle's Q8_0 matrix
-/// product (the activations are quantized to Q8_0 per block of 32). `w` is `(c_out, c_in * k^3)`.
+/// Stride-1 convolution with int8 weights, fused per output voxel: its patch is gathered,
+/// quantized to Q8_0 blocks (as Candle's quantized matmul quantizes activations) and dotted with
+/// every output channel's blocks in integer arithmetic. Voxels run in parallel. `w` is
+/// `(c_out, c_in * k^3)`.
 pub(crate) fn conv3d_q8(
     x: &candle_core::Tensor,
     w: &super::quantized::Q8Matrix,
     kernel: [usize; 3],
     padding: usize,
 ) -> Result<candle_core::Tensor> {
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
     use candle_core::{DType, Tensor};
     let (batch, c_in, d, h, wd) = x.dims5()?;
-    let k_len = c_in * kernel.iter().product::<usize>();
+    let [kd, kh, kw] = kernel;
+    let k_len = c_in * kd * kh * kw;
     if w.cols() != k_len {
         bail!("int8 conv3d: weight has {} columns, the input needs {k_len}", w.cols());
     }
-    let out = [0, 1, 2].map(|a| [d, h, wd][a] + 2 * padding + 1 - kernel[a]);
-    let g = Geometry { c_in, c_out: w.rows(), d, h, w: wd, k: kernel, pad: padding, out };
-    let [od, ho, wo] = out;
+    let kp = w.padded_cols();
+    let c_out = w.rows();
+    let [od, ho, wo] = [0, 1, 2].map(|a| [d, h, wd][a] + 2 * padding + 1 - kernel[a]);
     let spatial = od * ho * wo;
     let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let in_len = c_in * d * h * wd;
-    let rows_per_tile = (Q8_TILE_ELEMENTS / (k_len * wo)).max(1);
-    let mut result = vec![0f32; batch * g.c_out * spatial];
-    let mut cols = vec![0f32; k_len * rows_per_tile * wo];
-    for b in 0..batch {
-        for row0 in (0..od * ho).step_by(rows_per_tile) {
-            let rows = rows_per_tile.min(od * ho - row0);
-            let t = rows * wo;
-            im2col(&data[b * in_len..(b + 1) * in_len], g, row0, rows, &mut cols, t);
-            let patches = Tensor::from_slice(&cols[..k_len * t], (k_len, t), x.device())?.t()?.contiguous()?;
-            let y = w.forward(&patches)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            for o in 0..g.c_out {
-                let dst = b * g.c_out * spatial + o * spatial + row0 * wo;
-                result[dst..dst + t].copy_from_slice(&y[o * t..(o + 1) * t]);
+    let plane = d * h * wd;
+    // Channels-last output, transposed once at the end.
+    let mut out_cl = vec![0f32; batch * spatial * c_out];
+    out_cl.par_chunks_mut(c_out).enumerate().for_each_init(
+        || (vec![0f32; kp], vec![BlockQ8_0::zeros(); kp / super::quantized::Q8_BLOCK]),
+        |(patch, blocks), (bv, dst)| {
+            let (b, v) = (bv / spatial, bv % spatial);
+            let input = &data[b * c_in * plane..(b + 1) * c_in * plane];
+            let (z, y, xo) = (v / (ho * wo), (v / wo) % ho, v % wo);
+            let mut idx = 0;
+            for c in 0..c_in {
+                for a in 0..kd {
+                    let zi = (z + a).wrapping_sub(padding);
+                    for bq in 0..kh {
+                        let yi = (y + bq).wrapping_sub(padding);
+                        for e in 0..kw {
+                            let xi = (xo + e).wrapping_sub(padding);
+                            patch[idx] = if zi < d && yi < h && xi < wd {
+                                input[c * plane + (zi * h + yi) * wd + xi]
+                            } else {
+                                0.0
+                            };
+                            idx += 1;
+                        }
+                    }
+                }
             }
-        }
-    }
-    Tensor::from_vec(result, (batch, g.c_out, od, ho, wo), x.device())?.to_dtype(x.dtype())
+            w.dot_rows(patch, blocks, dst);
+        },
+    );
+    let y = Tensor::from_vec(out_cl, (batch, od, ho, wo, c_out), x.device())?;
+    y.permute((0, 4, 1, 2, 3))?.contiguous()?.to_dtype(x.dtype())
 }

@@ -35,8 +35,8 @@ fn parse_size(text: &str) -> anyhow::Result<[usize; 3]> {
         .map(|s| s.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--size: `{s}` is not a size")))
         .collect::<anyhow::Result<_>>()?;
     match parts.as_slice() {
-        &[s] => Ok([s; 3]),
-        &[d, h, w] => Ok([d, h, w]),
+        [s] => Ok([*s; 3]),
+        [d, h, w] => Ok([*d, *h, *w]),
         _ => anyhow::bail!("--size takes S or D,H,W"),
     }
 }
