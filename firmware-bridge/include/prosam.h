@@ -81,8 +81,9 @@ typedef enum {
 
 // Precisions of `prosam_model_params.precision`.
 typedef enum {
-  // The precision the model file was stored in.
+  // The precision the model file was stored in (f16 files compute in f32 on the CPU).
   PROSAM_PRECISION_MODEL = 0,
+  // Compute in f32: f32 and f16 files. An int8 file cannot be widened back (it is refused).
   PROSAM_PRECISION_F32 = 1,
 } prosam_precision;
 

@@ -72,8 +72,9 @@ pub enum prosam_device {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum prosam_precision {
-    /// The precision the model file was stored in.
+    /// The precision the model file was stored in (f16 files compute in f32 on the CPU).
     Model = 0,
+    /// Compute in f32: f32 and f16 files. An int8 file cannot be widened back (it is refused).
     F32 = 1,
 }
 
@@ -340,6 +341,14 @@ pub unsafe extern "C" fn prosam_model_load(
             p => return Err(invalid(format!("prosam_model_load: unknown precision {p}"))),
         }
         let segmenter = Segmenter::load(Path::new(path), SegmentOptions::default()).map_err(from_runtime)?;
+        if params.precision == prosam_precision::F32 as i32
+            && segmenter.metadata().precision == prosam_models::format::Precision::Int8
+        {
+            return Err(Failure(
+                prosam_status::Unsupported,
+                format!("prosam_model_load: {path} is int8; load its f32 or f16 file to compute in f32"),
+            ));
+        }
         let threads = if params.n_threads == 0 { 0 } else { params.n_threads as usize };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
