@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Tensor};
-use prosam_models::format::{Architecture, ModelFile};
+use candle_core::{Device, Module, Tensor};
+use prosam_models::format::Architecture;
 use prosam_runtime::resources;
 
 #[derive(clap::Args)]
@@ -46,11 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let size = parse_size(&args.size)?;
     let device = Device::Cpu;
-    let t0 = Instant::now();
-    let file = ModelFile::open(&args.model)?;
-    let net = file.swin_unetr(DType::F32, &device)?;
-    let load_s = t0.elapsed().as_secs_f64();
-    let resident = resources::resident_mib();
+    let super::LoadedModel { file, net, load_s, resident_mib: resident } = super::load_model(&args.model)?;
     let meta = file.metadata().clone();
     let Architecture::SwinUnetr(cfg) = &meta.architecture;
     let shape = [1, cfg.in_channels, size[0], size[1], size[2]];

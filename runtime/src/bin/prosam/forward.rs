@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Tensor};
-use prosam_models::format::ModelFile;
+use candle_core::{Device, Module, Tensor};
 use prosam_runtime::{npy, resources};
 
 #[derive(clap::Args)]
@@ -23,11 +22,7 @@ pub struct Args {
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     super::ensure_distinct(&args.output, &[&args.input, &args.model])?;
     let device = Device::Cpu;
-    let t0 = Instant::now();
-    let file = ModelFile::open(&args.model)?;
-    let net = file.swin_unetr(DType::F32, &device)?;
-    let load_s = t0.elapsed().as_secs_f64();
-    let resident = resources::resident_mib();
+    let super::LoadedModel { net, load_s, resident_mib: resident, .. } = super::load_model(&args.model)?;
 
     let x = npy::read(&args.input)?;
     net.config().check_input(&x.shape).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;

@@ -86,6 +86,24 @@ fn install_interrupt_cleanup() {
     });
 }
 
+/// A model loaded for CPU inference in f32, with the load figures the raw-network commands report.
+pub(crate) struct LoadedModel {
+    pub file: prosam_models::format::ModelFile,
+    pub net: prosam_models::swin_unetr::SwinUnetr,
+    /// Opening, checksum verification and network construction, in seconds.
+    pub load_s: f64,
+    /// Resident memory right after loading.
+    pub resident_mib: Option<f64>,
+}
+
+pub(crate) fn load_model(path: &std::path::Path) -> anyhow::Result<LoadedModel> {
+    let t0 = std::time::Instant::now();
+    let file = prosam_models::format::ModelFile::open(path)?;
+    let net = file.swin_unetr(candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    Ok(LoadedModel { file, net, load_s, resident_mib: prosam_runtime::resources::resident_mib() })
+}
+
 /// Refuses an output path that names one of the inputs: an input is never overwritten.
 pub(crate) fn ensure_distinct(output: &std::path::Path, inputs: &[&std::path::Path]) -> anyhow::Result<()> {
     let canonical_out = output.parent().and_then(|p| {
