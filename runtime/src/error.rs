@@ -21,6 +21,11 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Nifti { path: PathBuf, reason: String },
 
+    /// A DICOM folder, file or series that cannot be read as a CT volume, or a DICOM output that
+    /// cannot be made.
+    #[error("{}: {reason}", path.display())]
+    Dicom { path: PathBuf, reason: String },
+
     /// The caller's progress callback asked to stop.
     #[error("cancelled by the caller")]
     Cancelled,

@@ -1,6 +1,8 @@
 //! CT volumes: voxels, their voxel-to-world affine, and the readers and writers.
 
 pub mod affine;
+pub mod dicom;
+pub mod dicom_seg;
 pub mod nifti;
 pub mod orientation;
 pub mod resample;
@@ -26,4 +28,63 @@ impl Volume {
     pub fn voxel_count(&self) -> usize {
         self.dims.iter().product()
     }
+}
+
+/// A CT as read from disk, with what its writers need: the NIfTI header to copy, or the DICOM
+/// series to reference.
+#[derive(Debug)]
+pub enum CtInput {
+    Nifti(nifti::NiftiInput),
+    Dicom(dicom::DicomInput),
+}
+
+impl CtInput {
+    /// Reads a NIfTI-1 file or a folder holding a DICOM series (`series` picks one of several; see
+    /// [`dicom::Scan::select`]).
+    pub fn read(path: &std::path::Path, series: Option<&str>) -> crate::Result<CtInput> {
+        if path.is_dir() {
+            return Ok(CtInput::Dicom(dicom::read(path, series)?));
+        }
+        if is_dicom_file(path) {
+            return Err(crate::Error::Dicom {
+                path: path.to_path_buf(),
+                reason: "is one DICOM file; give the folder that holds its series".into(),
+            });
+        }
+        if series.is_some() {
+            return Err(crate::Error::Options(format!("{}: --series applies to a DICOM folder", path.display())));
+        }
+        Ok(CtInput::Nifti(nifti::read(path)?))
+    }
+
+    pub fn volume(&self) -> &Volume {
+        match self {
+            CtInput::Nifti(n) => &n.volume,
+            CtInput::Dicom(d) => &d.volume,
+        }
+    }
+
+    /// Takes the voxels out (to hand them to the pipeline), leaving the rest.
+    pub fn take_volume(&mut self) -> Volume {
+        let v = match self {
+            CtInput::Nifti(n) => &mut n.volume,
+            CtInput::Dicom(d) => &mut d.volume,
+        };
+        Volume { dims: v.dims, data: std::mem::take(&mut v.data), affine: v.affine }
+    }
+
+    /// The header a NIfTI label map on this CT's grid is written with.
+    pub fn nifti_header(&self) -> ::nifti::NiftiHeader {
+        match self {
+            CtInput::Nifti(n) => n.header.clone(),
+            CtInput::Dicom(d) => nifti::header_for(&d.volume.affine, d.volume.dims),
+        }
+    }
+}
+
+/// Whether `path` is a file with the DICOM preamble ("DICM" at byte 128).
+pub fn is_dicom_file(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && &head[128..] == b"DICM"
 }

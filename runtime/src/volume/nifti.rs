@@ -245,3 +245,104 @@ pub fn write_labels(
     })?;
     Ok(())
 }
+
+/// A header for a volume that came from elsewhere (a DICOM series): sform and qform both set to
+/// `affine` (code 1, scanner anatomical), pixdim from its column lengths. The qform holds the
+/// rotation part exactly for the orthogonal affines DICOM series give; for others it is the
+/// nearest rotation, and readers use the sform, which NIfTI ranks first.
+pub fn header_for(affine: &Affine, dims: [usize; 3]) -> NiftiHeader {
+    let m = affine.0;
+    let spacing = affine.spacing();
+    let qfac = if affine.det3() < 0.0 { -1.0 } else { 1.0 };
+    // Unit columns, the third negated for a left-handed affine (NIfTI's qfac).
+    let r: [[f64; 3]; 3] = std::array::from_fn(|i| {
+        std::array::from_fn(|j| m[i][j] / spacing[j] * if j == 2 { qfac } else { 1.0 })
+    });
+    let (b, c, d) = quaternion_of(r);
+    let mut header = NiftiHeader {
+        sform_code: 1,
+        qform_code: 1,
+        srow_x: m[0].map(|v| v as f32),
+        srow_y: m[1].map(|v| v as f32),
+        srow_z: m[2].map(|v| v as f32),
+        quatern_b: b as f32,
+        quatern_c: c as f32,
+        quatern_d: d as f32,
+        quatern_x: m[0][3] as f32,
+        quatern_y: m[1][3] as f32,
+        quatern_z: m[2][3] as f32,
+        xyzt_units: 2, // millimetres
+        ..Default::default()
+    };
+    header.dim = [3, dims[0] as u16, dims[1] as u16, dims[2] as u16, 1, 1, 1, 1];
+    header.pixdim = [qfac as f32, spacing[0] as f32, spacing[1] as f32, spacing[2] as f32, 1.0, 1.0, 1.0, 1.0];
+    header
+}
+
+/// The (b, c, d) of the unit quaternion with a >= 0 for a rotation matrix (the NIfTI reference
+/// `nifti_mat44_to_quatern`, on a matrix already orthonormal).
+fn quaternion_of(r: [[f64; 3]; 3]) -> (f64, f64, f64) {
+    let trace = r[0][0] + r[1][1] + r[2][2] + 1.0;
+    let (a, b, c, d);
+    if trace > 0.5 {
+        let a2 = 0.5 * trace.sqrt();
+        a = a2;
+        b = 0.25 * (r[2][1] - r[1][2]) / a2;
+        c = 0.25 * (r[0][2] - r[2][0]) / a2;
+        d = 0.25 * (r[1][0] - r[0][1]) / a2;
+    } else {
+        let xd = 1.0 + r[0][0] - (r[1][1] + r[2][2]);
+        let yd = 1.0 + r[1][1] - (r[0][0] + r[2][2]);
+        let zd = 1.0 + r[2][2] - (r[0][0] + r[1][1]);
+        if xd > 1.0 {
+            let b2 = 0.5 * xd.sqrt();
+            b = b2;
+            c = 0.25 * (r[0][1] + r[1][0]) / b2;
+            d = 0.25 * (r[0][2] + r[2][0]) / b2;
+            a = 0.25 * (r[2][1] - r[1][2]) / b2;
+        } else if yd > 1.0 {
+            let c2 = 0.5 * yd.sqrt();
+            c = c2;
+            b = 0.25 * (r[0][1] + r[1][0]) / c2;
+            d = 0.25 * (r[1][2] + r[2][1]) / c2;
+            a = 0.25 * (r[0][2] - r[2][0]) / c2;
+        } else {
+            let d2 = 0.5 * zd.sqrt();
+            d = d2;
+            b = 0.25 * (r[0][2] + r[2][0]) / d2;
+            c = 0.25 * (r[1][2] + r[2][1]) / d2;
+            a = 0.25 * (r[1][0] - r[0][1]) / d2;
+        }
+    }
+    if a < 0.0 { (-b, -c, -d) } else { (b, c, d) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_for_round_trips_sform_and_qform() {
+        let c = (0.3f64).cos();
+        let s = (0.3f64).sin();
+        // A rotation about z, a flipped first axis (left-handed), anisotropic voxels.
+        let affines = [
+            Affine::from_rows([[-0.977, 0.0, 0.0, 249.5], [0.0, 0.977, 0.0, -61.5], [0.0, 0.0, 2.0, -804.5]]),
+            Affine::from_rows([[c * 0.7, -s * 0.8, 0.0, 10.0], [s * 0.7, c * 0.8, 0.0, -4.0], [0.0, 0.0, 1.5, 3.0]]),
+            Affine::from_rows([[0.0, 0.0, -2.0, 1.0], [-1.0, 0.0, 0.0, 2.0], [0.0, 1.5, 0.0, 3.0]]),
+        ];
+        for affine in affines {
+            let mut h = header_for(&affine, [4, 5, 6]);
+            for (sform, qform) in [(1, 1), (0, 1)] {
+                h.sform_code = sform;
+                h.qform_code = qform;
+                let (got, _) = header_affine(&h, [4, 5, 6]).unwrap();
+                for i in 0..3 {
+                    for j in 0..4 {
+                        assert!((got.0[i][j] - affine.0[i][j]).abs() < 1e-5, "{sform}/{qform}: {got:?} vs {affine:?}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -5,22 +5,39 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use prosam_runtime::engine::{SegmentOptions, Segmenter, label_stats};
+use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::pipeline::Blend;
+use prosam_runtime::pipeline::postprocess::{self, label_stats};
 use prosam_runtime::resources;
-use prosam_runtime::volume::nifti;
+use prosam_runtime::volume::{CtInput, dicom_seg, nifti};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The prosam model file.
     #[arg(short, long, value_name = "MODEL")]
     model: PathBuf,
-    /// The CT: a NIfTI-1 file (.nii or .nii.gz) in HU.
-    #[arg(short, long, value_name = "CT.nii.gz")]
+    /// The CT: a NIfTI-1 file (.nii or .nii.gz) in HU, or a folder holding a DICOM CT series.
+    #[arg(short, long, value_name = "CT")]
     input: PathBuf,
-    /// The label map to write (.nii or .nii.gz), uint8, on the CT's grid.
-    #[arg(short, long, value_name = "SEG.nii.gz")]
+    /// The label map to write: NIfTI (.nii, .nii.gz; uint8 on the CT's grid), or a DICOM-SEG
+    /// (.dcm; DICOM input only).
+    #[arg(short, long, value_name = "SEG.nii.gz|SEG.dcm")]
     output: PathBuf,
+    /// Also write a DICOM-SEG (DICOM input only).
+    #[arg(long, value_name = "SEG.dcm")]
+    dicom_seg: Option<PathBuf>,
+    /// The DICOM series to segment when the folder holds several: its SeriesInstanceUID, or its
+    /// number in `prosam dicom-info`'s listing.
+    #[arg(long, value_name = "UID|N")]
+    series: Option<String>,
+    /// Keep only these organs (names from the model's label map, comma-separated).
+    #[arg(long, value_name = "NAME,NAME,...")]
+    organs: Option<String>,
+    /// Which organs get the largest connected component kept and their holes filled: `solid`
+    /// (the solid organs: spleen, kidneys, gallbladder, liver, stomach, pancreas, adrenals),
+    /// `none`, `all`, or a comma-separated list of names.
+    #[arg(long, default_value = "solid", value_name = "solid|none|all|NAME,...")]
+    postprocess: String,
     /// Fraction of a window shared with its neighbour, in [0, 1).
     #[arg(long, default_value_t = 0.5)]
     overlap: f64,
@@ -30,7 +47,8 @@ pub struct Args {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 1, value_name = "N")]
     batch: usize,
-    /// Also write per-organ statistics (voxels, volume in mL, world bounding box) as JSON.
+    /// Also write per-organ statistics (voxels, volume in mL, world bounding box, HU mean and
+    /// standard deviation, whether the scan's edge cuts the organ) as JSON.
     #[arg(long, value_name = "FILE.json")]
     stats: Option<PathBuf>,
     /// Print a JSON summary on stdout.
@@ -38,12 +56,23 @@ pub struct Args {
     json: bool,
 }
 
-/// Fails early, before minutes of inference, when the output cannot be written.
-fn check_output(output: &Path) -> anyhow::Result<()> {
+/// What an output path is, by its name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum OutputKind {
+    Nifti,
+    DicomSeg,
+}
+
+/// Fails early, before minutes of inference, when an output cannot be written.
+fn check_output(output: &Path) -> anyhow::Result<OutputKind> {
     let name = output.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    if !(name.ends_with(".nii") || name.ends_with(".nii.gz")) {
-        bail!("{}: the output must end in .nii or .nii.gz", output.display());
-    }
+    let kind = if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+        OutputKind::Nifti
+    } else if name.ends_with(".dcm") {
+        OutputKind::DicomSeg
+    } else {
+        bail!("{}: the output must end in .nii, .nii.gz or .dcm", output.display());
+    };
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -54,24 +83,62 @@ fn check_output(output: &Path) -> anyhow::Result<()> {
     let probe = dir.join(format!(".prosam-probe-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write in {}", output.display(), dir.display()))?;
     let _ = std::fs::remove_file(&probe);
-    Ok(())
+    Ok(kind)
+}
+
+/// The labels `--postprocess` names.
+fn postprocess_labels(choice: &str, names: &[String]) -> anyhow::Result<Vec<u8>> {
+    Ok(match choice {
+        "solid" => postprocess::solid_labels(names),
+        "none" => Vec::new(),
+        "all" => (1..names.len().min(256) as u8).collect(),
+        list => postprocess::labels_named(list, names).context("--postprocess")?,
+    })
 }
 
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
-    super::ensure_distinct(&args.output, &[&args.input, &args.model])?;
-    if let Some(stats) = &args.stats {
-        super::ensure_distinct(stats, &[&args.input, &args.model, &args.output])?;
+    let mut outputs = vec![args.output.clone()];
+    outputs.extend(args.dicom_seg.clone());
+    outputs.extend(args.stats.clone());
+    for (n, out) in outputs.iter().enumerate() {
+        let mut others: Vec<&Path> = vec![&args.input, &args.model];
+        others.extend(outputs[..n].iter().map(PathBuf::as_path));
+        super::ensure_distinct(out, &others)?;
+        if args.input.is_dir() {
+            anyhow::ensure!(
+                !out.starts_with(&args.input),
+                "{}: the output is inside the input folder {}; write it elsewhere so that the next run does not \
+                 read it as part of the series",
+                out.display(),
+                args.input.display()
+            );
+        }
     }
-    check_output(&args.output)?;
+    let output_kind = check_output(&args.output)?;
+    if let Some(seg) = &args.dicom_seg {
+        anyhow::ensure!(check_output(seg)? == OutputKind::DicomSeg, "{}: --dicom-seg must end in .dcm", seg.display());
+    }
+    let wants_seg = output_kind == OutputKind::DicomSeg || args.dicom_seg.is_some();
+    anyhow::ensure!(
+        !wants_seg || args.input.is_dir(),
+        "a DICOM-SEG output needs a DICOM series as input (a folder); {} is not one",
+        args.input.display()
+    );
     let blend: Blend = args.blend.parse().map_err(anyhow::Error::msg)?;
     let options = SegmentOptions { overlap: args.overlap, blend, batch: args.batch };
 
     let t_read = Instant::now();
     let segmenter = Segmenter::load(&args.model, options)?;
-    let input = nifti::read(&args.input)?;
-    let read_s = t_read.elapsed().as_secs_f64();
     let meta = segmenter.metadata().clone();
-
+    let keep = args.organs.as_deref().map(|list| postprocess::labels_named(list, &meta.labels)).transpose().context("--organs")?;
+    let clean = postprocess_labels(&args.postprocess, &meta.labels)?;
+    let mut input = CtInput::read(&args.input, args.series.as_deref())?;
+    let read_s = t_read.elapsed().as_secs_f64();
+    if let CtInput::Dicom(d) = &input
+        && !quiet
+    {
+        eprintln!("{}: series {}", args.input.display(), d.series.label());
+    }
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} elapsed, ETA {eta}")
@@ -79,25 +146,62 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_message(format!("segmenting {}", args.input.display()));
-    let affine = input.volume.affine;
-    let header = input.header;
-    let result = segmenter.segment(input.volume, &mut |done, total| {
+    let affine = input.volume().affine;
+    let result = segmenter.segment(input.take_volume(), &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         true
     })?;
     bar.finish_and_clear();
 
+    let t_post = Instant::now();
+    let mut labels = result.labels;
+    let cleaned: Vec<_> = clean.iter().map(|&l| postprocess::clean(&mut labels, result.dims, l)).collect();
+    if let Some(keep) = &keep {
+        postprocess::keep_only(&mut labels, keep);
+    }
+    let post_s = t_post.elapsed().as_secs_f64();
+
     let t_write = Instant::now();
     let description = format!("prosam {} {} {}", env!("CARGO_PKG_VERSION"), meta.name, meta.checksum);
-    nifti::write_labels(&args.output, &result.labels, result.dims, &header, &description)?;
-    let stats = label_stats(&result.labels, result.dims, &affine, &meta.labels);
+    if output_kind == OutputKind::Nifti {
+        nifti::write_labels(&args.output, &labels, result.dims, &input.nifti_header(), &description)?;
+    }
+    let mut seg_summary = None;
+    if let CtInput::Dicom(dicom) = &input {
+        let algorithm = dicom_seg::Algorithm {
+            model_name: meta.name.clone(),
+            model_checksum: meta.checksum.clone(),
+            prosam_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        for path in std::iter::once(&args.output).filter(|_| output_kind == OutputKind::DicomSeg).chain(&args.dicom_seg) {
+            let summary = dicom_seg::write(path, dicom, &labels, &meta.labels, &algorithm)?;
+            if !quiet {
+                summary.notes.iter().for_each(|n| eprintln!("note: {}: {n}", path.display()));
+            }
+            seg_summary = Some(summary);
+        }
+    }
+    // The CT's HU for the statistics: read again rather than kept through inference, which
+    // would hold a second copy of the volume at the peak.
+    let ct = if args.stats.is_some() || args.json {
+        Some(CtInput::read(&args.input, args.series.as_deref())?)
+    } else {
+        None
+    };
+    let stats = label_stats(&labels, result.dims, &affine, &meta.labels, ct.as_ref().map(CtInput::volume));
     let provenance = serde_json::json!({
         "prosam_version": env!("CARGO_PKG_VERSION"),
         "model": meta.name,
         "model_checksum": meta.checksum,
         "input": args.input,
         "output": args.output,
+        "series": match &input {
+            CtInput::Dicom(d) => Some(d.series.uid.clone()),
+            CtInput::Nifti(_) => None,
+        },
+        "organs_kept": keep,
+        "postprocessed": clean,
     });
     if let Some(path) = &args.stats {
         let report = serde_json::json!({ "provenance": provenance, "organs": stats });
@@ -117,8 +221,11 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
                 "preprocess": t.preprocess.as_secs_f64(),
                 "infer": t.infer.as_secs_f64(),
                 "restore": t.restore.as_secs_f64(),
+                "postprocess": post_s,
                 "write": write_s,
             },
+            "postprocess": cleaned,
+            "dicom_seg": seg_summary,
             "peak_rss_mib": peak,
             "organs": stats,
         });
@@ -126,7 +233,7 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     }
     if !quiet {
         eprintln!(
-            "{} -> {}: read {read_s:.2} s, preprocess {:.2} s, infer {:.2} s ({} windows), restore {:.2} s, write {write_s:.2} s; peak RSS {}",
+            "{} -> {}: read {read_s:.2} s, preprocess {:.2} s, infer {:.2} s ({} windows), restore {:.2} s, postprocess {post_s:.2} s, write {write_s:.2} s; peak RSS {}",
             args.input.display(),
             args.output.display(),
             t.preprocess.as_secs_f64(),
