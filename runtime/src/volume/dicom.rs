@@ -312,6 +312,27 @@ fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
     [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
 }
 
+/// A transfer syntax's name, and whether this build decodes its pixel data.
+pub fn transfer_syntax(uid: &str) -> (String, bool) {
+    use dicom_transfer_syntax_registry::TransferSyntaxIndex;
+    match dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid) {
+        Some(ts) => (ts.name().to_string(), !(ts.is_unsupported() || ts.is_unsupported_pixel_encapsulation())),
+        None => (format!("unknown transfer syntax {uid}"), false),
+    }
+}
+
+/// The anatomical plane of an ImageOrientationPatient: the axis its normal follows.
+pub fn plane(orientation: &[f64; 6]) -> &'static str {
+    let o = orientation;
+    let n = cross([o[0], o[1], o[2]], [o[3], o[4], o[5]]);
+    let (axis, largest) = (0..3).map(|a| (a, n[a].abs())).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((2, 1.0));
+    if largest < 0.999 {
+        "oblique"
+    } else {
+        ["sagittal", "coronal", "axial"][axis]
+    }
+}
+
 fn name(p: &Path) -> String {
     p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
@@ -332,6 +353,10 @@ impl Series {
         let mut problems = Vec::new();
         let first = &self.slices[0];
         for s in &self.slices {
+            let (syntax, decodable) = transfer_syntax(&s.transfer_syntax);
+            if !decodable {
+                problems.push(format!("{}: this build cannot decode {syntax} ({})", name(&s.path), s.transfer_syntax));
+            }
             if s.modality != "CT" {
                 problems.push(format!("{} has modality {:?}; prosam segments CT", name(&s.path), s.modality));
             }

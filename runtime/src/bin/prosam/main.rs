@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod dicom_info;
 mod forward;
 mod info;
 mod quantize;
@@ -24,8 +25,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Segment the abdominal organs of a CT (NIfTI in, uint8 label map out).
+    /// Segment the abdominal organs of a CT (NIfTI or a DICOM series in; NIfTI label map or
+    /// DICOM-SEG out).
     Segment(segment::Args),
+    /// List the DICOM series in a folder and what would stop each from being segmented.
+    DicomInfo(dicom_info::Args),
     /// Convert a MONAI SwinUNETR checkpoint into a prosam model file.
     Convert(convert::Args),
     /// Re-encode a model file in f16 or int8.
@@ -62,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Segment(args) => segment::run(args, cli.quiet),
             Command::Convert(args) => convert::run(args, cli.quiet),
             Command::Info(args) => info::run(args),
+            Command::DicomInfo(args) => dicom_info::run(args),
             Command::Quantize(args) => quantize::run(args, cli.quiet),
             Command::Bench(args) => bench::run(args),
             Command::Forward(args) => forward::run(args, cli.quiet),
