@@ -93,6 +93,19 @@ typedef enum {
   PROSAM_BLEND_CONSTANT = 1,
 } prosam_blend;
 
+// Which organs get their largest connected component kept and their enclosed holes filled
+// (`prosam_segment_params.postprocess`).
+typedef enum {
+  // The label map as the network gives it.
+  PROSAM_POSTPROCESS_NONE = 0,
+  // The solid organs: spleen, kidneys, gallbladder, liver, stomach, pancreas, adrenal glands
+  // (vessels and the oesophagus may be cut into real pieces by the scan, so they are left as
+  // they are).
+  PROSAM_POSTPROCESS_SOLID = 1,
+  // Every organ.
+  PROSAM_POSTPROCESS_ALL = 2,
+} prosam_postprocess;
+
 // A loaded model: opaque. Create with prosam_model_load, release with prosam_model_free.
 typedef struct prosam_model prosam_model;
 
@@ -128,6 +141,12 @@ typedef struct {
   prosam_progress_fn progress;
   // Passed to `progress` untouched.
   void *progress_user_data;
+  // One of prosam_postprocess. Default solid.
+  int32_t postprocess;
+  // Optional: a NUL-terminated, comma-separated list of organ names (as
+  // prosam_model_label_name gives them) to keep; every other organ becomes background. NULL
+  // keeps all. Borrowed for the duration of the call only.
+  const char *organs;
 } prosam_segment_params;
 
 // A CT volume in the caller's memory.
@@ -177,7 +196,8 @@ void prosam_set_log_callback(prosam_log_fn callback, void *user_data);
 // Defaults: all physical cores, CPU, the file's precision.
 prosam_model_params prosam_model_default_params(void);
 
-// Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback.
+// Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback, the solid
+// organs post-processed, every organ kept.
 prosam_segment_params prosam_segment_default_params(void);
 
 // Loads a model file (its checksum verified). On success `*out_model` receives a model the

@@ -14,6 +14,7 @@ use std::sync::RwLock;
 
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::pipeline::Blend;
+use prosam_runtime::pipeline::postprocess::LabelOptions;
 use prosam_runtime::volume::{Affine, Volume};
 
 /// Result of every fallible call. On anything but PROSAM_STATUS_OK, prosam_last_error() says why.
@@ -84,6 +85,21 @@ pub enum prosam_precision {
 pub enum prosam_blend {
     Gaussian = 0,
     Constant = 1,
+}
+
+/// Which organs get their largest connected component kept and their enclosed holes filled
+/// (`prosam_segment_params.postprocess`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum prosam_postprocess {
+    /// The label map as the network gives it.
+    None = 0,
+    /// The solid organs: spleen, kidneys, gallbladder, liver, stomach, pancreas, adrenal glands
+    /// (vessels and the oesophagus may be cut into real pieces by the scan, so they are left as
+    /// they are).
+    Solid = 1,
+    /// Every organ.
+    All = 2,
 }
 
 /// Log levels passed to the log callback.
@@ -157,6 +173,12 @@ pub struct prosam_segment_params {
     pub progress: prosam_progress_fn,
     /// Passed to `progress` untouched.
     pub progress_user_data: *mut c_void,
+    /// One of prosam_postprocess. Default solid.
+    pub postprocess: i32,
+    /// Optional: a NUL-terminated, comma-separated list of organ names (as
+    /// prosam_model_label_name gives them) to keep; every other organ becomes background. NULL
+    /// keeps all. Borrowed for the duration of the call only.
+    pub organs: *const c_char,
 }
 
 /// A loaded model: opaque. Create with prosam_model_load, release with prosam_model_free.
@@ -206,7 +228,7 @@ fn from_runtime(e: prosam_runtime::Error) -> Failure {
         R::Io { .. } | R::Model(M::Io { .. }) => prosam_status::Io,
         R::Model(_) => prosam_status::Model,
         R::Cancelled => prosam_status::Cancelled,
-        R::Options(_) | R::Nifti { .. } | R::Npy { .. } => prosam_status::InvalidArgument,
+        R::Options(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } => prosam_status::InvalidArgument,
         R::Candle(_) => prosam_status::Internal,
     };
     Failure(status, e.to_string())
@@ -282,7 +304,8 @@ pub extern "C" fn prosam_model_default_params() -> prosam_model_params {
     prosam_model_params { n_threads: 0, device: prosam_device::Cpu as i32, precision: prosam_precision::Model as i32 }
 }
 
-/// Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback.
+/// Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback, the solid
+/// organs post-processed, every organ kept.
 #[unsafe(no_mangle)]
 pub extern "C" fn prosam_segment_default_params() -> prosam_segment_params {
     prosam_segment_params {
@@ -291,6 +314,8 @@ pub extern "C" fn prosam_segment_default_params() -> prosam_segment_params {
         batch: 1,
         progress: None,
         progress_user_data: std::ptr::null_mut(),
+        postprocess: prosam_postprocess::Solid as i32,
+        organs: std::ptr::null(),
     }
 }
 
@@ -562,6 +587,22 @@ pub unsafe extern "C" fn prosam_segment(
         }
         let options = SegmentOptions { overlap: params.overlap, blend, batch: params.batch as usize };
         options.validate().map_err(|e| invalid(format!("prosam_segment: {e}")))?;
+        let names = &model.segmenter.metadata().labels;
+        let clean = match params.postprocess {
+            0 => "none",
+            1 => "solid",
+            2 => "all",
+            p => return Err(invalid(format!("prosam_segment: unknown postprocess {p}"))),
+        };
+        let organs = if params.organs.is_null() {
+            None
+        } else {
+            // SAFETY: a NUL-terminated string, per the contract.
+            let text = unsafe { CStr::from_ptr(params.organs) };
+            Some(text.to_str().map_err(|_| invalid("prosam_segment: organs is not UTF-8"))?.to_string())
+        };
+        let label_options = LabelOptions::parse(clean, organs.as_deref(), names)
+            .map_err(|e| invalid(format!("prosam_segment: organs: {e}")))?;
         let needed = volume.dims.iter().map(|&d| d.max(0) as u128).product::<u128>();
         if (labels_len as u128) < needed {
             return Err(Failure(
@@ -580,7 +621,8 @@ pub unsafe extern "C" fn prosam_segment(
                 None => true,
             }
         };
-        let result = model.pool.install(move || segmenter.segment(input, &mut progress)).map_err(from_runtime)?;
+        let mut result = model.pool.install(move || segmenter.segment(input, &mut progress)).map_err(from_runtime)?;
+        label_options.apply(&mut result.labels, result.dims);
         // SAFETY: `labels` is writable for `labels_len` >= result.labels.len() bytes.
         unsafe { std::ptr::copy_nonoverlapping(result.labels.as_ptr(), labels, result.labels.len()) };
         log(

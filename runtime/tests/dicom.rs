@@ -21,7 +21,11 @@ fn s(p: &Path) -> &str {
 
 fn prosam(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_prosam")).args(args).output().expect("run prosam");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The series folder, or `None` (skip) without ../shared.
@@ -60,7 +64,8 @@ fn check_with_python(python: &Path, args: &[&str]) -> String {
 fn small_model(dir: &Path) -> PathBuf {
     let cfg = Config::tiny();
     let tensors = common::random_weights(&cfg, 0.05);
-    let metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 64, 32], ..Metadata::btcv("dicom_test_random", cfg) };
+    let metadata =
+        Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 64, 32], ..Metadata::btcv("dicom_test_random", cfg) };
     let path = dir.join("small.safetensors");
     prosam_models::format::save(&path, metadata, &tensors).unwrap();
     path
@@ -111,7 +116,9 @@ fn the_series_reads_to_the_reference_geometry_and_pydicoms_voxels() {
     let want = nifti::read(&reference).unwrap().volume;
     assert_eq!(input.volume.dims, [512, 512, 20]);
     assert_eq!(input.volume.dims, want.dims);
-    let diff = (0..3).flat_map(|i| (0..4).map(move |j| (i, j))).map(|(i, j)| (input.volume.affine.0[i][j] - want.affine.0[i][j]).abs());
+    let diff = (0..3)
+        .flat_map(|i| (0..4).map(move |j| (i, j)))
+        .map(|(i, j)| (input.volume.affine.0[i][j] - want.affine.0[i][j]).abs());
     let diff = diff.fold(0f64, f64::max);
     eprintln!("affine vs TotalSegmentator's: max |diff| {diff:.2e}");
     assert!(diff < 1e-3, "{:?} vs {:?}", input.volume.affine, want.affine);
@@ -144,8 +151,18 @@ fn segmenting_the_folder_equals_segmenting_its_nifti_and_the_seg_holds_the_label
     let seg = dir.join("seg.dcm");
     let stats = dir.join("stats.json");
     let (ok, stdout, err) = prosam(&[
-        "segment", "-m", s(&model), "-i", s(&series), "-o", s(&from_dicom), "--dicom-seg", s(&seg), "--stats",
-        s(&stats), "--json",
+        "segment",
+        "-m",
+        s(&model),
+        "-i",
+        s(&series),
+        "-o",
+        s(&from_dicom),
+        "--dicom-seg",
+        s(&seg),
+        "--stats",
+        s(&stats),
+        "--json",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("CT Body 3.0") && err.contains("20 CT slice(s)"), "the series is not named: {err}");
@@ -168,7 +185,10 @@ fn segmenting_the_folder_equals_segmenting_its_nifti_and_the_seg_holds_the_label
     assert_eq!(summary["dicom_seg"]["referenced_instances"], 20);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     for organ in report["organs"].as_array().unwrap() {
-        assert!(organ["hu_mean"].is_number() && organ["hu_std"].is_number() && organ["truncated"].is_boolean(), "{organ}");
+        assert!(
+            organ["hu_mean"].is_number() && organ["hu_std"].is_number() && organ["truncated"].is_boolean(),
+            "{organ}"
+        );
     }
     // 20 slices: whatever reaches the first or last one is cut by the scan.
     assert!(report["organs"].as_array().unwrap().iter().any(|o| o["truncated"] == true));
@@ -186,7 +206,16 @@ fn organ_subsets_and_output_rules() {
     let model = small_model(&dir);
     let out = dir.join("seg.dcm");
     let (ok, stdout, err) = prosam(&[
-        "segment", "-m", s(&model), "-i", s(&series), "-o", s(&out), "--organs", "liver,spleen,aorta", "--json",
+        "segment",
+        "-m",
+        s(&model),
+        "-i",
+        s(&series),
+        "-o",
+        s(&out),
+        "--organs",
+        "liver,spleen,aorta",
+        "--json",
         "--quiet",
     ]);
     assert!(ok, "{err}");
@@ -197,7 +226,8 @@ fn organ_subsets_and_output_rules() {
     let obj = dicom_object::open_file(&out).unwrap();
     assert_eq!(obj.element(tags::MODALITY).unwrap().to_str().unwrap().trim(), "SEG");
 
-    let (ok, _, err) = prosam(&["segment", "-m", s(&model), "-i", s(&series), "-o", s(&out), "--organs", "liver,lungs"]);
+    let (ok, _, err) =
+        prosam(&["segment", "-m", s(&model), "-i", s(&series), "-o", s(&out), "--organs", "liver,lungs"]);
     assert!(!ok && err.contains("\"lungs\"") && err.contains("right_kidney"), "{err}");
     let (ok, _, err) =
         prosam(&["segment", "-m", s(&model), "-i", s(&series), "-o", s(&out), "--postprocess", "liver,heart"]);
@@ -302,7 +332,11 @@ fn edited_series_give_the_documented_errors() {
         let mut obj = dicom_object::open_file(file).unwrap();
         obj.put(DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.99.1")));
         obj.put(DataElement::new(tags::SERIES_DESCRIPTION, VR::LO, PrimitiveValue::from("bone kernel")));
-        obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(format!("1.2.826.0.1.3680043.99.1.{n}"))));
+        obj.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(format!("1.2.826.0.1.3680043.99.1.{n}")),
+        ));
         obj.write_to_file(mixed.join(format!("other_{n}.dcm"))).unwrap();
     }
     std::fs::write(mixed.join("README.txt"), "not DICOM").unwrap();

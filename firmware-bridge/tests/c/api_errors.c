@@ -108,6 +108,19 @@ int main(int argc, char **argv) {
     expect("segment batch 0", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "batch");
     bad = sp; bad.blend = 5;
     expect("segment unknown blend", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "blend 5");
+    bad = sp; bad.postprocess = 3;
+    expect("segment unknown postprocess", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "postprocess 3");
+    bad = sp; bad.organs = "liver,lungs";
+    expect("segment unknown organ", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "\"lungs\"");
+    bad = sp; bad.organs = "liver,spleen"; bad.postprocess = PROSAM_POSTPROCESS_ALL;
+    expect("segment organ subset", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_OK, NULL);
+    for (size_t i = 0; i < n; i++) {
+        if (labels[i] != 0 && labels[i] != 1 && labels[i] != 6) {
+            fprintf(stderr, "FAIL organ subset: label %d at voxel %zu\n", labels[i], i);
+            failures++;
+            break;
+        }
+    }
     expect("segment", prosam_segment(model, &good, NULL, labels, n), PROSAM_STATUS_OK, NULL);
     if (prosam_last_error()[0] != '\0') { fprintf(stderr, "FAIL error not cleared after success\n"); failures++; }
     expect("panic inside Rust", prosam_internal_test_panic(), PROSAM_STATUS_INTERNAL, "internal error");

@@ -59,6 +59,43 @@ pub fn keep_only(labels: &mut [u8], keep: &[u8]) {
     labels.iter_mut().filter(|v| !kept[**v as usize]).for_each(|v| *v = 0);
 }
 
+/// Which organs are cleaned and which are kept, after argmax.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelOptions {
+    /// Labels that keep only their largest component and get their holes filled.
+    pub clean: Vec<u8>,
+    /// When set, every label not listed becomes background (after cleaning).
+    pub keep: Option<Vec<u8>>,
+}
+
+impl LabelOptions {
+    /// The defaults: the solid organs cleaned, every organ kept.
+    pub fn solid(names: &[String]) -> Self {
+        LabelOptions { clean: solid_labels(names), keep: None }
+    }
+
+    /// From the command line's words: `postprocess` is `solid`, `none`, `all` or a list of names;
+    /// `organs` a list of names to keep.
+    pub fn parse(postprocess: &str, organs: Option<&str>, names: &[String]) -> Result<Self> {
+        let clean = match postprocess {
+            "solid" => solid_labels(names),
+            "none" => Vec::new(),
+            "all" => (1..names.len().min(256)).map(|l| l as u8).collect(),
+            list => labels_named(list, names)?,
+        };
+        Ok(LabelOptions { clean, keep: organs.map(|list| labels_named(list, names)).transpose()? })
+    }
+
+    /// Cleans, then drops the organs not kept; reports what cleaning changed per label.
+    pub fn apply(&self, labels: &mut [u8], dims: [usize; 3]) -> Vec<CleanReport> {
+        let reports = self.clean.iter().map(|&l| clean(labels, dims, l)).collect();
+        if let Some(keep) = &self.keep {
+            keep_only(labels, keep);
+        }
+        reports
+    }
+}
+
 /// Inclusive index bounds of the voxels with `label`, or `None` when there are none.
 fn bounds(labels: &[u8], dims: [usize; 3], label: u8) -> Option<[[usize; 2]; 3]> {
     let mut b = [[usize::MAX, 0]; 3];
@@ -66,7 +103,8 @@ fn bounds(labels: &[u8], dims: [usize; 3], label: u8) -> Option<[[usize; 2]; 3]>
     for k in 0..dims[2] {
         for j in 0..dims[1] {
             let row = &labels[(k * dims[1] + j) * dims[0]..(k * dims[1] + j + 1) * dims[0]];
-            let (Some(first), Some(last)) = (row.iter().position(|&v| v == label), row.iter().rposition(|&v| v == label))
+            let (Some(first), Some(last)) =
+                (row.iter().position(|&v| v == label), row.iter().rposition(|&v| v == label))
             else {
                 continue;
             };
@@ -229,7 +267,13 @@ pub struct LabelStats {
 
 /// Voxel count, volume, world bounding box, edge contact and (given the CT, on the same grid) HU
 /// mean and standard deviation of every non-background label present.
-pub fn label_stats(labels: &[u8], dims: [usize; 3], affine: &Affine, names: &[String], ct: Option<&Volume>) -> Vec<LabelStats> {
+pub fn label_stats(
+    labels: &[u8],
+    dims: [usize; 3],
+    affine: &Affine,
+    names: &[String],
+    ct: Option<&Volume>,
+) -> Vec<LabelStats> {
     let mut count = vec![0usize; 256];
     let mut lo = vec![[usize::MAX; 3]; 256];
     let mut hi = vec![[0usize; 3]; 256];

@@ -152,10 +152,7 @@ struct SeriesKey {
 }
 
 fn read_header(path: &Path) -> std::result::Result<Header, String> {
-    let obj = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| e.to_string());
+    let obj = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path).map_err(|e| e.to_string());
     let obj = match obj {
         Ok(obj) => obj,
         Err(e) => return Ok(Header::NotASlice(format!("not a readable DICOM file: {e}"))),
@@ -326,11 +323,7 @@ pub fn plane(orientation: &[f64; 6]) -> &'static str {
     let o = orientation;
     let n = cross([o[0], o[1], o[2]], [o[3], o[4], o[5]]);
     let (axis, largest) = (0..3).map(|a| (a, n[a].abs())).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((2, 1.0));
-    if largest < 0.999 {
-        "oblique"
-    } else {
-        ["sagittal", "coronal", "axial"][axis]
-    }
+    if largest < 0.999 { "oblique" } else { ["sagittal", "coronal", "axial"][axis] }
 }
 
 fn name(p: &Path) -> String {
@@ -343,7 +336,8 @@ impl Series {
     pub fn label(&self) -> String {
         let uid = if self.uid.is_empty() { "(blank SeriesInstanceUID)".to_string() } else { self.uid.clone() };
         let number = self.number.map(|n| format!(" #{n}")).unwrap_or_default();
-        let description = if self.description.is_empty() { String::new() } else { format!(" \"{}\"", self.description) };
+        let description =
+            if self.description.is_empty() { String::new() } else { format!(" \"{}\"", self.description) };
         format!("{uid}{number}{description}: {} {} slice(s)", self.slices.len(), self.modality)
     }
 
@@ -481,9 +475,7 @@ impl Series {
         let col_i = row_dir.map(|v| v * col_spacing);
         let col_j = col_dir.map(|v| -v * row_spacing);
         let origin = [0, 1, 2].map(|a| p0[a] + col_dir[a] * row_spacing * (rows - 1.0));
-        let lps = Affine::from_rows(
-            [0, 1, 2].map(|r| [col_i[r], col_j[r], step_vec[r], origin[r]]),
-        );
+        let lps = Affine::from_rows([0, 1, 2].map(|r| [col_i[r], col_j[r], step_vec[r], origin[r]]));
         Ok(Geometry {
             dims: [first.columns, first.rows, order.len()],
             affine: lps.lps_to_ras(),
@@ -497,9 +489,8 @@ impl Scan {
     /// The series to segment: the one named by `select` (a SeriesInstanceUID, or its number in
     /// the listing, from 1), else the only one. Several without a choice is an error listing them.
     pub fn select(&self, select: Option<&str>) -> Result<&Series> {
-        let listing = || {
-            self.series.iter().enumerate().map(|(i, s)| format!("\n  {}. {}", i + 1, s.label())).collect::<String>()
-        };
+        let listing =
+            || self.series.iter().enumerate().map(|(i, s)| format!("\n  {}. {}", i + 1, s.label())).collect::<String>();
         if self.series.is_empty() {
             let why = self
                 .ignored
@@ -510,10 +501,11 @@ impl Scan {
         }
         match select {
             Some(choice) => {
-                let by_number = choice.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).and_then(|i| self.series.get(i));
-                by_number.or_else(|| self.series.iter().find(|s| !s.uid.is_empty() && s.uid == choice)).ok_or_else(|| {
-                    bad(&self.folder, format!("no series {choice:?} here; the folder holds:{}", listing()))
-                })
+                let by_number =
+                    choice.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).and_then(|i| self.series.get(i));
+                by_number.or_else(|| self.series.iter().find(|s| !s.uid.is_empty() && s.uid == choice)).ok_or_else(
+                    || bad(&self.folder, format!("no series {choice:?} here; the folder holds:{}", listing())),
+                )
             }
             None if self.series.len() == 1 => Ok(&self.series[0]),
             None => Err(bad(
@@ -532,14 +524,21 @@ impl Scan {
 /// own slope and intercept.
 fn decode_slice(slice: &Slice) -> std::result::Result<Vec<f32>, String> {
     let obj = dicom_object::open_file(&slice.path).map_err(|e| format!("cannot read: {e}"))?;
-    let decoded = obj.decode_pixel_data().map_err(|e| {
-        format!("cannot decode the pixel data (transfer syntax {}): {e}", slice.transfer_syntax)
-    })?;
+    let decoded = obj
+        .decode_pixel_data()
+        .map_err(|e| format!("cannot decode the pixel data (transfer syntax {}): {e}", slice.transfer_syntax))?;
     if (decoded.rows() as usize, decoded.columns() as usize) != (slice.rows, slice.columns) {
-        return Err(format!("the pixel data is {} x {}, the header says {} x {}", decoded.rows(), decoded.columns(), slice.rows, slice.columns));
+        return Err(format!(
+            "the pixel data is {} x {}, the header says {} x {}",
+            decoded.rows(),
+            decoded.columns(),
+            slice.rows,
+            slice.columns
+        ));
     }
     let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-    let raw: Vec<f64> = decoded.to_vec_with_options(&options).map_err(|e| format!("cannot convert the pixel data: {e}"))?;
+    let raw: Vec<f64> =
+        decoded.to_vec_with_options(&options).map_err(|e| format!("cannot convert the pixel data: {e}"))?;
     if raw.len() != slice.rows * slice.columns {
         return Err(format!("{} pixel values for a {} x {} image", raw.len(), slice.rows, slice.columns));
     }
@@ -564,7 +563,11 @@ pub fn read_series(folder: &Path, series: &Series) -> Result<DicomInput> {
             data[(k * ny + j) * nx..(k * ny + j + 1) * nx].copy_from_slice(&pixels[row * nx..(row + 1) * nx]);
         }
     }
-    Ok(DicomInput { volume: Volume { dims: geometry.dims, data, affine: geometry.affine }, series: series.clone(), geometry })
+    Ok(DicomInput {
+        volume: Volume { dims: geometry.dims, data, affine: geometry.affine },
+        series: series.clone(),
+        geometry,
+    })
 }
 
 /// Finds the series in `folder` ([`Scan::select`]) and reads it.

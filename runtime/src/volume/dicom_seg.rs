@@ -343,7 +343,11 @@ pub fn write(
         seq(
             tags::DIMENSION_INDEX_SEQUENCE,
             vec![
-                dimension(tags::REFERENCED_SEGMENT_NUMBER, tags::SEGMENT_IDENTIFICATION_SEQUENCE, "ReferencedSegmentNumber"),
+                dimension(
+                    tags::REFERENCED_SEGMENT_NUMBER,
+                    tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+                    "ReferencedSegmentNumber",
+                ),
                 dimension(tags::IMAGE_POSITION_PATIENT, tags::PLANE_POSITION_SEQUENCE, "ImagePositionPatient"),
             ],
         ),

@@ -33,6 +33,7 @@ impl Volume {
 /// A CT as read from disk, with what its writers need: the NIfTI header to copy, or the DICOM
 /// series to reference.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per run; boxing would only add an indirection
 pub enum CtInput {
     Nifti(nifti::NiftiInput),
     Dicom(dicom::DicomInput),

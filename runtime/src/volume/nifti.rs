@@ -255,9 +255,8 @@ pub fn header_for(affine: &Affine, dims: [usize; 3]) -> NiftiHeader {
     let spacing = affine.spacing();
     let qfac = if affine.det3() < 0.0 { -1.0 } else { 1.0 };
     // Unit columns, the third negated for a left-handed affine (NIfTI's qfac).
-    let r: [[f64; 3]; 3] = std::array::from_fn(|i| {
-        std::array::from_fn(|j| m[i][j] / spacing[j] * if j == 2 { qfac } else { 1.0 })
-    });
+    let r: [[f64; 3]; 3] =
+        std::array::from_fn(|i| std::array::from_fn(|j| m[i][j] / spacing[j] * if j == 2 { qfac } else { 1.0 }));
     let (b, c, d) = quaternion_of(r);
     let mut header = NiftiHeader {
         sform_code: 1,

@@ -20,7 +20,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for (n, series) in scan.series.iter().enumerate() {
         let first = &series.slices[0];
-        let syntaxes: BTreeSet<String> = series.slices.iter().map(|s| dicom::transfer_syntax(&s.transfer_syntax).0).collect();
+        let syntaxes: BTreeSet<String> =
+            series.slices.iter().map(|s| dicom::transfer_syntax(&s.transfer_syntax).0).collect();
         let (geometry, problems) = match series.geometry() {
             Ok(g) => (Some(g), Vec::new()),
             Err(p) => (None, p),
@@ -64,10 +65,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let first = &series.slices[0];
         println!("   {} x {} pixels, pixel spacing {:?} mm", first.columns, first.rows, first.pixel_spacing);
         println!("   orientation {:?} ({})", first.orientation, r["plane"].as_str().unwrap_or_default());
-        println!("   transfer syntax: {}", r["transfer_syntaxes"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default());
+        println!(
+            "   transfer syntax: {}",
+            r["transfer_syntaxes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        );
         match series.geometry() {
             Ok(g) => {
-                println!("   volume {} x {} x {}, spacing {:.4} x {:.4} x {:.4} mm", g.dims[0], g.dims[1], g.dims[2], g.spacing[0], g.spacing[1], g.spacing[2]);
+                println!(
+                    "   volume {} x {} x {}, spacing {:.4} x {:.4} x {:.4} mm",
+                    g.dims[0], g.dims[1], g.dims[2], g.spacing[0], g.spacing[1], g.spacing[2]
+                );
                 println!("   ready to segment");
             }
             Err(problems) => {

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::pipeline::Blend;
-use prosam_runtime::pipeline::postprocess::{self, label_stats};
+use prosam_runtime::pipeline::postprocess::{LabelOptions, label_stats};
 use prosam_runtime::resources;
 use prosam_runtime::volume::{CtInput, dicom_seg, nifti};
 
@@ -86,16 +86,6 @@ fn check_output(output: &Path) -> anyhow::Result<OutputKind> {
     Ok(kind)
 }
 
-/// The labels `--postprocess` names.
-fn postprocess_labels(choice: &str, names: &[String]) -> anyhow::Result<Vec<u8>> {
-    Ok(match choice {
-        "solid" => postprocess::solid_labels(names),
-        "none" => Vec::new(),
-        "all" => (1..names.len().min(256) as u8).collect(),
-        list => postprocess::labels_named(list, names).context("--postprocess")?,
-    })
-}
-
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     let mut outputs = vec![args.output.clone()];
     outputs.extend(args.dicom_seg.clone());
@@ -130,8 +120,8 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     let t_read = Instant::now();
     let segmenter = Segmenter::load(&args.model, options)?;
     let meta = segmenter.metadata().clone();
-    let keep = args.organs.as_deref().map(|list| postprocess::labels_named(list, &meta.labels)).transpose().context("--organs")?;
-    let clean = postprocess_labels(&args.postprocess, &meta.labels)?;
+    let label_options = LabelOptions::parse(&args.postprocess, args.organs.as_deref(), &meta.labels)
+        .context("--postprocess / --organs")?;
     let mut input = CtInput::read(&args.input, args.series.as_deref())?;
     let read_s = t_read.elapsed().as_secs_f64();
     if let CtInput::Dicom(d) = &input
@@ -156,10 +146,7 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
 
     let t_post = Instant::now();
     let mut labels = result.labels;
-    let cleaned: Vec<_> = clean.iter().map(|&l| postprocess::clean(&mut labels, result.dims, l)).collect();
-    if let Some(keep) = &keep {
-        postprocess::keep_only(&mut labels, keep);
-    }
+    let cleaned = label_options.apply(&mut labels, result.dims);
     let post_s = t_post.elapsed().as_secs_f64();
 
     let t_write = Instant::now();
@@ -174,7 +161,8 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
             model_checksum: meta.checksum.clone(),
             prosam_version: env!("CARGO_PKG_VERSION").into(),
         };
-        for path in std::iter::once(&args.output).filter(|_| output_kind == OutputKind::DicomSeg).chain(&args.dicom_seg) {
+        for path in std::iter::once(&args.output).filter(|_| output_kind == OutputKind::DicomSeg).chain(&args.dicom_seg)
+        {
             let summary = dicom_seg::write(path, dicom, &labels, &meta.labels, &algorithm)?;
             if !quiet {
                 summary.notes.iter().for_each(|n| eprintln!("note: {}: {n}", path.display()));
@@ -200,8 +188,8 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
             CtInput::Dicom(d) => Some(d.series.uid.clone()),
             CtInput::Nifti(_) => None,
         },
-        "organs_kept": keep,
-        "postprocessed": clean,
+        "organs_kept": label_options.keep,
+        "postprocessed": label_options.clean,
     });
     if let Some(path) = &args.stats {
         let report = serde_json::json!({ "provenance": provenance, "organs": stats });
