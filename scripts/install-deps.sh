@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages prosam's tests use beyond the Rust toolchain: gcc (C examples),
-# pkg-config and cmake (the C library's package files), valgrind (memory checks of the C API).
+# pkg-config and cmake (the C library's package files), valgrind (memory checks of the C API),
+# dcmtk (an independent DICOM encoder: JPEG lossless and RLE copies of the test series).
 # Prints what it cannot install instead of failing; the tests that need it then say so.
 set -u
 missing=()
-for tool in gcc pkg-config cmake valgrind; do
+for tool in gcc pkg-config cmake valgrind dcmcjpeg; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
@@ -12,6 +13,7 @@ packages=()
 for tool in "${missing[@]}"; do
   case "$tool" in
     gcc) packages+=(gcc libc6-dev) ;;
+    dcmcjpeg) packages+=(dcmtk) ;;
     *) packages+=("$tool") ;;
   esac
 done

@@ -11,6 +11,7 @@ use dicom_core::{DataElement, VR, value::PrimitiveValue};
 use dicom_dictionary_std::tags;
 use prosam_models::format::Metadata;
 use prosam_models::swin_unetr::Config;
+use prosam_runtime::pipeline::postprocess;
 use prosam_runtime::volume::{dicom, nifti};
 
 const SERIES: &str = "data/example_ct_dicom";
@@ -126,6 +127,15 @@ fn the_series_reads_to_the_reference_geometry_and_pydicoms_voxels() {
     eprintln!("HU range {lo}..{hi}");
     assert!(lo == -1024.0 && hi > 1000.0, "HU range {lo}..{hi}: the rescale intercept -1024 was not applied");
     assert_eq!(input.geometry.spacing.map(|v| (v * 1e4).round() / 1e4), [0.9766, 0.9766, 2.0]);
+    // The reference segmentation lies on the same voxels: its liver (TotalSegmentator label 5) is
+    // soft tissue in this volume, which a flipped or shifted layout would not give.
+    let names: Vec<String> = (0..118).map(|l| format!("ts_{l}")).collect();
+    let ts_labels: Vec<u8> = want.data.iter().map(|&v| v as u8).collect();
+    let stats = postprocess::label_stats(&ts_labels, want.dims, &want.affine, &names, Some(&input.volume));
+    let liver = stats.iter().find(|s| s.label == 5).expect("a liver in the reference segmentation");
+    let (mean, std) = (liver.hu_mean.unwrap(), liver.hu_std.unwrap());
+    eprintln!("reference liver: {} voxels, {mean:.1} +- {std:.1} HU", liver.voxels);
+    assert!((30.0..130.0).contains(&mean) && std < 60.0, "liver at {mean} +- {std} HU: the layouts disagree");
 
     let Some(python) = checker() else { return };
     let dir = common::scratch_dir("dicom_volume");
@@ -134,6 +144,57 @@ fn the_series_reads_to_the_reference_geometry_and_pydicoms_voxels() {
     let rows = [0, 1, 2].map(|r| [a[r][0] as f32, a[r][1] as f32, a[r][2] as f32, a[r][3] as f32]);
     common::write_nifti_f32(&saved, input.volume.dims, &input.volume.data, rows);
     check_with_python(&python, &["volume", s(&series), s(&saved)]);
+}
+
+/// dcmtk's encoders, when installed (scripts/install-deps.sh); CI has them, so there their absence fails.
+fn dcmtk() -> bool {
+    let found = ["dcmcjpeg", "dcmcrle"].iter().all(|t| Command::new(t).arg("--version").output().is_ok());
+    if !found {
+        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!in_ci, "CI=true but dcmtk (dcmcjpeg, dcmcrle) is missing: run scripts/install-deps.sh");
+        eprintln!("skipping JPEG lossless and RLE: dcmtk is not installed (scripts/install-deps.sh installs it)");
+    }
+    found
+}
+
+#[test]
+fn every_lossless_transfer_syntax_reads_to_the_same_volume() {
+    use dicom_pixeldata::Transcode;
+    use dicom_transfer_syntax_registry::entries::{EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
+    let Some(series) = series_dir() else { return };
+    let dir = common::scratch_dir("dicom_syntaxes");
+    let reference = dicom::read(&series, None).unwrap().volume;
+    let mut copies = Vec::new();
+    for (name, ts) in [("explicit", EXPLICIT_VR_LITTLE_ENDIAN.erased()), ("implicit", IMPLICIT_VR_LITTLE_ENDIAN.erased())] {
+        let copy = dir.join(name);
+        edited_copy(&series, &copy, |_, obj| {
+            obj.transcode(&ts).unwrap();
+            true
+        });
+        copies.push((copy, ts.uid().to_string()));
+    }
+    if dcmtk() {
+        // Encoded by dcmtk from the uncompressed copy: JPEG lossless (process 14, selection value 1)
+        // and RLE lossless.
+        for (name, tool, options, uid) in
+            [("jpeg_lossless", "dcmcjpeg", &["+e1"][..], "1.2.840.10008.1.2.4.70"), ("rle", "dcmcrle", &[][..], "1.2.840.10008.1.2.5")]
+        {
+            let copy = dir.join(name);
+            std::fs::create_dir_all(&copy).unwrap();
+            for file in series_files(&dir.join("explicit")) {
+                let status = Command::new(tool).args(options).arg(&file).arg(copy.join(file.file_name().unwrap())).status();
+                assert!(status.unwrap().success(), "{tool} failed on {}", file.display());
+            }
+            copies.push((copy, uid.to_string()));
+        }
+    }
+    for (copy, uid) in copies {
+        let read = dicom::read(&copy, None).unwrap();
+        assert_eq!(read.series.slices[0].transfer_syntax, uid, "{}", copy.display());
+        assert_eq!(read.volume.affine, reference.affine);
+        assert!(read.volume.data == reference.data, "{}: voxels differ from the JPEG 2000 series", copy.display());
+        eprintln!("{uid}: {} voxels equal to the JPEG 2000 read", read.volume.data.len());
+    }
 }
 
 #[test]
