@@ -38,8 +38,22 @@ fn final_labels_and_affine_match_monai() {
     };
     let out = dir.join("seg.nii.gz");
     let stats = dir.join("stats.json");
-    let (ok, err) =
-        prosam(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&out), "--stats", s(&stats), "--threads", "2"]);
+    // MONAI's pipeline ends at argmax: no post-processing here.
+    let (ok, err) = prosam(&[
+        "segment",
+        "-m",
+        s(&model),
+        "-i",
+        s(&ct),
+        "-o",
+        s(&out),
+        "--stats",
+        s(&stats),
+        "--threads",
+        "2",
+        "--postprocess",
+        "none",
+    ]);
     assert!(ok, "{err}");
     assert!(err.contains("preprocess") && err.contains("infer") && err.contains("write"), "no stage timings: {err}");
 

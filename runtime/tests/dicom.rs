@@ -100,6 +100,13 @@ fn position(obj: &dicom_object::DefaultDicomObject) -> Vec<f64> {
     obj.element(tags::IMAGE_POSITION_PATIENT).unwrap().to_multi_float64().unwrap()
 }
 
+/// `volume` as a float32 NIfTI file with its affine as the sform.
+fn save_as_nifti(volume: &prosam_runtime::volume::Volume, path: &Path) {
+    let a = volume.affine.0;
+    let rows = [0, 1, 2].map(|r| [a[r][0] as f32, a[r][1] as f32, a[r][2] as f32, a[r][3] as f32]);
+    common::write_nifti_f32(path, volume.dims, &volume.data, rows);
+}
+
 fn read_error(folder: &Path, select: Option<&str>) -> String {
     match dicom::read(folder, select) {
         Ok(_) => panic!("{} was read", folder.display()),
@@ -140,9 +147,7 @@ fn the_series_reads_to_the_reference_geometry_and_pydicoms_voxels() {
     let Some(python) = checker() else { return };
     let dir = common::scratch_dir("dicom_volume");
     let saved = dir.join("volume.nii");
-    let a = input.volume.affine.0;
-    let rows = [0, 1, 2].map(|r| [a[r][0] as f32, a[r][1] as f32, a[r][2] as f32, a[r][3] as f32]);
-    common::write_nifti_f32(&saved, input.volume.dims, &input.volume.data, rows);
+    save_as_nifti(&input.volume, &saved);
     check_with_python(&python, &["volume", s(&series), s(&saved)]);
 }
 
@@ -165,7 +170,9 @@ fn every_lossless_transfer_syntax_reads_to_the_same_volume() {
     let dir = common::scratch_dir("dicom_syntaxes");
     let reference = dicom::read(&series, None).unwrap().volume;
     let mut copies = Vec::new();
-    for (name, ts) in [("explicit", EXPLICIT_VR_LITTLE_ENDIAN.erased()), ("implicit", IMPLICIT_VR_LITTLE_ENDIAN.erased())] {
+    for (name, ts) in
+        [("explicit", EXPLICIT_VR_LITTLE_ENDIAN.erased()), ("implicit", IMPLICIT_VR_LITTLE_ENDIAN.erased())]
+    {
         let copy = dir.join(name);
         edited_copy(&series, &copy, |_, obj| {
             obj.transcode(&ts).unwrap();
@@ -176,13 +183,15 @@ fn every_lossless_transfer_syntax_reads_to_the_same_volume() {
     if dcmtk() {
         // Encoded by dcmtk from the uncompressed copy: JPEG lossless (process 14, selection value 1)
         // and RLE lossless.
-        for (name, tool, options, uid) in
-            [("jpeg_lossless", "dcmcjpeg", &["+e1"][..], "1.2.840.10008.1.2.4.70"), ("rle", "dcmcrle", &[][..], "1.2.840.10008.1.2.5")]
-        {
+        for (name, tool, options, uid) in [
+            ("jpeg_lossless", "dcmcjpeg", &["+e1"][..], "1.2.840.10008.1.2.4.70"),
+            ("rle", "dcmcrle", &[][..], "1.2.840.10008.1.2.5"),
+        ] {
             let copy = dir.join(name);
             std::fs::create_dir_all(&copy).unwrap();
             for file in series_files(&dir.join("explicit")) {
-                let status = Command::new(tool).args(options).arg(&file).arg(copy.join(file.file_name().unwrap())).status();
+                let status =
+                    Command::new(tool).args(options).arg(&file).arg(copy.join(file.file_name().unwrap())).status();
                 assert!(status.unwrap().success(), "{tool} failed on {}", file.display());
             }
             copies.push((copy, uid.to_string()));
@@ -204,9 +213,7 @@ fn segmenting_the_folder_equals_segmenting_its_nifti_and_the_seg_holds_the_label
     let model = small_model(&dir);
     let input = dicom::read(&series, None).unwrap();
     let saved = dir.join("volume.nii.gz");
-    let a = input.volume.affine.0;
-    let rows = [0, 1, 2].map(|r| [a[r][0] as f32, a[r][1] as f32, a[r][2] as f32, a[r][3] as f32]);
-    common::write_nifti_f32(&saved, input.volume.dims, &input.volume.data, rows);
+    save_as_nifti(&input.volume, &saved);
 
     let from_dicom = dir.join("from_dicom.nii.gz");
     let seg = dir.join("seg.dcm");

@@ -201,7 +201,7 @@ pub struct CleanReport {
     pub filled_voxels: usize,
 }
 
-/// Keeps the largest connected component of `label` (ties: the first in storage order) and fills
+/// Keeps the largest connected component of `label` (all of those tied for the largest) and fills
 /// its holes: background voxels that no path of non-organ voxels joins to the volume's border
 /// become the organ. Voxels of other organs are never changed.
 pub fn clean(labels: &mut [u8], dims: [usize; 3], label: u8) -> CleanReport {
@@ -220,8 +220,10 @@ pub fn clean(labels: &mut [u8], dims: [usize; 3], label: u8) -> CleanReport {
         }
     }
     report.components = sizes.len() - 1;
-    let largest = (1..sizes.len()).max_by(|&a, &b| sizes[a].cmp(&sizes[b]).then(b.cmp(&a))).unwrap_or(1) as u32;
-    let mut organ: Vec<bool> = component.iter().map(|&c| c == largest).collect();
+    // Components tied for the largest all stay: any one choice would depend on the storage order,
+    // and the labels must not depend on how the scan's axes are stored.
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let mut organ: Vec<bool> = component.iter().map(|&c| c != 0 && sizes[c as usize] == largest).collect();
     for p in 0..n {
         if local[p] == label && !organ[p] {
             labels[region.global(p)] = 0;
@@ -386,6 +388,25 @@ mod tests {
         assert_eq!(report.filled_voxels, 0);
         assert_eq!(l[idx(dims, 7, 7, 7)], 0);
         assert_eq!(l[idx(dims, 4, 4, 3)], 0);
+    }
+
+    #[test]
+    fn components_tied_for_the_largest_all_stay() {
+        let dims = [7, 3, 3];
+        let mut l = vec![0u8; 63];
+        for i in [1, 3, 5] {
+            l[idx(dims, i, 1, 1)] = 4;
+        }
+        l[idx(dims, 5, 1, 2)] = 4;
+        let report = clean(&mut l, dims, 4);
+        assert_eq!((report.components, report.removed_voxels), (3, 2));
+        let mut m = vec![0u8; 63];
+        for i in [1, 3] {
+            m[idx(dims, i, 1, 1)] = 4;
+            m[idx(dims, i, 1, 2)] = 4;
+        }
+        let report = clean(&mut m, dims, 4);
+        assert_eq!((report.components, report.removed_voxels), (2, 0), "two components of 2 voxels both stay");
     }
 
     #[test]
