@@ -117,7 +117,9 @@ typedef void (*prosam_log_fn)(prosam_log_level level, const char *message, void 
 typedef struct {
   // Compute threads for this model's calls; 0 = the machine's physical cores.
   int32_t n_threads;
-  // One of prosam_device. This build computes on the CPU only.
+  // One of prosam_device (the first GPU of its kind). CUDA and Metal need a library built with
+  // the `cuda` or `metal` feature; without it, or without the GPU, loading returns
+  // PROSAM_STATUS_UNSUPPORTED with a message naming what is missing.
   int32_t device;
   // One of prosam_precision, overriding the file's.
   int32_t precision;

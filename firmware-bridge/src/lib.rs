@@ -12,6 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::RwLock;
 
+use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::pipeline::Blend;
 use prosam_runtime::pipeline::postprocess::LabelOptions;
@@ -128,7 +129,9 @@ pub type prosam_log_fn =
 pub struct prosam_model_params {
     /// Compute threads for this model's calls; 0 = the machine's physical cores.
     pub n_threads: i32,
-    /// One of prosam_device. This build computes on the CPU only.
+    /// One of prosam_device (the first GPU of its kind). CUDA and Metal need a library built with
+    /// the `cuda` or `metal` feature; without it, or without the GPU, loading returns
+    /// PROSAM_STATUS_UNSUPPORTED with a message naming what is missing.
     pub device: i32,
     /// One of prosam_precision, overriding the file's.
     pub precision: i32,
@@ -229,6 +232,7 @@ fn from_runtime(e: prosam_runtime::Error) -> Failure {
         R::Model(_) => prosam_status::Model,
         R::Cancelled => prosam_status::Cancelled,
         R::Options(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } => prosam_status::InvalidArgument,
+        R::Device(_) => prosam_status::Unsupported,
         R::Candle(_) => prosam_status::Internal,
     };
     Failure(status, e.to_string())
@@ -348,24 +352,22 @@ pub unsafe extern "C" fn prosam_model_load(
         if params.n_threads < 0 {
             return Err(invalid(format!("prosam_model_load: n_threads {} is negative", params.n_threads)));
         }
-        match params.device {
-            0 => {}
-            1 | 2 => {
-                return Err(Failure(
-                    prosam_status::Unsupported,
-                    format!(
-                        "prosam_model_load: this build of prosam computes on the CPU only (device {})",
-                        params.device
-                    ),
-                ));
-            }
+        let device = match params.device {
+            0 => DeviceChoice::Cpu,
+            1 => DeviceChoice::Cuda(0),
+            2 => DeviceChoice::Metal(0),
             d => return Err(invalid(format!("prosam_model_load: unknown device {d}"))),
-        }
-        match params.precision {
-            0 | 1 => {}
+        };
+        let dtype = match params.precision {
+            0 => None,
+            1 => Some(prosam_runtime::device::DType::F32),
             p => return Err(invalid(format!("prosam_model_load: unknown precision {p}"))),
-        }
-        let segmenter = Segmenter::load(Path::new(path), SegmentOptions::default()).map_err(from_runtime)?;
+        };
+        let segmenter = Segmenter::load_on(Path::new(path), SegmentOptions::default(), device, dtype).map_err(|e| {
+            match from_runtime(e) {
+                Failure(status, message) => Failure(status, format!("prosam_model_load: {message}")),
+            }
+        })?;
         if params.precision == prosam_precision::F32 as i32
             && segmenter.metadata().precision == prosam_models::format::Precision::Int8
         {

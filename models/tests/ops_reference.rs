@@ -317,4 +317,18 @@ fn int8_convolution_and_linear_stay_close_to_the_reference() {
     let scale = exact.data.iter().fold(0f64, |m, v| m.max(v.abs()));
     let err = exact.max_abs_diff(&y2) / scale;
     assert!(err < 0.02, "int8 linear max relative error {err}");
+
+    // The widened weights GPUs compute with: each value within half a quantization step of the
+    // original (step = the block's max |w| / 127, its scale rounded to f16), the padding dropped.
+    let widened = q2.dequantize();
+    assert_eq!(widened.len(), 9 * 40);
+    for r in 0..9 {
+        for (b, block) in (0..40).collect::<Vec<_>>().chunks(32).enumerate() {
+            let max = block.iter().map(|&c| w2.data[r * 40 + c].abs()).fold(0f64, f64::max);
+            for &c in block {
+                let d = (widened[r * 40 + c] as f64 - w2.data[r * 40 + c]).abs();
+                assert!(d <= max / 127.0 * 0.5 + max * 1e-3, "row {r} block {b} col {c}: off by {d}");
+            }
+        }
+    }
 }

@@ -158,3 +158,27 @@ fn backward_reaches_every_parameter_and_matches_finite_differences() {
         assert!(err < 5e-3, "{key}[{index}]: backward {analytic} vs finite difference {fd} (rel err {err:e})");
     }
 }
+
+/// The network in f16 on the CPU: the fused CPU kernels take f32 and f64 only, so this runs every
+/// op's portable tensor-op formulation in half precision, the path CUDA and Metal take for f16 and
+/// int8 model files.
+#[test]
+fn half_precision_runs_the_portable_path_close_to_the_reference() {
+    let cfg = Config::tiny();
+    let weights = random_weights(&cfg, 400);
+    let x = Rng::new(401).arr(&[1, 1, 64, 32, 64], 1.0);
+    let expected = reference::swin_unetr(&ref_config(&cfg), &weights, &x);
+    let y = build(&cfg, &weights, DType::F16).forward_checked(&to_tensor(&x, DType::F16)).unwrap();
+    assert_eq!(y.dtype(), DType::F16);
+    let got = y.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let err = expected.max_abs_diff(&got);
+    let scale = expected.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let classes = cfg.out_channels;
+    let voxels = got.len() / classes;
+    let argmax =
+        |t: &[f64], v: usize| (0..classes).max_by(|&i, &j| t[i * voxels + v].total_cmp(&t[j * voxels + v])).unwrap();
+    let agree = (0..voxels).filter(|&v| argmax(&got, v) == argmax(&expected.data, v)).count() as f64 / voxels as f64;
+    eprintln!("F16: max |dlogit| {err:e} of max |logit| {scale}, argmax agreement {:.3}%", agree * 100.0);
+    assert!(err <= 2e-2 * scale.max(1.0), "F16: max |dlogit| {err:e}");
+    assert!(agree >= 0.98, "F16: argmax agrees on {:.3}%", agree * 100.0);
+}

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use prosam_models::format::{Metadata, ModelFile};
 use prosam_models::swin_unetr::SwinUnetr;
 
+use crate::device::{DeviceChoice, compute_dtype};
 use crate::pipeline::sliding_window::{Accumulator, softmax_classes};
 use crate::pipeline::{Blend, WindowPlan, intensity};
 use crate::volume::resample::{labels_from_probabilities, resample_view, resampled_size};
@@ -82,17 +83,34 @@ pub struct Segmenter {
     net: SwinUnetr,
     metadata: Metadata,
     device: Device,
+    /// What the network computes in ([`compute_dtype`]).
+    dtype: DType,
     options: SegmentOptions,
 }
 
 impl Segmenter {
     /// Loads a model file (checksum verified) for CPU inference.
     pub fn load(model: &Path, options: SegmentOptions) -> Result<Self> {
+        Self::load_on(model, options, DeviceChoice::Cpu, None)
+    }
+
+    /// Loads a model file for inference on `device`, computing in `dtype` (default: what
+    /// [`compute_dtype`] gives for the file's precision there).
+    pub fn load_on(model: &Path, options: SegmentOptions, device: DeviceChoice, dtype: Option<DType>) -> Result<Self> {
         options.validate()?;
+        let device = device.open()?;
         let file = ModelFile::open(model)?;
-        let device = Device::Cpu;
-        let net = file.swin_unetr(DType::F32, &device)?;
-        Ok(Self { net, metadata: file.metadata().clone(), device, options })
+        let dtype = dtype.unwrap_or_else(|| compute_dtype(&device, file.metadata().precision));
+        let net = file.swin_unetr(dtype, &device)?;
+        Ok(Self { net, metadata: file.metadata().clone(), device, dtype, options })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -105,7 +123,13 @@ impl Segmenter {
 
     /// The same model with other options; the weights are shared, not copied.
     pub fn with_options(&self, options: SegmentOptions) -> Segmenter {
-        Segmenter { net: self.net.clone(), metadata: self.metadata.clone(), device: self.device.clone(), options }
+        Segmenter {
+            net: self.net.clone(),
+            metadata: self.metadata.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            options,
+        }
     }
 
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.
@@ -149,8 +173,9 @@ impl Segmenter {
             for (w, &s) in batch.iter().enumerate() {
                 plan.extract(&padded, s, &mut input[w * roi_len..(w + 1) * roi_len]);
             }
-            let x = Tensor::from_vec(input, (batch.len(), 1, roi[0], roi[1], roi[2]), &self.device)?;
-            let logits = self.net.forward_checked(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let x = Tensor::from_vec(input, (batch.len(), 1, roi[0], roi[1], roi[2]), &self.device)?
+                .to_dtype(self.dtype)?;
+            let logits = self.net.forward_checked(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for (w, &s) in batch.iter().enumerate() {
                 acc.add(s, &logits[w * classes * roi_len..(w + 1) * classes * roi_len]);
             }

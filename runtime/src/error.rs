@@ -26,6 +26,10 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Dicom { path: PathBuf, reason: String },
 
+    /// A compute device this build or this machine does not have.
+    #[error("{0}")]
+    Device(String),
+
     /// The caller's progress callback asked to stop.
     #[error("cancelled by the caller")]
     Cancelled,

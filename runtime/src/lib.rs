@@ -2,9 +2,11 @@
 //!
 //! - [`volume`]: CT volumes, NIfTI I/O, orientation and resampling;
 //! - [`pipeline`]: intensity transform and sliding-window inference;
+//! - [`device`]: the CPU, CUDA and Metal, as this build has them;
 //! - [`engine`]: [`engine::Segmenter`], the whole pipeline behind `prosam segment`;
 //! - [`npy`] for the raw-network commands and [`resources`] for memory figures.
 
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod npy;

@@ -39,7 +39,9 @@ int main(int argc, char **argv) {
     expect("load negative threads", prosam_model_load(argv[1], &mp, &model), PROSAM_STATUS_INVALID_ARGUMENT, "n_threads");
     mp = prosam_model_default_params();
     mp.device = PROSAM_DEVICE_CUDA;
-    expect("load cuda", prosam_model_load(argv[1], &mp, &model), PROSAM_STATUS_UNSUPPORTED, "CPU only");
+    expect("load cuda", prosam_model_load(argv[1], &mp, &model), PROSAM_STATUS_UNSUPPORTED, "without CUDA support");
+    mp.device = PROSAM_DEVICE_METAL;
+    expect("load metal", prosam_model_load(argv[1], &mp, &model), PROSAM_STATUS_UNSUPPORTED, "--features metal");
     mp.device = 42;
     expect("load unknown device", prosam_model_load(argv[1], &mp, &model), PROSAM_STATUS_INVALID_ARGUMENT, "unknown device");
     mp = prosam_model_default_params();

@@ -17,7 +17,10 @@ pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
         return x.contiguous()?.apply_op1_no_bwd(&InstanceNormCpu { eps });
     }
     let flat = x.reshape((b, c, d * h * w))?;
-    let wide = flat.to_dtype(DType::F64)?;
+    // f64 statistics where the device has f64 (Metal does not; GPUs reduce in trees, which keeps
+    // f32 sums accurate enough), never the half types.
+    let stats = if x.device().is_cpu() || x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let wide = flat.to_dtype(stats)?;
     let mean = wide.mean_keepdim(D::Minus1)?;
     let centered = wide.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -38,6 +41,13 @@ pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// Written as two passes (mean, then centred variance) rather than with Candle's fused kernel, which
 /// has no backward pass and computes E[x^2] - E[x]^2 in f32, losing digits when the mean is large.
 pub fn channel_layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::F16 | DType::BF16) {
+        // Statistics in f32, as PyTorch's autocast keeps layer norm, then back to the half type.
+        let wide = affine.map(|(w, b)| -> Result<_> { Ok((w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?)) });
+        let wide = wide.transpose()?;
+        let y = channel_layer_norm(&x.to_dtype(DType::F32)?, wide.as_ref().map(|(w, b)| (w, b)), eps)?;
+        return y.to_dtype(x.dtype());
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;

@@ -93,9 +93,20 @@ impl Q8Matrix {
             bail!("Q8_0 weight of {rows}x{cols} needs {expected} bytes, found {}", bytes.len());
         }
         if !device.is_cpu() {
-            bail!("int8 weights compute on the CPU only in this build");
+            bail!("int8 matrices compute on the CPU; on other devices load them with Weight::load, which widens them");
         }
         Ok(Q8Matrix { blocks: blocks_from_bytes(bytes), rows, cols, padded_cols: padded })
+    }
+
+    /// The matrix in f32, `(rows, cols)` row-major, without the padding: what GPUs compute with.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut padded_row = vec![0f32; self.padded_cols];
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            BlockQ8_0::to_float(self.row_blocks(r), &mut padded_row);
+            out.extend_from_slice(&padded_row[..self.cols]);
+        }
+        out
     }
 
     /// `x (n, cols)` times the transposed weight: `(n, rows)`. Each input row is quantized to
@@ -161,9 +172,16 @@ impl Weight {
             let raw = vb.get_unchecked_dtype(&q_name, DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
             let rows = shape[0];
             let cols = shape[1..].iter().product();
-            let m = Q8Matrix::from_bytes(&raw, rows, cols, vb.device())
+            let m = Q8Matrix::from_bytes(&raw, rows, cols, &Device::Cpu)
                 .map_err(|e| candle_core::Error::Msg(format!("{}.{q_name}: {e}", vb.prefix())))?;
-            Ok(Weight::Q8(Arc::new(m)))
+            if vb.device().is_cpu() {
+                Ok(Weight::Q8(Arc::new(m)))
+            } else {
+                // CUDA and Metal have no Q8_0 kernels of prosam's: the weight computes densely there,
+                // in the model's dtype, from the same int8 values.
+                let dense = Tensor::from_vec(m.dequantize(), shape, &Device::Cpu)?;
+                Ok(Weight::Dense(dense.to_dtype(vb.dtype())?.to_device(vb.device())?))
+            }
         } else {
             Ok(Weight::Dense(vb.get(shape, name)?))
         }

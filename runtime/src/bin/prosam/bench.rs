@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use prosam_models::format::Architecture;
+use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::resources;
 
 #[derive(clap::Args)]
@@ -21,9 +22,6 @@ pub struct Args {
     /// Untimed runs first (allocations, caches).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Compute device; this build has the CPU only.
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// Print one JSON object (the fields are documented in the README).
     #[arg(long)]
     json: bool,
@@ -41,24 +39,29 @@ fn parse_size(text: &str) -> anyhow::Result<[usize; 3]> {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.device == "cpu", "--device {}: this build of prosam computes on the CPU only", args.device);
+pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let size = parse_size(&args.size)?;
-    let device = Device::Cpu;
-    let super::LoadedModel { file, net, load_s, resident_mib: resident } = super::load_model(&args.model)?;
+    let super::LoadedModel { file, net, device, dtype, load_s, resident_mib: resident } =
+        super::load_model(&args.model, device_choice)?;
     let meta = file.metadata().clone();
     let Architecture::SwinUnetr(cfg) = &meta.architecture;
     let shape = [1, cfg.in_channels, size[0], size[1], size[2]];
     cfg.check_input(&shape).map_err(|e| anyhow::anyhow!("--size {}: {e}", args.size))?;
-    let x = Tensor::rand(0f32, 1.0, &shape, &device)?;
-    for _ in 0..args.warmup {
+    let x = Tensor::rand(0f32, 1.0, &shape, &device)?.to_dtype(dtype)?;
+    // GPUs queue work asynchronously: a run ends when the device has finished it.
+    let run_once = || -> anyhow::Result<()> {
         net.forward(&x)?;
+        device.synchronize()?;
+        Ok(())
+    };
+    for _ in 0..args.warmup {
+        run_once()?;
     }
     let mut times = Vec::with_capacity(args.runs);
     for _ in 0..args.runs {
         let t = Instant::now();
-        net.forward(&x)?;
+        run_once()?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -71,7 +74,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "model": meta.name,
         "precision": meta.precision,
-        "device": args.device,
+        "device": device_choice.to_string(),
+        "compute_dtype": format!("{dtype:?}").to_lowercase(),
         "threads": candle_core::utils::get_num_threads(),
         "size": size,
         "runs": args.runs,
@@ -90,9 +94,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} ({}, {} threads, {}x{}x{}): median {:.3} s (min {:.3}, max {:.3}, {} runs), {:.1} GMAC/s; load {:.3} s, resident {:.0} MiB, peak RSS {:.0} MiB",
+            "{} ({}, {}, {} threads, {}x{}x{}): median {:.3} s (min {:.3}, max {:.3}, {} runs), {:.1} GMAC/s; load {:.3} s, resident {:.0} MiB, peak RSS {:.0} MiB",
             meta.name,
             meta.precision,
+            device_choice,
             report["threads"],
             size[0],
             size[1],

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
+use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::{npy, resources};
 
 #[derive(clap::Args)]
@@ -19,16 +20,16 @@ pub struct Args {
     output: PathBuf,
 }
 
-pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
+pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> {
     super::ensure_distinct(&args.output, &[&args.input, &args.model])?;
-    let device = Device::Cpu;
-    let super::LoadedModel { net, load_s, resident_mib: resident, .. } = super::load_model(&args.model)?;
+    let super::LoadedModel { net, device, dtype, load_s, resident_mib: resident, .. } =
+        super::load_model(&args.model, device)?;
 
     let x = npy::read(&args.input)?;
     net.config().check_input(&x.shape).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
-    let x = Tensor::from_vec(x.data, x.shape, &device)?;
+    let x = Tensor::from_vec(x.data, x.shape, &device)?.to_dtype(dtype)?;
     let t1 = Instant::now();
-    let y = net.forward(&x)?;
+    let y = net.forward(&x)?.to_dtype(DType::F32)?;
     let forward_s = t1.elapsed().as_secs_f64();
     let shape = y.dims().to_vec();
     npy::write_f32(&args.output, &shape, &y.flatten_all()?.to_vec1::<f32>()?)?;

@@ -9,6 +9,7 @@ mod quantize;
 mod segment;
 
 use clap::{Parser, Subcommand};
+use prosam_runtime::device::DeviceChoice;
 
 #[derive(Parser)]
 #[command(name = "prosam", version, about = "On-device abdominal organ segmentation for CT")]
@@ -19,6 +20,10 @@ struct Cli {
     /// No progress or timing output on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Compute device for segment, bench and forward: cpu, cuda[:N] or metal[:N] (the GPUs need
+    /// a build with `--features cuda` or `--features metal`).
+    #[arg(long, global = true, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,14 +67,15 @@ fn main() -> std::process::ExitCode {
             set_threads(n)?;
         }
         install_interrupt_cleanup();
+        let device: DeviceChoice = cli.device.parse()?;
         match cli.command {
-            Command::Segment(args) => segment::run(args, cli.quiet),
+            Command::Segment(args) => segment::run(args, device, cli.quiet),
             Command::Convert(args) => convert::run(args, cli.quiet),
             Command::Info(args) => info::run(args),
             Command::DicomInfo(args) => dicom_info::run(args),
             Command::Quantize(args) => quantize::run(args, cli.quiet),
-            Command::Bench(args) => bench::run(args),
-            Command::Forward(args) => forward::run(args, cli.quiet),
+            Command::Bench(args) => bench::run(args, device),
+            Command::Forward(args) => forward::run(args, device, cli.quiet),
         }
     })();
     match result {
@@ -91,22 +97,27 @@ fn install_interrupt_cleanup() {
     });
 }
 
-/// A model loaded for CPU inference in f32, with the load figures the raw-network commands report.
+/// A model loaded for inference on a device, with the load figures the raw-network commands report.
 pub(crate) struct LoadedModel {
     pub file: prosam_models::format::ModelFile,
     pub net: prosam_models::swin_unetr::SwinUnetr,
+    pub device: candle_core::Device,
+    /// What the network computes in there ([`prosam_runtime::device::compute_dtype`]).
+    pub dtype: candle_core::DType,
     /// Opening, checksum verification and network construction, in seconds.
     pub load_s: f64,
     /// Resident memory right after loading.
     pub resident_mib: Option<f64>,
 }
 
-pub(crate) fn load_model(path: &std::path::Path) -> anyhow::Result<LoadedModel> {
+pub(crate) fn load_model(path: &std::path::Path, device: DeviceChoice) -> anyhow::Result<LoadedModel> {
+    let device = device.open()?;
     let t0 = std::time::Instant::now();
     let file = prosam_models::format::ModelFile::open(path)?;
-    let net = file.swin_unetr(candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let dtype = prosam_runtime::device::compute_dtype(&device, file.metadata().precision);
+    let net = file.swin_unetr(dtype, &device)?;
     let load_s = t0.elapsed().as_secs_f64();
-    Ok(LoadedModel { file, net, load_s, resident_mib: prosam_runtime::resources::resident_mib() })
+    Ok(LoadedModel { file, net, device, dtype, load_s, resident_mib: prosam_runtime::resources::resident_mib() })
 }
 
 /// Refuses an output path that names one of the inputs: an input is never overwritten.

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::pipeline::Blend;
 use prosam_runtime::pipeline::postprocess::{LabelOptions, label_stats};
@@ -86,7 +87,7 @@ fn check_output(output: &Path) -> anyhow::Result<OutputKind> {
     Ok(kind)
 }
 
-pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
+pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> {
     let mut outputs = vec![args.output.clone()];
     outputs.extend(args.dicom_seg.clone());
     outputs.extend(args.stats.clone());
@@ -118,7 +119,7 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     let options = SegmentOptions { overlap: args.overlap, blend, batch: args.batch };
 
     let t_read = Instant::now();
-    let segmenter = Segmenter::load(&args.model, options)?;
+    let segmenter = Segmenter::load_on(&args.model, options, device, None)?;
     let meta = segmenter.metadata().clone();
     let label_options = LabelOptions::parse(&args.postprocess, args.organs.as_deref(), &meta.labels)
         .context("--postprocess / --organs")?;
