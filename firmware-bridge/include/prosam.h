@@ -24,8 +24,8 @@
 #define PROSAM_VERSION_MINOR 1
 #define PROSAM_VERSION_PATCH 0
 #define PROSAM_VERSION_STRING "0.1.0"
-/* The ABI version, also the SONAME suffix: libprosam.so.0. */
-#define PROSAM_ABI_VERSION 0
+/* The ABI version, also the SONAME suffix: libprosam.so.1. */
+#define PROSAM_ABI_VERSION 1
 
 
 // Log levels passed to the log callback.

@@ -14,9 +14,13 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `../shared` beside the workspace root, when present.
+/// `../shared` beside the workspace root (or the folder `PROSAM_SHARED_DIR` names, for machines
+/// where the fixtures travel with the working tree), when present.
 pub fn shared_dir() -> Option<PathBuf> {
-    let shared = workspace_root().join("..").join("shared");
+    let shared = match std::env::var_os("PROSAM_SHARED_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_root().join("..").join("shared"),
+    };
     shared.is_dir().then_some(shared)
 }
 
