@@ -91,13 +91,18 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
     let mut outputs = vec![args.output.clone()];
     outputs.extend(args.dicom_seg.clone());
     outputs.extend(args.stats.clone());
+    let input_dir = args.input.is_dir().then(|| args.input.canonicalize().ok()).flatten();
     for (n, out) in outputs.iter().enumerate() {
         let mut others: Vec<&Path> = vec![&args.input, &args.model];
         others.extend(outputs[..n].iter().map(PathBuf::as_path));
         super::ensure_distinct(out, &others)?;
-        if args.input.is_dir() {
+        let out_dir = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.canonicalize().ok(),
+            _ => std::env::current_dir().ok(),
+        };
+        if let (Some(input_dir), Some(out_dir)) = (&input_dir, out_dir) {
             anyhow::ensure!(
-                !out.starts_with(&args.input),
+                !out_dir.starts_with(input_dir),
                 "{}: the output is inside the input folder {}; write it elsewhere so that the next run does not \
                  read it as part of the series",
                 out.display(),
