@@ -17,13 +17,21 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let scan = dicom::scan(&args.folder)?;
+    // Each series' checks once, for the JSON and the text alike.
+    let checked: Vec<_> = scan
+        .series
+        .iter()
+        .map(|series| {
+            let syntaxes: BTreeSet<String> =
+                series.slices.iter().map(|s| dicom::transfer_syntax(&s.transfer_syntax).0).collect();
+            (series.geometry(), syntaxes)
+        })
+        .collect();
     let mut reports = Vec::new();
-    for (n, series) in scan.series.iter().enumerate() {
+    for (n, (series, (checks, syntaxes))) in scan.series.iter().zip(&checked).enumerate() {
         let first = &series.slices[0];
-        let syntaxes: BTreeSet<String> =
-            series.slices.iter().map(|s| dicom::transfer_syntax(&s.transfer_syntax).0).collect();
-        let (geometry, problems) = match series.geometry() {
-            Ok(g) => (Some(g), Vec::new()),
+        let (geometry, problems) = match checks {
+            Ok(g) => (Some(g), &Vec::new()),
             Err(p) => (None, p),
         };
         let positions: Vec<f64> = series.slices.iter().map(|s| s.position[2]).collect();
@@ -60,19 +68,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("{}: {} image series, {} other file(s)", args.folder.display(), scan.series.len(), scan.ignored.len());
-    for (series, r) in scan.series.iter().zip(&reports) {
+    for ((series, r), (checks, syntaxes)) in scan.series.iter().zip(&reports).zip(&checked) {
         println!("\n{}. {}", r["number"], series.label());
         let first = &series.slices[0];
         println!("   {} x {} pixels, pixel spacing {:?} mm", first.columns, first.rows, first.pixel_spacing);
         println!("   orientation {:?} ({})", first.orientation, r["plane"].as_str().unwrap_or_default());
-        println!(
-            "   transfer syntax: {}",
-            r["transfer_syntaxes"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default()
-        );
-        match series.geometry() {
+        println!("   transfer syntax: {}", syntaxes.iter().cloned().collect::<Vec<_>>().join(", "));
+        match checks {
             Ok(g) => {
                 println!(
                     "   volume {} x {} x {}, spacing {:.4} x {:.4} x {:.4} mm",
