@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs libprosam for C and C++ builds: the shared library (libprosam.so.0.1.0 with the
-# libprosam.so.1 and libprosam.so links), the static library, prosam.h, a pkg-config file and a
+# libprosam.so.2 and libprosam.so links), the static library, prosam.h, a pkg-config file and a
 # CMake package config, so that `pkg-config --libs prosam` and `find_package(prosam)` work.
 #
 #   cargo build --release -p prosam-firmware-bridge && firmware-bridge/install.sh PREFIX
@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 prefix=$(realpath -m "$1")
 built=${CARGO_TARGET_DIR:-$here/../target}/release
 version=0.1.0
-abi=1
+abi=2
 for f in libprosam.so libprosam.a; do
   [ -f "$built/$f" ] || { echo "$built/$f is missing: run cargo build --release -p prosam-firmware-bridge" >&2; exit 1; }
 done

@@ -24,8 +24,8 @@
 #define PROSAM_VERSION_MINOR 1
 #define PROSAM_VERSION_PATCH 0
 #define PROSAM_VERSION_STRING "0.1.0"
-/* The ABI version, also the SONAME suffix: libprosam.so.1. */
-#define PROSAM_ABI_VERSION 1
+/* The ABI version, also the SONAME suffix: libprosam.so.2. */
+#define PROSAM_ABI_VERSION 2
 
 
 // Log levels passed to the log callback.
@@ -52,6 +52,9 @@ typedef enum {
   PROSAM_STATUS_CANCELLED = 6,
   // A bug in prosam (a caught panic); the process can continue.
   PROSAM_STATUS_INTERNAL = 7,
+  // The call would need more memory than `prosam_segment_params.max_memory_bytes` (or the
+  // machine has); refused before allocating.
+  PROSAM_STATUS_OUT_OF_MEMORY = 8,
 } prosam_status;
 
 // Voxel types of `prosam_volume.voxel_type`, little-endian host values.
@@ -149,6 +152,10 @@ typedef struct {
   // prosam_model_label_name gives them) to keep; every other organ becomes background. NULL
   // keeps all. Borrowed for the duration of the call only.
   const char *organs;
+  // The most memory the call may use, in bytes, checked from the volume's size before
+  // anything is allocated (PROSAM_STATUS_OUT_OF_MEMORY beyond it). 0: the machine's physical
+  // memory. Default 0.
+  uint64_t max_memory_bytes;
 } prosam_segment_params;
 
 // A CT volume in the caller's memory.
@@ -199,7 +206,7 @@ void prosam_set_log_callback(prosam_log_fn callback, void *user_data);
 prosam_model_params prosam_model_default_params(void);
 
 // Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback, the solid
-// organs post-processed, every organ kept.
+// organs post-processed, every organ kept, the machine's memory as the budget.
 prosam_segment_params prosam_segment_default_params(void);
 
 // Loads a model file (its checksum verified). On success `*out_model` receives a model the

@@ -14,6 +14,7 @@ use std::sync::RwLock;
 
 use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
+use prosam_runtime::memory::{MemoryBudget, VolumeShape};
 use prosam_runtime::pipeline::Blend;
 use prosam_runtime::pipeline::postprocess::LabelOptions;
 use prosam_runtime::volume::{Affine, Volume};
@@ -37,6 +38,9 @@ pub enum prosam_status {
     Cancelled = 6,
     /// A bug in prosam (a caught panic); the process can continue.
     Internal = 7,
+    /// The call would need more memory than `prosam_segment_params.max_memory_bytes` (or the
+    /// machine has); refused before allocating.
+    OutOfMemory = 8,
 }
 
 /// Voxel types of `prosam_volume.voxel_type`, little-endian host values.
@@ -182,6 +186,10 @@ pub struct prosam_segment_params {
     /// prosam_model_label_name gives them) to keep; every other organ becomes background. NULL
     /// keeps all. Borrowed for the duration of the call only.
     pub organs: *const c_char,
+    /// The most memory the call may use, in bytes, checked from the volume's size before
+    /// anything is allocated (PROSAM_STATUS_OUT_OF_MEMORY beyond it). 0: the machine's physical
+    /// memory. Default 0.
+    pub max_memory_bytes: u64,
 }
 
 /// A loaded model: opaque. Create with prosam_model_load, release with prosam_model_free.
@@ -234,6 +242,7 @@ fn from_runtime(e: prosam_runtime::Error) -> Failure {
         R::Options(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } => prosam_status::InvalidArgument,
         R::Device(_) => prosam_status::Unsupported,
         R::Candle(_) => prosam_status::Internal,
+        R::Memory { .. } => prosam_status::OutOfMemory,
     };
     Failure(status, e.to_string())
 }
@@ -286,6 +295,7 @@ pub extern "C" fn prosam_status_name(status: i32) -> *const c_char {
         5 => c"PROSAM_STATUS_UNSUPPORTED",
         6 => c"PROSAM_STATUS_CANCELLED",
         7 => c"PROSAM_STATUS_INTERNAL",
+        8 => c"PROSAM_STATUS_OUT_OF_MEMORY",
         _ => c"unknown status",
     };
     name.as_ptr()
@@ -309,7 +319,7 @@ pub extern "C" fn prosam_model_default_params() -> prosam_model_params {
 }
 
 /// Defaults: overlap 0.5, gaussian blending, one window per pass, no progress callback, the solid
-/// organs post-processed, every organ kept.
+/// organs post-processed, every organ kept, the machine's memory as the budget.
 #[unsafe(no_mangle)]
 pub extern "C" fn prosam_segment_default_params() -> prosam_segment_params {
     prosam_segment_params {
@@ -320,6 +330,7 @@ pub extern "C" fn prosam_segment_default_params() -> prosam_segment_params {
         progress_user_data: std::ptr::null_mut(),
         postprocess: prosam_postprocess::Solid as i32,
         organs: std::ptr::null(),
+        max_memory_bytes: 0,
     }
 }
 
@@ -480,73 +491,144 @@ pub unsafe extern "C" fn prosam_model_metadata_json(
     })
 }
 
-/// Reads the caller's volume into HU, stored first axis fastest.
-///
-/// # Safety
-/// `v.data` must be readable at every offset the descriptor addresses.
-unsafe fn read_volume(v: &prosam_volume) -> Result<Volume, Failure> {
-    if v.data.is_null() {
-        return Err(invalid("prosam_segment: volume->data is NULL"));
+/// A caller's volume descriptor, checked: every offset [`gather`] computes fits in `isize`, and
+/// the values map to HU. Made without touching the voxels.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedVolume {
+    pub dims: [usize; 3],
+    strides: [i64; 3],
+    voxel_type: prosam_voxel_type,
+    slope: f64,
+    intercept: f64,
+    pub affine: Affine,
+    /// The lowest and highest element offsets the descriptor addresses.
+    pub span: (i64, i64),
+}
+
+impl CheckedVolume {
+    pub fn voxels(&self) -> usize {
+        self.dims.iter().product()
     }
+
+    pub fn element_size(&self) -> usize {
+        self.voxel_type.size()
+    }
+}
+
+impl prosam_voxel_type {
+    fn size(self) -> usize {
+        match self {
+            prosam_voxel_type::Uint8 => 1,
+            prosam_voxel_type::Int16 | prosam_voxel_type::Uint16 => 2,
+            prosam_voxel_type::Int32 | prosam_voxel_type::Float32 => 4,
+        }
+    }
+}
+
+/// Checks a volume descriptor (everything but the readability of its data, which only the
+/// caller can vouch for). Public for the fuzz target.
+#[doc(hidden)]
+pub fn check_volume(v: &prosam_volume) -> Result<CheckedVolume, String> {
+    if v.data.is_null() {
+        return Err("prosam_segment: volume->data is NULL".into());
+    }
+    let voxel_type = match v.voxel_type {
+        0 => prosam_voxel_type::Int16,
+        1 => prosam_voxel_type::Int32,
+        2 => prosam_voxel_type::Uint8,
+        3 => prosam_voxel_type::Uint16,
+        4 => prosam_voxel_type::Float32,
+        t => return Err(format!("prosam_segment: unknown voxel type {t}")),
+    };
     let mut dims = [0usize; 3];
     for a in 0..3 {
         if v.dims[a] <= 0 || v.dims[a] > i32::MAX as i64 {
-            return Err(invalid(format!("prosam_segment: volume->dims[{a}] = {} must be positive", v.dims[a])));
+            return Err(format!("prosam_segment: volume->dims[{a}] = {} must be positive", v.dims[a]));
         }
         if v.strides[a] == 0 {
-            return Err(invalid(format!("prosam_segment: volume->strides[{a}] is 0")));
+            return Err(format!("prosam_segment: volume->strides[{a}] is 0"));
         }
         dims[a] = v.dims[a] as usize;
     }
     let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= isize::MAX as usize / 8);
-    let count = count.ok_or_else(|| invalid(format!("prosam_segment: volume->dims {:?} are too large", v.dims)))?;
+    if count.is_none() {
+        return Err(format!("prosam_segment: volume->dims {:?} are too large", v.dims));
+    }
+    // The addressed range, in i128 so that no product wraps; then in bytes within isize.
+    let (mut low, mut high) = (0i128, 0i128);
+    for a in 0..3 {
+        let extent = (v.dims[a] as i128 - 1) * v.strides[a] as i128;
+        if extent < 0 { low += extent } else { high += extent }
+    }
+    let size = voxel_type.size() as i128;
+    if low * size < isize::MIN as i128 || (high + 1) * size > isize::MAX as i128 {
+        return Err(format!("prosam_segment: volume->strides {:?} address beyond any buffer", v.strides));
+    }
     if !(v.rescale_slope.is_finite() && v.rescale_slope != 0.0 && v.rescale_intercept.is_finite()) {
-        return Err(invalid(format!(
+        return Err(format!(
             "prosam_segment: rescale slope {} and intercept {} must be finite, the slope non-zero",
             v.rescale_slope, v.rescale_intercept
-        )));
+        ));
     }
     if v.affine.iter().any(|x| !x.is_finite()) {
-        return Err(invalid("prosam_segment: volume->affine has a NaN or infinite entry"));
+        return Err("prosam_segment: volume->affine has a NaN or infinite entry".into());
     }
     if v.affine[12..] != [0.0, 0.0, 0.0, 1.0] {
-        return Err(invalid(format!("prosam_segment: the affine's last row is {:?}, not 0 0 0 1", &v.affine[12..])));
+        return Err(format!("prosam_segment: the affine's last row is {:?}, not 0 0 0 1", &v.affine[12..]));
     }
     let rows = [0, 1, 2].map(|r| [v.affine[4 * r], v.affine[4 * r + 1], v.affine[4 * r + 2], v.affine[4 * r + 3]]);
     let affine = match v.affine_convention {
         0 => Affine::from_rows(rows),
         1 => Affine::from_rows(rows).lps_to_ras(),
-        c => return Err(invalid(format!("prosam_segment: unknown affine convention {c}"))),
+        c => return Err(format!("prosam_segment: unknown affine convention {c}")),
     };
     if affine.inverse().is_none() {
-        return Err(invalid("prosam_segment: the affine is singular"));
+        return Err("prosam_segment: the affine is singular".into());
     }
-    let (slope, intercept) = (v.rescale_slope, v.rescale_intercept);
-    let mut data = Vec::with_capacity(count);
+    Ok(CheckedVolume {
+        dims,
+        strides: v.strides,
+        voxel_type,
+        slope: v.rescale_slope,
+        intercept: v.rescale_intercept,
+        affine,
+        span: (low as i64, high as i64),
+    })
+}
+
+/// Copies the caller's voxels into HU, stored first axis fastest.
+///
+/// # Safety
+/// `data` must be readable at every element offset in `checked.span`.
+#[doc(hidden)]
+pub unsafe fn gather(data: *const c_void, checked: &CheckedVolume) -> Volume {
+    let CheckedVolume { dims, strides, slope, intercept, .. } = *checked;
+    let mut out = Vec::with_capacity(checked.voxels());
     macro_rules! gather {
         ($t:ty) => {{
-            let base = v.data as *const $t;
+            let base = data as *const $t;
             for k in 0..dims[2] as i64 {
                 for j in 0..dims[1] as i64 {
-                    let row = k * v.strides[2] + j * v.strides[1];
+                    let row = k * strides[2] + j * strides[1];
                     for i in 0..dims[0] as i64 {
-                        // SAFETY: the caller guarantees that every addressed element is readable.
-                        let raw = unsafe { base.offset((row + i * v.strides[0]) as isize).read_unaligned() };
-                        data.push((raw as f64 * slope + intercept) as f32);
+                        // SAFETY: the offset lies in the checked span, which the caller guarantees
+                        // readable.
+                        let raw = unsafe { base.offset((row + i * strides[0]) as isize).read_unaligned() };
+                        out.push((raw as f64 * slope + intercept) as f32);
                     }
                 }
             }
         }};
     }
-    match v.voxel_type {
-        0 => gather!(i16),
-        1 => gather!(i32),
-        2 => gather!(u8),
-        3 => gather!(u16),
-        4 => gather!(f32),
-        t => return Err(invalid(format!("prosam_segment: unknown voxel type {t}"))),
+    match checked.voxel_type {
+        prosam_voxel_type::Int16 => gather!(i16),
+        prosam_voxel_type::Int32 => gather!(i32),
+        prosam_voxel_type::Uint8 => gather!(u8),
+        prosam_voxel_type::Uint16 => gather!(u16),
+        prosam_voxel_type::Float32 => gather!(f32),
     }
-    Ok(Volume { dims, data, affine })
+    Volume { dims, data: out, affine: checked.affine }
 }
 
 /// Segments a volume into `labels`: one uint8 label per voxel, dense, first dimension fastest
@@ -612,8 +694,17 @@ pub unsafe extern "C" fn prosam_segment(
                 format!("prosam_segment: labels holds {labels_len} bytes, the volume {needed} voxels"),
             ));
         }
+        let checked = check_volume(volume).map_err(invalid)?;
+        let budget = match params.max_memory_bytes {
+            0 => MemoryBudget::machine(),
+            n => MemoryBudget::new(n),
+        };
+        let shape = VolumeShape { dims: checked.dims, affine: checked.affine, read_bytes: 4 * checked.voxels() as u64 };
+        budget
+            .check(model.segmenter.memory_need(&shape), || format!("prosam_segment: a {:?} volume", checked.dims))
+            .map_err(from_runtime)?;
         // SAFETY: forwarded contract on the volume's data.
-        let input = unsafe { read_volume(volume) }?;
+        let input = unsafe { gather(volume.data, &checked) };
         let segmenter = model.segmenter.with_options(options);
         let (callback, user_data) = (params.progress, params.progress_user_data as usize);
         let mut progress = move |done: usize, total: usize| -> bool {

@@ -32,11 +32,11 @@ fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A folder with libprosam.so and its SONAME link libprosam.so.1, as an install would have.
+/// A folder with libprosam.so and its SONAME link libprosam.so.2, as an install would have.
 fn shared_lib_dir(scratch: &Path) -> PathBuf {
     let lib = scratch.join("lib");
     std::fs::create_dir_all(&lib).unwrap();
-    for name in ["libprosam.so", "libprosam.so.1"] {
+    for name in ["libprosam.so", "libprosam.so.2"] {
         let link = lib.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(built_dir().join("libprosam.so"), &link).unwrap();
@@ -237,7 +237,7 @@ fn install_gives_pkg_config_and_cmake_packages() {
         .output()
         .unwrap();
     assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read_link(prefix.join("lib/libprosam.so.1")).unwrap(), Path::new("libprosam.so.0.1.0"));
+    assert_eq!(std::fs::read_link(prefix.join("lib/libprosam.so.2")).unwrap(), Path::new("libprosam.so.0.1.0"));
 
     let pc_path = prefix.join("lib/pkgconfig");
     let pkg = |flag: &str| {

@@ -8,10 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use prosam_models::format::{Metadata, ModelFile};
+use prosam_models::format::{Architecture, Metadata, ModelFile};
 use prosam_models::swin_unetr::SwinUnetr;
 
 use crate::device::{DeviceChoice, compute_dtype};
+use crate::memory::{self, VolumeShape};
 use crate::pipeline::sliding_window::{Accumulator, softmax_classes};
 use crate::pipeline::{Blend, WindowPlan, intensity};
 use crate::volume::resample::{labels_from_probabilities, resample_view, resampled_size};
@@ -86,6 +87,8 @@ pub struct Segmenter {
     /// What the network computes in ([`compute_dtype`]).
     dtype: DType,
     options: SegmentOptions,
+    /// The weights as computed with, plus the mapped file: what the model holds for its lifetime.
+    weights_bytes: u64,
 }
 
 impl Segmenter {
@@ -102,7 +105,9 @@ impl Segmenter {
         let file = ModelFile::open(model)?;
         let dtype = dtype.unwrap_or_else(|| compute_dtype(&device, file.metadata().precision));
         let net = file.swin_unetr(dtype, &device)?;
-        Ok(Self { net, metadata: file.metadata().clone(), device, dtype, options })
+        let elements: usize = file.tensor_infos()?.iter().map(|(_, _, shape)| shape.iter().product::<usize>()).sum();
+        let weights_bytes = (elements * dtype.size_in_bytes() + file.file_size()) as u64;
+        Ok(Self { net, metadata: file.metadata().clone(), device, dtype, options, weights_bytes })
     }
 
     pub fn device(&self) -> &Device {
@@ -129,7 +134,43 @@ impl Segmenter {
             device: self.device.clone(),
             dtype: self.dtype,
             options,
+            weights_bytes: self.weights_bytes,
         }
+    }
+
+    /// An upper estimate of the bytes a whole run on a volume of `shape` holds at its peak: the
+    /// read, [`Segmenter::segment`], postprocessing and writing the labels, with the weights.
+    /// Computed from the header alone, so that a run that cannot fit is refused before it
+    /// allocates.
+    pub fn memory_need(&self, shape: &VolumeShape) -> u64 {
+        let orientation = Orientation::to_ras(&shape.affine);
+        let oriented_dims = orientation.oriented_dims(shape.dims);
+        let old = orientation.oriented_affine(&shape.affine, shape.dims).spacing();
+        let new = self.metadata.spacing;
+        let model_dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]) as u64);
+        let roi = self.metadata.roi_size.map(|r| r as u64);
+        let stored = shape.voxels();
+        let model: u64 = model_dims.iter().fold(1, |a, &d| a.saturating_mul(d));
+        let padded: u64 = (0..3).map(|a| model_dims[a].max(roi[a])).fold(1, u64::saturating_mul);
+        let classes = self.metadata.labels.len() as u64;
+        let f32s = |n: u64| memory::bytes_of(n, 4);
+        let roi_voxels: u64 = roi.iter().product::<u64>() * self.options.batch as u64;
+        let preprocess = f32s(stored).saturating_add(f32s(model));
+        // The grid, its padded copy, the class accumulator with its weight sums, and one batch of
+        // windows through the network: its logits twice (tensor and copy) and the activations,
+        // measured at 20 + 8 * feature_size float32 ROI volumes (fs 12: 114, fs 24: 208) and
+        // counted as 24 + 10 * feature_size for the allocator's slack.
+        let Architecture::SwinUnetr(config) = &self.metadata.architecture;
+        let network = f32s(roi_voxels * (24 + 2 * classes + 10 * config.feature_size as u64));
+        let infer = f32s(model).saturating_add(f32s(padded).saturating_mul(classes + 2)).saturating_add(network);
+        // Probabilities and the grid while the labels are filled in.
+        let restore = f32s(model).saturating_mul(classes + 1).saturating_add(stored);
+        // Cleaning an organ whose box is the whole volume: a component id and an organ flag per
+        // voxel and the flood-fill stack; then writing copies the labels once.
+        let postprocess = stored.saturating_mul(1 + 4 + 1 + 8);
+        let stages = [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes + stored];
+        let peak = stages.into_iter().max().unwrap_or(0);
+        peak.saturating_add(self.weights_bytes)
     }
 
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("invalid options: {0}")]
     Options(String),
 
+    /// A run that would need more memory than its budget.
+    #[error("{what} needs about {}, over the memory budget of {}", crate::memory::format_bytes(*need), crate::memory::MemoryBudget::new(*budget))]
+    Memory { what: String, need: u64, budget: u64 },
+
     /// A `.npy` file that is not a readable NumPy array of a supported kind.
     #[error("{}: {reason}", path.display())]
     Npy { path: PathBuf, reason: String },

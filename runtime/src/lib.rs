@@ -4,11 +4,13 @@
 //! - [`pipeline`]: intensity transform and sliding-window inference;
 //! - [`device`]: the CPU, CUDA and Metal, as this build has them;
 //! - [`engine`]: [`engine::Segmenter`], the whole pipeline behind `prosam segment`;
+//! - [`memory`]: the memory budget, checked from headers before voxels are read;
 //! - [`npy`] for the raw-network commands and [`resources`] for memory figures.
 
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod memory;
 pub mod npy;
 pub mod pipeline;
 pub mod resources;

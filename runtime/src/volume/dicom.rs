@@ -15,6 +15,7 @@ use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 use rayon::prelude::*;
 
 use super::{Affine, Volume};
+use crate::memory::{self, Admit, MemoryBudget, VolumeShape};
 use crate::{Error, Result};
 
 /// Relative tolerance for pixel spacing, orientation and slice spacing to count as equal.
@@ -520,9 +521,9 @@ impl Scan {
     }
 }
 
-/// Decodes one slice's pixels as stored values (no modality LUT) and maps them to HU with its
-/// own slope and intercept.
-fn decode_slice(slice: &Slice) -> std::result::Result<Vec<f32>, String> {
+/// Decodes one slice's pixels as stored values (no modality LUT), maps them to HU with its own
+/// slope and intercept, and writes them into `out` (`columns x rows`, rows bottom to top).
+fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), String> {
     let obj = dicom_object::open_file(&slice.path).map_err(|e| format!("cannot read: {e}"))?;
     let decoded = obj
         .decode_pixel_data()
@@ -539,30 +540,52 @@ fn decode_slice(slice: &Slice) -> std::result::Result<Vec<f32>, String> {
     let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     let raw: Vec<f64> =
         decoded.to_vec_with_options(&options).map_err(|e| format!("cannot convert the pixel data: {e}"))?;
-    if raw.len() != slice.rows * slice.columns {
+    let (nx, ny) = (slice.columns, slice.rows);
+    if raw.len() != nx * ny {
         return Err(format!("{} pixel values for a {} x {} image", raw.len(), slice.rows, slice.columns));
     }
-    Ok(raw.into_iter().map(|v| (v * slice.slope + slice.intercept) as f32).collect())
+    for j in 0..ny {
+        let row = &raw[(ny - 1 - j) * nx..(ny - j) * nx];
+        for (o, &v) in out[j * nx..(j + 1) * nx].iter_mut().zip(row) {
+            *o = (v * slice.slope + slice.intercept) as f32;
+        }
+    }
+    Ok(())
 }
 
-/// Reads a series to a volume in HU, after checking that it is one (see [`Series::geometry`]).
+/// Bytes one slice decode holds at its peak: the file's elements, the decoded pixels and their
+/// float64 copy, with room for 32-bit samples.
+fn slice_decode_bytes(slice: &Slice) -> u64 {
+    let pixels = (slice.rows as u64) * (slice.columns as u64) * slice.samples_per_pixel.max(1) as u64;
+    let file = std::fs::metadata(&slice.path).map_or(0, |m| m.len());
+    file + pixels * (4 + 4 + 8)
+}
+
+/// Reads a series to a volume in HU, after checking that it is one (see [`Series::geometry`]),
+/// within the machine's memory.
 pub fn read_series(folder: &Path, series: &Series) -> Result<DicomInput> {
+    read_series_admitting(folder, series, &memory::admit_read(MemoryBudget::machine()))
+}
+
+/// As [`read_series`], asking `admit` before any pixel data is read or decoded.
+pub fn read_series_admitting(folder: &Path, series: &Series, admit: Admit) -> Result<DicomInput> {
     let geometry = series.geometry().map_err(|problems| {
         bad(folder, format!("series {} cannot be read as one volume: {}", series.label(), problems.join("; ")))
     })?;
     let [nx, ny, nz] = geometry.dims;
-    let slices: Vec<Vec<f32>> = geometry
-        .order
-        .par_iter()
-        .map(|&i| decode_slice(&series.slices[i]).map_err(|e| bad(&series.slices[i].path, e)))
-        .collect::<Result<_>>()?;
-    let mut data = vec![0f32; nx * ny * nz];
-    for (k, pixels) in slices.iter().enumerate() {
-        for j in 0..ny {
-            let row = ny - 1 - j;
-            data[(k * ny + j) * nx..(k * ny + j + 1) * nx].copy_from_slice(&pixels[row * nx..(row + 1) * nx]);
-        }
-    }
+    let voxels = (nx as u64).saturating_mul(ny as u64).saturating_mul(nz as u64);
+    let in_flight = rayon::current_num_threads().min(nz) as u64;
+    let per_slice = series.slices.iter().map(slice_decode_bytes).max().unwrap_or(0);
+    let read_bytes = memory::bytes_of(voxels, 4).saturating_add(in_flight.saturating_mul(per_slice));
+    admit(&VolumeShape { dims: geometry.dims, affine: geometry.affine, read_bytes })?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(nx * ny * nz).map_err(|_| {
+        bad(folder, format!("cannot allocate {} for the series", memory::format_bytes(memory::bytes_of(voxels, 4))))
+    })?;
+    data.resize(nx * ny * nz, 0f32);
+    data.par_chunks_mut(nx * ny)
+        .zip(geometry.order.par_iter())
+        .try_for_each(|(out, &i)| decode_slice(&series.slices[i], out).map_err(|e| bad(&series.slices[i].path, e)))?;
     Ok(DicomInput {
         volume: Volume { dims: geometry.dims, data, affine: geometry.affine },
         series: series.clone(),
@@ -572,7 +595,12 @@ pub fn read_series(folder: &Path, series: &Series) -> Result<DicomInput> {
 
 /// Finds the series in `folder` ([`Scan::select`]) and reads it.
 pub fn read(folder: &Path, select: Option<&str>) -> Result<DicomInput> {
+    read_admitting(folder, select, &memory::admit_read(MemoryBudget::machine()))
+}
+
+/// As [`read`], asking `admit` before any pixel data is read or decoded.
+pub fn read_admitting(folder: &Path, select: Option<&str>, admit: Admit) -> Result<DicomInput> {
     let scan = scan(folder)?;
     let series = scan.select(select)?;
-    read_series(folder, series)
+    read_series_admitting(folder, series, admit)
 }

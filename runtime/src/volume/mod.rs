@@ -41,10 +41,10 @@ pub enum CtInput {
 
 impl CtInput {
     /// Reads a NIfTI-1 file or a folder holding a DICOM series (`series` picks one of several; see
-    /// [`dicom::Scan::select`]).
-    pub fn read(path: &std::path::Path, series: Option<&str>) -> crate::Result<CtInput> {
+    /// [`dicom::Scan::select`]), asking `admit` before allocating for the voxels.
+    pub fn read(path: &std::path::Path, series: Option<&str>, admit: crate::memory::Admit) -> crate::Result<CtInput> {
         if path.is_dir() {
-            return Ok(CtInput::Dicom(dicom::read(path, series)?));
+            return Ok(CtInput::Dicom(dicom::read_admitting(path, series, admit)?));
         }
         if is_dicom_file(path) {
             return Err(crate::Error::Dicom {
@@ -55,7 +55,7 @@ impl CtInput {
         if series.is_some() {
             return Err(crate::Error::Options(format!("{}: --series applies to a DICOM folder", path.display())));
         }
-        Ok(CtInput::Nifti(nifti::read(path)?))
+        Ok(CtInput::Nifti(nifti::read_admitting(path, admit)?))
     }
 
     pub fn volume(&self) -> &Volume {

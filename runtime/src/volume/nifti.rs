@@ -4,11 +4,13 @@
 //! malformed headers (qform with a bad qfac or quaternion) and scales with a NaN slope, so prosam
 //! computes the affine and the scaling itself and hands the crate only the raw bytes to read.
 
+use std::io::{BufRead, Read};
 use std::path::Path;
 
-use nifti::{Endianness, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
+use nifti::{Endianness, NiftiHeader, NiftiType};
 
 use super::{Affine, Volume};
+use crate::memory::{self, Admit, MemoryBudget, VolumeShape};
 use crate::{Error, Result};
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -167,12 +169,44 @@ fn decode<const N: usize>(
         .collect()
 }
 
-/// Reads a NIfTI-1 file (`.nii` or `.nii.gz`) into HU.
+/// Reads a NIfTI-1 file (`.nii` or `.nii.gz`) into HU, within the machine's memory.
 pub fn read(path: &Path) -> Result<NiftiInput> {
+    read_admitting(path, &memory::admit_read(MemoryBudget::machine()))
+}
+
+/// Reads a NIfTI-1 file, asking `admit` before allocating for the voxels.
+pub fn read_admitting(path: &Path, admit: Admit) -> Result<NiftiInput> {
     if !path.is_file() {
         return Err(bad(path, "no such file"));
     }
-    let header = NiftiHeader::from_file(path).map_err(|e| bad(path, format!("not a readable NIfTI-1 file: {e}")))?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    read_from(std::io::BufReader::new(file), path, admit)
+}
+
+/// Extensions larger than this are refused: skipping them costs time for nothing prosam uses.
+const MAX_VOX_OFFSET: f64 = (1u64 << 30) as f64;
+
+/// Reads a NIfTI-1 image from `source`, gzip-compressed or not (told apart by its first bytes, not
+/// by a name); `path` names it in errors. Only the bytes the header declares are decompressed.
+pub fn read_from(mut source: impl BufRead, path: &Path, admit: Admit) -> Result<NiftiInput> {
+    let head = source.fill_buf().map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        read_stream(std::io::BufReader::new(flate2::bufread::GzDecoder::new(source)), path, admit)
+    } else {
+        read_stream(source, path, admit)
+    }
+}
+
+fn read_stream(mut source: impl Read, path: &Path, admit: Admit) -> Result<NiftiInput> {
+    let header = NiftiHeader::from_reader(&mut source)
+        .map_err(|e| bad(path, format!("not a readable NIfTI-1 file: {}", io_reason(&e.to_string()))))?;
+    match &header.magic {
+        b"n+1\0" => {}
+        b"ni1\0" => {
+            return Err(bad(path, "a header-only NIfTI (.hdr with its voxels in a .img file); save it as one .nii"));
+        }
+        m => return Err(bad(path, format!("not a NIfTI-1 file (magic {m:?}, expected \"n+1\")"))),
+    }
     let dims = spatial_dims(&header).map_err(|e| bad(path, e))?;
     let dtype = header.data_type().map_err(|_| bad(path, format!("unknown datatype code {}", header.datatype)))?;
     let size = element_size(dtype).ok_or_else(|| {
@@ -180,40 +214,57 @@ pub fn read(path: &Path) -> Result<NiftiInput> {
     })?;
     let (affine, _) = header_affine(&header, dims).map_err(|e| bad(path, e))?;
     let scale = scaling(&header).map_err(|e| bad(path, e))?;
-    let voxels = dims
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(path, "the dimensions overflow"))?;
+    let offset = header.vox_offset as f64;
+    if !(offset.is_finite() && (348.0..=MAX_VOX_OFFSET).contains(&offset)) {
+        return Err(bad(path, format!("vox_offset {offset} is not between 348 and {MAX_VOX_OFFSET}")));
+    }
+    let voxels = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let voxels = voxels.ok_or_else(|| bad(path, "the dimensions overflow"))?;
+    let need = voxels * size as u64;
+    admit(&VolumeShape { dims, affine, read_bytes: need + memory::bytes_of(voxels, 4) })?;
+    let need =
+        usize::try_from(need).map_err(|_| bad(path, "the voxel data is larger than this machine can address"))?;
 
-    let object = ReaderOptions::new().read_file(path).map_err(|e| {
-        let text = e.to_string();
-        if text.contains("UnexpectedEof") || text.contains("unexpected end") || text.contains("failed to fill") {
-            bad(path, format!("truncated file: {text}"))
-        } else {
-            bad(path, format!("cannot read the voxel data: {text}"))
-        }
-    })?;
-    let raw = object.into_volume().into_raw_data();
-    let need = voxels * size;
+    let skip = offset as u64 - 348;
+    let skipped = std::io::copy(&mut (&mut source).take(skip), &mut std::io::sink())
+        .map_err(|e| bad(path, format!("cannot read the extensions: {}", io_reason(&e.to_string()))))?;
+    if skipped < skip {
+        return Err(bad(path, format!("truncated file: it ends before the voxel data at vox_offset {offset}")));
+    }
+    let mut raw = Vec::new();
+    raw.try_reserve_exact(need)
+        .map_err(|_| bad(path, format!("cannot allocate {} for the voxel data", memory::format_bytes(need as u64))))?;
+    (&mut source)
+        .take(need as u64)
+        .read_to_end(&mut raw)
+        .map_err(|e| bad(path, format!("cannot read the voxel data: {}", io_reason(&e.to_string()))))?;
     if raw.len() < need {
         return Err(bad(
             path,
             format!("truncated voxel data: {} bytes for {dims:?} of {dtype:?}, expected {need}", raw.len()),
         ));
     }
-    let raw = &raw[..need];
     let big = header.endianness == Endianness::Big;
     let data = match dtype {
-        NiftiType::Uint8 => decode::<1>(raw, big, |b| b[0] as f64, scale),
-        NiftiType::Int8 => decode::<1>(raw, big, |b| b[0] as i8 as f64, scale),
-        NiftiType::Int16 => decode::<2>(raw, big, |b| i16::from_le_bytes(b) as f64, scale),
-        NiftiType::Uint16 => decode::<2>(raw, big, |b| u16::from_le_bytes(b) as f64, scale),
-        NiftiType::Int32 => decode::<4>(raw, big, |b| i32::from_le_bytes(b) as f64, scale),
-        NiftiType::Float32 => decode::<4>(raw, big, |b| f32::from_le_bytes(b) as f64, scale),
-        NiftiType::Float64 => decode::<8>(raw, big, f64::from_le_bytes, scale),
+        NiftiType::Uint8 => decode::<1>(&raw, big, |b| b[0] as f64, scale),
+        NiftiType::Int8 => decode::<1>(&raw, big, |b| b[0] as i8 as f64, scale),
+        NiftiType::Int16 => decode::<2>(&raw, big, |b| i16::from_le_bytes(b) as f64, scale),
+        NiftiType::Uint16 => decode::<2>(&raw, big, |b| u16::from_le_bytes(b) as f64, scale),
+        NiftiType::Int32 => decode::<4>(&raw, big, |b| i32::from_le_bytes(b) as f64, scale),
+        NiftiType::Float32 => decode::<4>(&raw, big, |b| f32::from_le_bytes(b) as f64, scale),
+        NiftiType::Float64 => decode::<8>(&raw, big, f64::from_le_bytes, scale),
         _ => unreachable!("element_size accepted only the types above"),
     };
     Ok(NiftiInput { volume: Volume { dims, data, affine }, header })
+}
+
+/// An I/O error's text, with a short end of the stream called truncation.
+fn io_reason(text: &str) -> String {
+    if text.contains("UnexpectedEof") || text.contains("unexpected end") || text.contains("failed to fill") {
+        format!("truncated file ({text})")
+    } else {
+        text.to_string()
+    }
 }
 
 /// Writes a uint8 label map `labels` (stored order, `dims`) with `reference`'s geometry (sform,

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
+use prosam_runtime::memory::{MemoryBudget, VolumeShape};
 use prosam_runtime::pipeline::Blend;
 use prosam_runtime::pipeline::postprocess::{LabelOptions, label_stats};
 use prosam_runtime::resources;
@@ -55,6 +56,10 @@ pub struct Args {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
+    /// Refuse, before reading the voxels, a CT whose run would need more memory than this
+    /// (4G, 512M, ...; default: the machine's physical memory).
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
 }
 
 /// What an output path is, by its name.
@@ -120,6 +125,10 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         "a DICOM-SEG output needs a DICOM series as input (a folder); {} is not one",
         args.input.display()
     );
+    let budget = match &args.max_memory {
+        Some(text) => MemoryBudget::parse(text).map_err(|e| anyhow::anyhow!("--max-memory: {e}"))?,
+        None => MemoryBudget::machine(),
+    };
     let blend: Blend = args.blend.parse().map_err(anyhow::Error::msg)?;
     let options = SegmentOptions { overlap: args.overlap, blend, batch: args.batch };
 
@@ -128,7 +137,13 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
     let meta = segmenter.metadata().clone();
     let label_options = LabelOptions::parse(&args.postprocess, args.organs.as_deref(), &meta.labels)
         .context("--postprocess / --organs")?;
-    let mut input = CtInput::read(&args.input, args.series.as_deref())?;
+    let admit = |shape: &VolumeShape| {
+        budget.check(segmenter.memory_need(shape), || {
+            let [x, y, z] = shape.dims;
+            format!("{}: segmenting {x} x {y} x {z} voxels", args.input.display())
+        })
+    };
+    let mut input = CtInput::read(&args.input, args.series.as_deref(), &admit)?;
     let read_s = t_read.elapsed().as_secs_f64();
     if let CtInput::Dicom(d) = &input
         && !quiet
@@ -179,7 +194,7 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
     // The CT's HU for the statistics: read again rather than kept through inference, which
     // would hold a second copy of the volume at the peak.
     let ct = if args.stats.is_some() || args.json {
-        Some(CtInput::read(&args.input, args.series.as_deref())?)
+        Some(CtInput::read(&args.input, args.series.as_deref(), &admit)?)
     } else {
         None
     };
