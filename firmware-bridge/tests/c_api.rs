@@ -139,6 +139,16 @@ fn four_threads_share_one_model() {
 }
 
 #[test]
+fn soak_four_threads_fifty_calls_each() {
+    let dir = common::scratch_dir("c_api_soak");
+    let model = tiny_model(&dir);
+    let volume = small_volume(&dir);
+    let exe = compile(&crate_dir().join("tests/c/soak.c"), Linkage::Shared, &dir, &[]);
+    let out = run(&exe, &[s(&model), s(&volume), "40", "20", "20", "1.5", "50"]);
+    assert!(out.status.success(), "the soak test failed: outputs differed or the RSS grew");
+}
+
+#[test]
 fn memcheck_finds_no_invalid_access_and_no_leak() {
     if Command::new("valgrind").arg("--version").output().is_err() {
         eprintln!("SKIPPED: valgrind is not installed (scripts/install-deps.sh installs it)");

@@ -1,6 +1,7 @@
 //! Output files written whole or not at all: each is written to a temporary file in the target
-//! folder and renamed over the destination, so a reader never sees a partial file. Temporary
-//! files in flight are registered, so that an interrupted process (Ctrl-C) can remove them.
+//! folder, synced, and renamed over the destination, so a reader never sees a partial file.
+//! Temporary files in flight are registered, so that an interrupted process (Ctrl-C) can remove
+//! them; those of a process killed outright are removed by the next write in that folder.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -24,19 +25,63 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
         _ => PathBuf::from("."),
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    Ok(dir.join(format!(".prosam-tmp-{}-{n}{suffix}", std::process::id())))
+    Ok(dir.join(format!("{}{}-{n}{suffix}", TEMP_PREFIXES[0], std::process::id())))
 }
 
-/// Runs `write` on a temporary path beside `path`, then renames it to `path`. On any error the
-/// temporary file is removed and the destination is left as it was.
+/// Prefixes of the files prosam makes beside its outputs, each followed by the writing process's
+/// id: temporary outputs, and the write probe of `prosam segment`.
+pub const TEMP_PREFIXES: [&str; 2] = [".prosam-tmp-", ".prosam-probe-"];
+
+/// Whether process `pid` is alive, where that can be known (Linux `/proc`); elsewhere every
+/// process counts as alive, so nothing of another run's is ever removed.
+fn process_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes from `dir` the temporary files of prosam processes that no longer run: what a run
+/// killed while writing (SIGKILL, power loss) left behind. Files of live processes stay.
+pub fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = TEMP_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Flushes a folder's entries to disk, so that a rename in it survives a power cut.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Runs `write` on a temporary path beside `path`, then makes it durable and renames it to
+/// `path`: a reader, or the next boot after a power cut, sees the old file or the new one, never
+/// a part. On any error the temporary file is removed and the destination is left as it was.
+/// Temporary files that killed runs left in the folder are removed first.
 pub fn write_via_temp(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let tmp = temp_path(path)?;
+    let dir = tmp.parent().map(Path::to_path_buf).unwrap_or_default();
+    remove_stale(&dir);
     IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner()).push(tmp.clone());
     let result = write(&tmp).and_then(|()| {
         if !tmp.is_file() {
             return Err(std::io::Error::other(format!("the writer did not create {}", tmp.display())));
         }
-        std::fs::rename(&tmp, path)
+        std::fs::OpenOptions::new().write(true).open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(&dir)
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -31,7 +31,7 @@ enum Elem {
 
 impl Elem {
     fn parse(descr: &str) -> Option<Self> {
-        let (order, code) = descr.split_at(1);
+        let (order, code) = (descr.get(..1)?, descr.get(1..)?);
         let little = matches!(order, "<" | "|" | "=");
         match (little, code) {
             (true, "f4") => Some(Elem::F32),
@@ -265,5 +265,8 @@ mod tests {
         assert!(err(&long).contains("trailing"));
         let big_endian = patch(good.clone(), "<f4", ">f4");
         assert!(err(&big_endian).contains("unsupported dtype"));
+        // Found by the fuzzer: a descr that is empty or starts with a multi-byte character.
+        assert!(err(&patch(good.clone(), "'<f4'", "'\u{e9} '")).contains("unsupported dtype"));
+        assert!(err(&patch(good.clone(), "'<f4'", "''   ")).contains("unsupported dtype"));
     }
 }

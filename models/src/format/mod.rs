@@ -74,8 +74,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> s
     crate::temp_file::write_via_temp(path, |tmp| {
         let mut f = std::fs::File::create(tmp)?;
         write(&mut f)?;
-        f.flush()?;
-        f.sync_all()
+        f.flush()
     })
 }
 

@@ -525,8 +525,10 @@ impl Scan {
 /// slope and intercept, and writes them into `out` (`columns x rows`, rows bottom to top).
 fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), String> {
     let obj = dicom_object::open_file(&slice.path).map_err(|e| format!("cannot read: {e}"))?;
-    let decoded = obj
-        .decode_pixel_data()
+    // The decoders are third-party code that can panic on corrupt data (dicom-rs 0.10's RLE
+    // decoder unwraps a short segment); a bad file must be an error, not a crash.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+        .map_err(|_| format!("the pixel data is corrupt (its {} decoder failed)", slice.transfer_syntax))?
         .map_err(|e| format!("cannot decode the pixel data (transfer syntax {}): {e}", slice.transfer_syntax))?;
     if (decoded.rows() as usize, decoded.columns() as usize) != (slice.rows, slice.columns) {
         return Err(format!(
@@ -539,7 +541,9 @@ fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), Strin
     }
     let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     let raw: Vec<f64> =
-        decoded.to_vec_with_options(&options).map_err(|e| format!("cannot convert the pixel data: {e}"))?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoded.to_vec_with_options(&options)))
+            .map_err(|_| "the pixel data is corrupt (its conversion failed)".to_string())?
+            .map_err(|e| format!("cannot convert the pixel data: {e}"))?;
     let (nx, ny) = (slice.columns, slice.rows);
     if raw.len() != nx * ny {
         return Err(format!("{} pixel values for a {} x {} image", raw.len(), slice.rows, slice.columns));
@@ -559,6 +563,18 @@ fn slice_decode_bytes(slice: &Slice) -> u64 {
     let pixels = (slice.rows as u64) * (slice.columns as u64) * slice.samples_per_pixel.max(1) as u64;
     let file = std::fs::metadata(&slice.path).map_or(0, |m| m.len());
     file + pixels * (4 + 4 + 8)
+}
+
+impl Slice {
+    /// This slice's pixels in HU (`columns x rows`, rows bottom to top), decoded on their own
+    /// once `budget` admits the decode.
+    pub fn pixels_hu(&self, budget: MemoryBudget) -> Result<Vec<f32>> {
+        let need = slice_decode_bytes(self) + 4 * (self.rows * self.columns) as u64;
+        budget.check(need, || format!("{}: decoding a {} x {} slice", self.path.display(), self.columns, self.rows))?;
+        let mut out = vec![0f32; self.rows * self.columns];
+        decode_slice(self, &mut out).map_err(|e| bad(&self.path, e))?;
+        Ok(out)
+    }
 }
 
 /// Reads a series to a volume in HU, after checking that it is one (see [`Series::geometry`]),

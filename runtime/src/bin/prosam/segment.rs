@@ -86,7 +86,7 @@ fn check_output(output: &Path) -> anyhow::Result<OutputKind> {
     if !dir.is_dir() {
         bail!("{}: the output folder {} does not exist", output.display(), dir.display());
     }
-    let probe = dir.join(format!(".prosam-probe-{}", std::process::id()));
+    let probe = dir.join(format!("{}{}", prosam_models::temp_file::TEMP_PREFIXES[1], std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write in {}", output.display(), dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(kind)
