@@ -19,6 +19,10 @@ use crate::volume::resample::{labels_from_probabilities, resample_view, resample
 use crate::volume::{Affine, Orientation, Volume};
 use crate::{Error, Result};
 
+/// What a process holds besides its data: code, thread stacks, the allocator's arenas (measured
+/// at 20 to 40 MiB for `prosam segment`).
+const PROCESS_OVERHEAD_BYTES: u64 = 64 << 20;
+
 /// Sliding-window settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SegmentOptions {
@@ -170,7 +174,7 @@ impl Segmenter {
         let postprocess = stored.saturating_mul(1 + 4 + 1 + 8);
         let stages = [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes + stored];
         let peak = stages.into_iter().max().unwrap_or(0);
-        peak.saturating_add(self.weights_bytes)
+        peak.saturating_add(self.weights_bytes).saturating_add(PROCESS_OVERHEAD_BYTES)
     }
 
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.

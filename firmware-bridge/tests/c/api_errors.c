@@ -114,6 +114,10 @@ int main(int argc, char **argv) {
     expect("segment unknown postprocess", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "postprocess 3");
     bad = sp; bad.organs = "liver,lungs";
     expect("segment unknown organ", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "\"lungs\"");
+    v = good; v.strides[2] = INT64_MAX / 8;
+    expect("segment strides past any buffer", prosam_segment(model, &v, &sp, labels, n), PROSAM_STATUS_INVALID_ARGUMENT, "strides");
+    bad = sp; bad.max_memory_bytes = 1 << 20;
+    expect("segment over the memory budget", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_OUT_OF_MEMORY, "memory budget of 1.00 MiB");
     bad = sp; bad.organs = "liver,spleen"; bad.postprocess = PROSAM_POSTPROCESS_ALL;
     expect("segment organ subset", prosam_segment(model, &good, &bad, labels, n), PROSAM_STATUS_OK, NULL);
     for (size_t i = 0; i < n; i++) {
@@ -128,6 +132,7 @@ int main(int argc, char **argv) {
     expect("panic inside Rust", prosam_internal_test_panic(), PROSAM_STATUS_INTERNAL, "internal error");
     expect("segment after a panic", prosam_segment(model, &good, NULL, labels, n), PROSAM_STATUS_OK, NULL);
     if (strcmp(prosam_status_name(PROSAM_STATUS_CANCELLED), "PROSAM_STATUS_CANCELLED") != 0 ||
+        strcmp(prosam_status_name(PROSAM_STATUS_OUT_OF_MEMORY), "PROSAM_STATUS_OUT_OF_MEMORY") != 0 ||
         strcmp(prosam_status_name(1234), "unknown status") != 0) {
         fprintf(stderr, "FAIL status names\n");
         failures++;

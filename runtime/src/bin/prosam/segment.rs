@@ -137,8 +137,11 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
     let meta = segmenter.metadata().clone();
     let label_options = LabelOptions::parse(&args.postprocess, args.organs.as_deref(), &meta.labels)
         .context("--postprocess / --organs")?;
+    let estimate = std::cell::Cell::new(0u64);
     let admit = |shape: &VolumeShape| {
-        budget.check(segmenter.memory_need(shape), || {
+        let need = segmenter.memory_need(shape);
+        estimate.set(estimate.get().max(need));
+        budget.check(need, || {
             let [x, y, z] = shape.dims;
             format!("{}: segmenting {x} x {y} x {z} voxels", args.input.display())
         })
@@ -236,13 +239,14 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
             "postprocess": cleaned,
             "dicom_seg": seg_summary,
             "peak_rss_mib": peak,
+            "memory_estimate_mib": estimate.get() as f64 / (1u64 << 20) as f64,
             "organs": stats,
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     if !quiet {
         eprintln!(
-            "{} -> {}: read {read_s:.2} s, preprocess {:.2} s, infer {:.2} s ({} windows), restore {:.2} s, postprocess {post_s:.2} s, write {write_s:.2} s; peak RSS {}",
+            "{} -> {}: read {read_s:.2} s, preprocess {:.2} s, infer {:.2} s ({} windows), restore {:.2} s, postprocess {post_s:.2} s, write {write_s:.2} s; peak RSS {} (estimated {})",
             args.input.display(),
             args.output.display(),
             t.preprocess.as_secs_f64(),
@@ -250,6 +254,7 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
             result.windows,
             t.restore.as_secs_f64(),
             peak.map_or("?".into(), |m| format!("{m:.0} MiB")),
+            prosam_runtime::memory::format_bytes(estimate.get()),
         );
     }
     Ok(())
