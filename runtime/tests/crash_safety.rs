@@ -5,46 +5,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use prosam_models::format::Metadata;
-use prosam_models::swin_unetr::Config;
 use prosam_runtime::volume::nifti;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// A random-weight fs 12 student with the smallest window and a coarse 4 mm grid: about a
-/// second per run, most of it spent on the CT's own grid (reading, restoring, writing).
-fn coarse_model(dir: &Path) -> PathBuf {
-    let cfg = Config::tiny();
-    let tensors = common::random_weights(&cfg, 0.05);
-    let metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 32, 32], ..Metadata::btcv("coarse", cfg) };
-    let path = dir.join("coarse.safetensors");
-    prosam_models::format::save(&path, metadata, &tensors).unwrap();
-    path
-}
-
-/// A 192 x 192 x 96 CT at 0.8 x 0.8 x 1 mm of smooth blobs, so that the label map is not one
-/// class and compresses like a real one.
-fn large_ct(dir: &Path) -> PathBuf {
-    let dims = [192, 192, 96];
-    let mut data = Vec::with_capacity(dims.iter().product());
-    for k in 0..dims[2] {
-        for j in 0..dims[1] {
-            for i in 0..dims[0] {
-                let (x, y, z) = (i as f32 / 20.0, j as f32 / 17.0, k as f32 / 11.0);
-                data.push(300.0 * (x.sin() * y.cos() + (z + x * 0.3).sin()) - 100.0);
-            }
-        }
-    }
-    let rows = [[0.8, 0.0, 0.0, -100.0], [0.0, 0.8, 0.0, -100.0], [0.0, 0.0, 1.0, -60.0]];
-    let path = dir.join("ct.nii");
-    common::write_nifti_f32(&path, dims, &data, rows);
-    path
 }
 
 fn segment(model: &Path, ct: &Path, out: &Path, stats: &Path, threads: &str) -> Command {
@@ -86,8 +54,9 @@ fn kill(child: &mut Child) {
 #[test]
 fn sigkill_leaves_nothing_or_a_whole_file() {
     let dir = common::scratch_dir("crash_safety");
-    let model = coarse_model(&dir);
-    let ct = large_ct(&dir);
+    let model = common::coarse_model(&dir);
+    let ct = dir.join("ct.nii");
+    common::blob_ct(&ct);
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out = out_dir.join("seg.nii.gz");
@@ -150,8 +119,9 @@ fn sigkill_leaves_nothing_or_a_whole_file() {
 #[test]
 fn outputs_are_byte_identical_across_runs_and_thread_counts() {
     let dir = common::scratch_dir("determinism");
-    let model = coarse_model(&dir);
-    let ct = large_ct(&dir);
+    let model = common::coarse_model(&dir);
+    let ct = dir.join("ct.nii");
+    common::blob_ct(&ct);
     let mut outputs = Vec::new();
     for (run, threads) in ["1", "2", "2", "1"].iter().enumerate() {
         let out = dir.join(format!("seg{run}.nii.gz"));

@@ -5,12 +5,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use prosam_models::format::Metadata;
-use prosam_models::swin_unetr::Config;
 use prosam_runtime::memory::{MemoryBudget, admit_read};
 use prosam_runtime::volume::{dicom, nifti};
 
@@ -21,15 +19,6 @@ fn s(p: &Path) -> &str {
 fn prosam(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_prosam")).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn coarse_model(dir: &Path) -> PathBuf {
-    let cfg = Config::tiny();
-    let tensors = common::random_weights(&cfg, 0.05);
-    let metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 32, 32], ..Metadata::btcv("coarse", cfg) };
-    let path = dir.join("coarse.safetensors");
-    prosam_models::format::save(&path, metadata, &tensors).unwrap();
-    path
 }
 
 /// A NIfTI-1 header (int16, 1 mm, sform) for `dims`, followed by `data`.
@@ -68,7 +57,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn impossible_headers_are_refused_before_allocating() {
     let dir = common::scratch_dir("memory_budget_headers");
-    let model = coarse_model(&dir);
+    let model = common::coarse_model(&dir);
     // 65535^3 int16 voxels: 512 TiB claimed by a 352-byte file (plain and compressed).
     let huge = dir.join("huge.nii");
     std::fs::write(&huge, nifti_bytes([65535; 3], &[])).unwrap();
@@ -144,17 +133,10 @@ fn dicom_series_are_checked_before_their_pixels_are_decoded() {
 #[test]
 fn the_estimate_bounds_the_peak_of_a_real_run() {
     let dir = common::scratch_dir("memory_budget_estimate");
-    let model = coarse_model(&dir);
-    // 192 x 192 x 96 at 0.8 mm: the CT's own grid dominates (reading, restoring, cleaning).
-    let dims = [192usize, 192, 96];
-    let data: Vec<f32> = (0..dims.iter().product::<usize>())
-        .map(|v| {
-            let (i, j, k) = (v % 192, v / 192 % 192, v / (192 * 192));
-            300.0 * ((i as f32 / 20.0).sin() * (j as f32 / 17.0).cos() + (k as f32 / 11.0).sin()) - 100.0
-        })
-        .collect();
+    let model = common::coarse_model(&dir);
+    // The CT's own grid dominates here (reading, restoring, cleaning).
     let ct = dir.join("ct.nii");
-    common::write_nifti_f32(&ct, dims, &data, [[0.8, 0.0, 0.0, 0.0], [0.0, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]);
+    common::blob_ct(&ct);
     let out = dir.join("seg.nii.gz");
     let (ok, stdout, err) = prosam(&[
         "--threads",

@@ -90,3 +90,35 @@ pub fn random_weights(cfg: &prosam_models::swin_unetr::Config, std: f32) -> Vec<
         .map(|(k, shape)| (k, candle_core::Tensor::randn(0f32, std, shape, &candle_core::Device::Cpu).unwrap()))
         .collect()
 }
+
+/// A random-weight fs 12 student with the smallest window (64 x 32 x 32) and a coarse 4 mm grid:
+/// a second or so per run on a CT of a few million voxels, most of it spent on the CT's own grid
+/// (reading, restoring, cleaning, writing).
+pub fn coarse_model(dir: &Path) -> PathBuf {
+    let cfg = prosam_models::swin_unetr::Config::tiny();
+    let tensors = random_weights(&cfg, 0.05);
+    let metadata = prosam_models::format::Metadata {
+        spacing: [4.0, 4.0, 4.0],
+        roi_size: [64, 32, 32],
+        ..prosam_models::format::Metadata::btcv("coarse", cfg)
+    };
+    let path = dir.join("coarse.safetensors");
+    prosam_models::format::save(&path, metadata, &tensors).unwrap();
+    path
+}
+
+/// A 192 x 192 x 96 float32 CT at 0.8 x 0.8 x 1 mm of smooth blobs, so that a label map on it is
+/// not one class and compresses like a real one.
+pub fn blob_ct(path: &Path) {
+    let dims = [192, 192, 96];
+    let mut data = Vec::with_capacity(dims.iter().product());
+    for k in 0..dims[2] {
+        for j in 0..dims[1] {
+            for i in 0..dims[0] {
+                let (x, y, z) = (i as f32 / 20.0, j as f32 / 17.0, k as f32 / 11.0);
+                data.push(300.0 * (x.sin() * y.cos() + (z + x * 0.3).sin()) - 100.0);
+            }
+        }
+    }
+    write_nifti_f32(path, dims, &data, [[0.8, 0.0, 0.0, -100.0], [0.0, 0.8, 0.0, -100.0], [0.0, 0.0, 1.0, -60.0]]);
+}
