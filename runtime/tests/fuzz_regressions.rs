@@ -33,7 +33,7 @@ fn replay(target: &str, input: &Path, scratch: &Path) {
             }
         }
         "checkpoint" => {
-            let _ = prosam_models::format::import::import_monai(input, Default::default());
+            assert!(prosam_models::format::import::import_monai(input, Default::default()).is_err());
         }
         "model_file" => {
             let _ = prosam_models::format::ModelFile::open(input);

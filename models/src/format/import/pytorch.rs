@@ -158,7 +158,27 @@ fn check_pickle(bytes: &[u8]) -> std::result::Result<(), String> {
             | b'e' => 0,
             _ => return Ok(()),
         };
+        if at + 1 + width > bytes.len() {
+            return Err(format!("truncated at byte {at}"));
+        }
         at += 1 + width;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_pickle;
+
+    #[test]
+    fn pickle_lengths_are_checked_against_the_pickle() {
+        // PROTO 2, BINUNICODE of 3 bytes, STOP.
+        assert!(check_pickle(b"\x80\x02X\x03\x00\x00\x00abc.").is_ok());
+        // Found by the fuzzer: a string claiming 4 GiB, which candle would allocate first.
+        let err = check_pickle(b"\x80\x02X\xff\xff\xff\xffabc.").unwrap_err();
+        assert!(err.contains("past the end"), "{err}");
+        assert!(check_pickle(b"\x80\x02\x8a\x09\x01").unwrap_err().contains("9-byte integer"));
+        assert!(check_pickle(b"\x80\x02ctorch\n").unwrap_err().contains("GLOBAL"));
+        assert!(check_pickle(b"\x80").unwrap_err().contains("truncated"));
+    }
 }
