@@ -6,9 +6,12 @@ use std::path::PathBuf;
 /// The budget every target reads under: far above any seed, far below libFuzzer's 2 GiB limit.
 pub const BUDGET: prosam_runtime::memory::MemoryBudget = prosam_runtime::memory::MemoryBudget::new(64 << 20);
 
-/// A folder of this process's own (parallel fuzzing jobs do not share files), made on first use.
+/// A folder of this process's own (parallel fuzzing jobs do not share files), made on first use;
+/// in memory (/dev/shm) where there is one, since the writers sync every file they write.
 pub fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("prosam-fuzz-{}", std::process::id()));
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    let dir = base.join(format!("prosam-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch folder");
     dir
 }
