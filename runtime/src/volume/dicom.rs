@@ -525,6 +525,12 @@ impl Scan {
 /// slope and intercept, and writes them into `out` (`columns x rows`, rows bottom to top).
 fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), String> {
     let obj = dicom_object::open_file(&slice.path).map_err(|e| format!("cannot read: {e}"))?;
+    if let Ok(element) = obj.element(tags::PIXEL_DATA)
+        && let Some(fragments) = element.value().fragments()
+    {
+        let first = fragments.iter().find(|f| !f.is_empty()).map_or(&[][..], |f| f.as_slice());
+        check_codestream(first, slice)?;
+    }
     // The decoders are third-party code that can panic on corrupt data (dicom-rs 0.10's RLE
     // decoder unwraps a short segment); a bad file must be an error, not a crash.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
@@ -555,6 +561,66 @@ fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), Strin
         }
     }
     Ok(())
+}
+
+/// More JPEG 2000 tiles than this in one frame is refused (CT encoders write one).
+const MAX_J2K_TILES: u64 = 4096;
+
+/// The image size a compressed frame declares for itself (JPEG 2000's SIZ marker, JPEG's SOF),
+/// checked against the header's before a decoder allocates by it: the memory budget admitted
+/// the header's size, and a codestream claiming 60000 x 60000 pixels must not be decoded.
+fn check_codestream(frame: &[u8], slice: &Slice) -> std::result::Result<(), String> {
+    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u64);
+    let be32 = |at: usize| frame.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64);
+    let declared = if let Some(siz) = frame.windows(4).take(4096).position(|w| w == [0xff, 0x4f, 0xff, 0x51]) {
+        // SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ... Csiz.
+        let at = siz + 4;
+        let field = |offset: usize| be32(at + offset).ok_or("a truncated JPEG 2000 codestream header");
+        let (x, y, xo, yo) = (field(4)?, field(8)?, field(12)?, field(16)?);
+        let (tx, ty, txo, tyo) = (field(20)?, field(24)?, field(28)?, field(32)?);
+        let c = be16(at + 36).ok_or("a truncated JPEG 2000 codestream header")?;
+        // Each tile costs the decoder its own buffers: real images use one, or a few.
+        let tiles = |size: u64, origin: u64, tile: u64| size.saturating_sub(origin).div_ceil(tile.max(1));
+        if tx == 0 || ty == 0 || tiles(x, txo, tx).saturating_mul(tiles(y, tyo, ty)) > MAX_J2K_TILES {
+            return Err(format!("the JPEG 2000 codestream cuts its image into {tx} x {ty} pixel tiles"));
+        }
+        Some((x.saturating_sub(xo), y.saturating_sub(yo), c))
+    } else if frame.starts_with(&[0xff, 0xd8]) {
+        // JPEG: walk the markers to the first start-of-frame (SOF0-15 but DHT, JPG, DAC; JPEG-LS SOF55).
+        let mut at = 2;
+        let mut found = None;
+        while let (Some(&0xff), Some(&marker)) = (frame.get(at), frame.get(at + 1)) {
+            if marker == 0xff {
+                at += 1;
+                continue;
+            }
+            let len = be16(at + 2).ok_or("a truncated JPEG header")? as usize;
+            let sof = matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc) || marker == 0xf7;
+            if sof {
+                let (y, x, c) = (be16(at + 5), be16(at + 7), frame.get(at + 9).map(|&c| c as u64));
+                let (Some(y), Some(x), Some(c)) = (y, x, c) else { return Err("a truncated JPEG frame header".into()) };
+                found = Some((x, y, c));
+                break;
+            }
+            at += 2 + len;
+        }
+        found
+    } else {
+        None
+    };
+    match declared {
+        Some((x, y, c))
+            if (x, y) != (slice.columns as u64, slice.rows as u64) || c != slice.samples_per_pixel.max(1) as u64 =>
+        {
+            Err(format!(
+                "the compressed pixel data declares {x} x {y} pixels of {c} sample(s), the header {} x {} of {}",
+                slice.columns,
+                slice.rows,
+                slice.samples_per_pixel.max(1)
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Bytes one slice decode holds at its peak: the file's elements, the decoded pixels and their
