@@ -31,11 +31,7 @@ fn prosam(args: &[&str]) -> (bool, String, String) {
 
 /// The series folder, or `None` (skip) without ../shared.
 fn series_dir() -> Option<PathBuf> {
-    let dir = common::shared_dir().map(|d| d.join(SERIES)).filter(|d| d.is_dir());
-    if dir.is_none() {
-        common::shared_file(&format!("{SERIES}/missing"))?;
-    }
-    dir
+    common::shared_folder(SERIES)
 }
 
 /// The Python of `scripts/python-env.sh`, or `None` (skip) when it was not made; CI makes it, so

@@ -36,6 +36,15 @@ pub fn shared_file(relative: &str) -> Option<PathBuf> {
     found
 }
 
+/// A folder under `../shared`, with [`shared_file`]'s rules when it is missing.
+pub fn shared_folder(relative: &str) -> Option<PathBuf> {
+    let dir = shared_dir().map(|d| d.join(relative)).filter(|d| d.is_dir());
+    if dir.is_none() {
+        shared_file(&format!("{relative}/"))?;
+    }
+    dir
+}
+
 /// A fresh empty folder under the target directory for one test's files.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
