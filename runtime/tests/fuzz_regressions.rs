@@ -1,5 +1,6 @@
 //! Every input a fuzz target crashed on (fuzz/regressions/<target>/), replayed through the same
-//! reader in the normal test build: each must now give an error or a value, never a panic.
+//! reader in the normal test build: each must now give an error or a value, never a panic, and
+//! cost no more than a few hundred MiB.
 
 mod common;
 
@@ -53,7 +54,12 @@ fn crash_inputs_are_errors_now() {
         for input in std::fs::read_dir(&target).unwrap() {
             let input = input.unwrap().path();
             eprintln!("{name}: {}", input.display());
+            let before = prosam_runtime::resources::peak_rss_mib();
             replay(&name, &input, &scratch);
+            // Some of these once cost gigabytes (zero-filled declared lengths, oversized codestreams).
+            if let (Some(a), Some(b)) = (before, prosam_runtime::resources::peak_rss_mib()) {
+                assert!(b - a < 512.0, "{}: the peak RSS grew by {:.0} MiB", input.display(), b - a);
+            }
             replayed += 1;
         }
     }

@@ -152,7 +152,107 @@ struct SeriesKey {
     study: StudyInfo,
 }
 
+/// Walks a DICOM file's element headers and checks every defined length against the bytes
+/// that remain. dicom-rs 0.10 zero-fills an element's declared length before reading it, so a
+/// 6 KB file claiming a 4 GB element would cost 4 GB of memory. Deflated data sets are not
+/// walked (their lengths refer to the inflated stream).
+fn check_element_lengths(path: &Path) -> std::result::Result<(), String> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    use std::io::{BufReader, Read};
+    const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let size = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    let mut r = BufReader::new(file);
+    let mut head = [0u8; 132];
+    if r.read_exact(&mut head).is_err() || &head[128..] != b"DICM" {
+        return Ok(()); // not DICOM: the parser says so
+    }
+    let (mut pos, mut in_meta, mut explicit, mut big) = (132u64, true, true, false);
+    let mut syntax = String::new();
+    let mut in_pixels = false;
+    let dictionary = dicom_dictionary_std::StandardDataDictionary;
+    loop {
+        let mut tag = [0u8; 4];
+        match r.read_exact(&mut tag) {
+            Ok(()) => {}
+            Err(_) => return Ok(()), // the end, or a short tail the parser reports
+        }
+        let le_group = u16::from_le_bytes([tag[0], tag[1]]);
+        if in_meta && le_group != 2 {
+            in_meta = false;
+            let syntax = syntax.trim_end_matches(['\0', ' ']);
+            if syntax == DEFLATED {
+                return Ok(());
+            }
+            explicit = syntax != "1.2.840.10008.1.2";
+            big = syntax == "1.2.840.10008.1.2.2";
+        }
+        let u16_at = |b: [u8; 2]| if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) };
+        let u32_at = |b: [u8; 4]| if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) };
+        let (group, element) = (u16_at([tag[0], tag[1]]), u16_at([tag[2], tag[3]]));
+        let mut rest = [0u8; 4];
+        r.read_exact(&mut rest).map_err(|_| format!("truncated element header at byte {pos}"))?;
+        pos += 8;
+        let (vr, len) = if group == 0xfffe || !explicit {
+            (None, u32_at(rest))
+        } else {
+            let vr = [rest[0], rest[1]];
+            if matches!(
+                &vr,
+                b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UR" | b"UT" | b"UN" | b"SV" | b"UV"
+            ) {
+                let mut long = [0u8; 4];
+                r.read_exact(&mut long).map_err(|_| format!("truncated element header at byte {pos}"))?;
+                pos += 4;
+                (Some(vr), u32_at(long))
+            } else {
+                (Some(vr), u16_at([rest[2], rest[3]]) as u32)
+            }
+        };
+        let remaining = size.saturating_sub(pos);
+        if len == u32::MAX {
+            // Undefined length: a sequence, or encapsulated pixel data; its content follows.
+            in_pixels |= (group, element) == (0x7fe0, 0x0010);
+            continue;
+        }
+        if len as u64 > remaining {
+            return Err(format!(
+                "element ({group:04X},{element:04X}) at byte {} claims {len} bytes; {remaining} remain in the file",
+                pos - 8
+            ));
+        }
+        let is_sequence = match vr {
+            Some(vr) => &vr == b"SQ",
+            None => dictionary
+                .by_tag(dicom_core::Tag(group, element))
+                .is_some_and(|e| e.vr().relaxed() == dicom_core::VR::SQ),
+        };
+        let descend = match (group, element) {
+            (0xfffe, 0xe0dd) => {
+                in_pixels = false;
+                true
+            }
+            (0xfffe, 0xe000) => !in_pixels,
+            (0xfffe, _) => true,
+            _ => is_sequence,
+        };
+        if !descend {
+            if in_meta && (group, element) == (0x0002, 0x0010) && len <= 64 {
+                let mut text = vec![0u8; len as usize];
+                r.read_exact(&mut text).map_err(|_| "truncated transfer syntax".to_string())?;
+                syntax = String::from_utf8_lossy(&text).into_owned();
+            } else {
+                r.seek_relative(len as i64).map_err(|e| format!("cannot read: {e}"))?;
+            }
+            pos += len as u64;
+        }
+    }
+}
+
 fn read_header(path: &Path) -> std::result::Result<Header, String> {
+    if let Err(reason) = check_element_lengths(path) {
+        return Ok(Header::NotASlice(format!("not a readable DICOM file: {reason}")));
+    }
     let obj = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path).map_err(|e| e.to_string());
     let obj = match obj {
         Ok(obj) => obj,
@@ -524,6 +624,7 @@ impl Scan {
 /// Decodes one slice's pixels as stored values (no modality LUT), maps them to HU with its own
 /// slope and intercept, and writes them into `out` (`columns x rows`, rows bottom to top).
 fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), String> {
+    check_element_lengths(&slice.path)?;
     let obj = dicom_object::open_file(&slice.path).map_err(|e| format!("cannot read: {e}"))?;
     if let Ok(element) = obj.element(tags::PIXEL_DATA)
         && let Some(fragments) = element.value().fragments()
