@@ -197,10 +197,13 @@ fn check_element_lengths(path: &Path) -> std::result::Result<(), String> {
             (None, u32_at(rest))
         } else {
             let vr = [rest[0], rest[1]];
-            if matches!(
-                &vr,
-                b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UR" | b"UT" | b"UN" | b"SV" | b"UV"
-            ) {
+            // dicom-rs's rule: these VRs have a 16-bit length; every other code, unknown ones
+            // included (read as UN), has two reserved bytes and a 32-bit length.
+            let short = [
+                b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH",
+                b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+            ];
+            if !short.contains(&&vr) {
                 let mut long = [0u8; 4];
                 r.read_exact(&mut long).map_err(|_| format!("truncated element header at byte {pos}"))?;
                 pos += 4;
