@@ -154,8 +154,7 @@ struct SeriesKey {
 
 /// Walks a DICOM file's element headers and checks every defined length against the bytes
 /// that remain. dicom-rs 0.10 zero-fills an element's declared length before reading it, so a
-/// 6 KB file claiming a 4 GB element would cost 4 GB of memory. Deflated data sets are not
-/// walked (their lengths refer to the inflated stream).
+/// 6 KB file claiming a 4 GB element would cost 4 GB of memory. Deflated data sets are refused.
 fn check_element_lengths(path: &Path) -> std::result::Result<(), String> {
     use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
     use std::io::{BufReader, Read};
@@ -182,7 +181,8 @@ fn check_element_lengths(path: &Path) -> std::result::Result<(), String> {
             in_meta = false;
             let syntax = syntax.trim_end_matches(['\0', ' ']);
             if syntax == DEFLATED {
-                return Ok(());
+                // Its lengths refer to an inflated stream whose size only inflating it would tell.
+                return Err(format!("a deflated data set (transfer syntax {DEFLATED}), which prosam does not read"));
             }
             explicit = syntax != "1.2.840.10008.1.2";
             big = syntax == "1.2.840.10008.1.2.2";
