@@ -33,7 +33,7 @@ fuzz_one() {
   "$bin" "$corpus" "seeds/$target" \
     -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=3072 -malloc_limit_mb=8192 \
     -print_final_stats=1 -artifact_prefix="artifacts/$target/" >"$log" 2>&1 || status=$?
-  echo "== $target: $(grep -E "^#[0-9]+ +DONE" "$log" | tail -1)"
+  echo "== $target: $(grep -E "^#[0-9]+[[:space:]]+DONE" "$log" | tail -1)"
   grep -E "stat::number_of_executed_units|ERROR|SUMMARY|Test unit" "$log" | sed "s/^/   $target: /" || true
   if [ "$status" -ne 0 ]; then
     echo "fuzz $target found a crash (status $status; log: $log)"
