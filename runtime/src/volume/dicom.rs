@@ -157,16 +157,23 @@ struct SeriesKey {
 /// 6 KB file claiming a 4 GB element would cost 4 GB of memory. Deflated data sets are refused.
 fn check_element_lengths(path: &Path) -> std::result::Result<(), String> {
     use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-    use std::io::{BufReader, Read};
+    use std::io::{BufReader, Read, Seek};
     const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let size = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
     let mut r = BufReader::new(file);
-    let mut head = [0u8; 132];
-    if r.read_exact(&mut head).is_err() || &head[128..] != b"DICM" {
+    // Where dicom-rs starts: after "DICM" at byte 128 (a preamble) or at byte 0 (none).
+    let mut head = Vec::with_capacity(132);
+    (&mut r).take(132).read_to_end(&mut head).map_err(|e| format!("cannot read: {e}"))?;
+    let start = if head.len() == 132 && &head[128..] == b"DICM" {
+        132
+    } else if head.starts_with(b"DICM") {
+        4
+    } else {
         return Ok(()); // not DICOM: the parser says so
-    }
-    let (mut pos, mut in_meta, mut explicit, mut big) = (132u64, true, true, false);
+    };
+    r.seek(std::io::SeekFrom::Start(start)).map_err(|e| format!("cannot read: {e}"))?;
+    let (mut pos, mut in_meta, mut explicit, mut big) = (start, true, true, false);
     let mut syntax = String::new();
     let mut in_pixels = false;
     let dictionary = dicom_dictionary_std::StandardDataDictionary;
