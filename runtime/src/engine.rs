@@ -147,11 +147,8 @@ impl Segmenter {
     /// Computed from the header alone, so that a run that cannot fit is refused before it
     /// allocates.
     pub fn memory_need(&self, shape: &VolumeShape) -> u64 {
-        let orientation = Orientation::to_ras(&shape.affine);
-        let oriented_dims = orientation.oriented_dims(shape.dims);
-        let old = orientation.oriented_affine(&shape.affine, shape.dims).spacing();
-        let new = self.metadata.spacing;
-        let model_dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]) as u64);
+        let (_, _, model_dims) = self.model_grid_of(&shape.affine, shape.dims);
+        let model_dims = model_dims.map(|d| d as u64);
         let roi = self.metadata.roi_size.map(|r| r as u64);
         let stored = shape.voxels();
         let model: u64 = model_dims.iter().fold(1, |a, &d| a.saturating_mul(d));
@@ -172,19 +169,29 @@ impl Segmenter {
         // Cleaning an organ whose box is the whole volume: a component id and an organ flag per
         // voxel and the flood-fill stack; then writing copies the labels once.
         let postprocess = stored.saturating_mul(1 + 4 + 1 + 8);
-        let stages = [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes + stored];
+        let stages =
+            [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes.saturating_add(stored)];
         let peak = stages.into_iter().max().unwrap_or(0);
         peak.saturating_add(self.weights_bytes).saturating_add(PROCESS_OVERHEAD_BYTES)
     }
 
+    /// How a stored grid maps onto the model's: the orientation to RAS, the oriented affine, and
+    /// the model grid's size (MONAI's `Spacing` rounding).
+    fn model_grid_of(&self, affine: &Affine, stored: [usize; 3]) -> (Orientation, Affine, [usize; 3]) {
+        let orientation = Orientation::to_ras(affine);
+        let oriented_dims = orientation.oriented_dims(stored);
+        let oriented_affine = orientation.oriented_affine(affine, stored);
+        let (old, new) = (oriented_affine.spacing(), self.metadata.spacing);
+        let dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]));
+        (orientation, oriented_affine, dims)
+    }
+
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.
     pub fn preprocess(&self, volume: &Volume) -> Result<ModelGrid> {
-        let orientation = Orientation::to_ras(&volume.affine);
+        let (orientation, oriented_affine, dims) = self.model_grid_of(&volume.affine, volume.dims);
         let oriented_dims = orientation.oriented_dims(volume.dims);
-        let oriented_affine = orientation.oriented_affine(&volume.affine, volume.dims);
         let old = oriented_affine.spacing();
         let new = self.metadata.spacing;
-        let dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]));
         let (base, strides) = orientation.view(volume.dims, volume.strides());
         let mut data =
             resample_view(&volume.data, base, strides, oriented_dims, dims, [0, 1, 2].map(|a| new[a] / old[a]));

@@ -19,12 +19,7 @@ impl MemoryBudget {
     /// The machine's physical memory, the default: a run that needs more can only end in swap
     /// or the OOM killer. Unlimited where the figure is unknown (no Linux `/proc/meminfo`).
     pub fn machine() -> Self {
-        let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kb: u64 = line["MemTotal:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some(kb * 1024)
-        });
-        total.map_or(Self::UNLIMITED, MemoryBudget)
+        crate::resources::proc_kb("/proc/meminfo", "MemTotal:").map_or(Self::UNLIMITED, |kb| MemoryBudget(kb * 1024))
     }
 
     pub fn bytes(self) -> u64 {

@@ -155,6 +155,8 @@ struct SeriesKey {
 /// Walks a DICOM file's element headers and checks every defined length against the bytes
 /// that remain. dicom-rs 0.10 zero-fills an element's declared length before reading it, so a
 /// 6 KB file claiming a 4 GB element would cost 4 GB of memory. Deflated data sets are refused.
+/// [`scan`] walks every file it lists (pixel data included), so the series reader does not walk
+/// them again.
 fn check_element_lengths(path: &Path) -> std::result::Result<(), String> {
     use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
     use std::io::{BufReader, Read, Seek};
@@ -634,7 +636,6 @@ impl Scan {
 /// Decodes one slice's pixels as stored values (no modality LUT), maps them to HU with its own
 /// slope and intercept, and writes them into `out` (`columns x rows`, rows bottom to top).
 fn decode_slice(slice: &Slice, out: &mut [f32]) -> std::result::Result<(), String> {
-    check_element_lengths(&slice.path)?;
     let obj = dicom_object::open_file(&slice.path).map_err(|e| format!("cannot read: {e}"))?;
     if let Ok(element) = obj.element(tags::PIXEL_DATA)
         && let Some(fragments) = element.value().fragments()
@@ -734,12 +735,12 @@ fn check_codestream(frame: &[u8], slice: &Slice) -> std::result::Result<(), Stri
     }
 }
 
-/// Bytes one slice decode holds at its peak: the file's elements, the decoded pixels and their
-/// float64 copy, with room for 32-bit samples.
+/// Bytes one slice decode holds at its peak besides its float32 output: the file's elements, the
+/// decoded samples (up to 32-bit) and their float64 copy.
 fn slice_decode_bytes(slice: &Slice) -> u64 {
     let pixels = (slice.rows as u64) * (slice.columns as u64) * slice.samples_per_pixel.max(1) as u64;
     let file = std::fs::metadata(&slice.path).map_or(0, |m| m.len());
-    file + pixels * (4 + 4 + 8)
+    file + pixels * (4 + 8)
 }
 
 impl Slice {
@@ -748,6 +749,8 @@ impl Slice {
     pub fn pixels_hu(&self, budget: MemoryBudget) -> Result<Vec<f32>> {
         let need = slice_decode_bytes(self) + 4 * (self.rows * self.columns) as u64;
         budget.check(need, || format!("{}: decoding a {} x {} slice", self.path.display(), self.columns, self.rows))?;
+        // A Slice can be built by hand, so this entry point does not rely on `scan`'s walk.
+        check_element_lengths(&self.path).map_err(|e| bad(&self.path, e))?;
         let mut out = vec![0f32; self.rows * self.columns];
         decode_slice(self, &mut out).map_err(|e| bad(&self.path, e))?;
         Ok(out)
