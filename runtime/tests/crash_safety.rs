@@ -74,8 +74,15 @@ fn sigkill_leaves_nothing_or_a_whole_file() {
     });
     eprintln!("PROSAM_KILL_SEED={seed}; a full run takes {full:?}");
     let mut rng = Rng(seed);
-    let (mut while_writing, mut left_behind) = (0, 0);
-    for round in 0..16 {
+    // A write is a few milliseconds of a run, so the rounds that aim for it poll for the temporary
+    // file and kill right after it appears; rounds go on until enough kills have provably landed
+    // inside a write (the killed run's temporary file is still there), up to a cap.
+    const WANT_INSIDE_WRITE: usize = 4;
+    const MAX_ROUNDS: usize = 64;
+    let (mut rounds, mut while_writing, mut left_behind) = (0, 0, 0);
+    while rounds < 16 || (left_behind < WANT_INSIDE_WRITE && rounds < MAX_ROUNDS) {
+        let round = rounds;
+        rounds += 1;
         // Half the rounds start with no destination, half with a complete one from before.
         if round % 2 == 0 {
             let _ = std::fs::remove_file(&out);
@@ -87,11 +94,11 @@ fn sigkill_leaves_nothing_or_a_whole_file() {
             // Anywhere in the run.
             std::thread::sleep(Duration::from_micros(rng.below(full.as_micros() as u64 * 5 / 4)));
         } else {
-            // Once a temporary output exists, a moment later: inside the write.
+            // Once a temporary output exists, at once or a moment later: inside the write.
             while common::temp_files_in(&out_dir).is_empty() && start.elapsed() < full * 4 {
-                std::thread::sleep(Duration::from_micros(200));
+                std::thread::sleep(Duration::from_micros(100));
             }
-            std::thread::sleep(Duration::from_micros(rng.below(20_000)));
+            std::thread::sleep(Duration::from_micros(rng.below(500)));
         }
         let writing = !common::temp_files_in(&out_dir).is_empty();
         kill(&mut child);
@@ -107,8 +114,11 @@ fn sigkill_leaves_nothing_or_a_whole_file() {
             assert_eq!(std::fs::read(&stats).unwrap(), want_stats, "round {round}: a partial stats file");
         }
     }
-    eprintln!("16 kills: {while_writing} while a temporary file existed, {left_behind} left one behind");
-    assert!(while_writing >= 4, "too few kills landed inside a write to test anything");
+    eprintln!("{rounds} kills: {while_writing} while a temporary file existed, {left_behind} left one behind");
+    assert!(
+        left_behind >= WANT_INSIDE_WRITE,
+        "only {left_behind} of {rounds} kills landed inside a write, too few to test anything"
+    );
 
     // The next run removes what the killed ones left and writes the same file.
     run_to_end(segment(&model, &ct, &out, &stats, "2"));
