@@ -19,6 +19,10 @@ pub enum Error {
     #[error("invalid SwinUNETR configuration: {0}")]
     InvalidConfig(String),
 
+    /// An impossible teacher configuration (sizes that do not fit together).
+    #[error("invalid AutoProSAM teacher configuration: {0}")]
+    InvalidTeacherConfig(String),
+
     /// A precision conversion that is not possible.
     #[error("cannot convert: {0}")]
     Quantize(String),
@@ -35,6 +39,9 @@ pub enum Error {
 
     #[error("{}: not a SwinUNETR checkpoint: {reason}", path.display())]
     NotSwinUnetr { path: PathBuf, reason: String },
+
+    #[error("{}: not an AutoProSAM teacher checkpoint for this configuration: {reason}", path.display())]
+    NotTeacher { path: PathBuf, reason: String },
 
     #[error("{}: cannot read PyTorch checkpoint: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },

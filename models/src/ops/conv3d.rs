@@ -101,6 +101,43 @@ fn depth_taps(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
     y.reshape((b, d_out, c_out, h_out, w_out))?.permute((0, 2, 1, 3, 4))?.contiguous()
 }
 
+/// Depthwise 3D convolution (`groups = channels`, stride 1), as the teacher's adapters use it:
+/// `x (B, C, D, H, W)`, `w (C, 1, kd, kh, kw)`, `bias (C)`. A sum over the kernel taps of shifted,
+/// per-channel scaled views, so it is differentiable on every backend.
+pub fn depthwise_conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
+    let (_, c, d, h, wd) = x.dims5()?;
+    let (w_c, per_group, kd, kh, kw) = w.dims5()?;
+    if w_c != c || per_group != 1 {
+        bail!("depthwise_conv3d: input has {c} channels but the weight is {:?}", w.dims());
+    }
+    let p = padding;
+    if d + 2 * p < kd || h + 2 * p < kh || wd + 2 * p < kw {
+        bail!("depthwise_conv3d: kernel {:?} is larger than the padded input {:?}", (kd, kh, kw), x.dims());
+    }
+    let (od, oh, ow) = (d + 2 * p + 1 - kd, h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw);
+    let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.pad_with_zeros(4, p, p)?;
+    let taps = w.reshape((c, kd * kh * kw))?;
+    let mut sum: Option<Tensor> = None;
+    for a in 0..kd {
+        for b in 0..kh {
+            for e in 0..kw {
+                let view = padded.narrow(2, a, od)?.narrow(3, b, oh)?.narrow(4, e, ow)?;
+                let scale = taps.narrow(1, (a * kh + b) * kw + e, 1)?.reshape((1, c, 1, 1, 1))?;
+                let term = view.broadcast_mul(&scale)?;
+                sum = Some(match sum {
+                    Some(acc) => (acc + term)?,
+                    None => term,
+                });
+            }
+        }
+    }
+    let y = sum.expect("a kernel has at least one tap");
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, c, 1, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
 /// [`conv3d`] with a weight that may be int8 (see [`super::quantized`]): `kernel` is the weight's
 /// spatial size, which an int8 matrix no longer carries. int8 convolutions run on the CPU with
 /// stride 1.

@@ -1,4 +1,4 @@
-//! The 3D operations SwinUNETR needs and Candle 0.11 lacks.
+//! The 3D operations SwinUNETR and the AutoProSAM teacher need and Candle 0.11 lacks.
 //!
 //! Every op is composed from Candle primitives that have a backward pass, so gradients flow through
 //! them (the training crate relies on it). Where Candle has a faster fused kernel without a backward
@@ -12,12 +12,14 @@ mod conv3d_cpu;
 pub mod conv_transpose3d;
 pub mod norm;
 pub mod quantized;
+pub mod resample;
 pub mod window;
 
 pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::conv_transpose3d;
-pub use conv3d::{conv3d, conv3d_weight};
+pub use conv3d::{conv3d, conv3d_weight, depthwise_conv3d};
 pub use norm::{channel_layer_norm, instance_norm};
+pub use resample::{interpolate_linear, max_pool3d};
 pub use window::{compute_shift_mask, window_partition, window_reverse};
 
 /// Softmax over the last axis: the fused kernel for inference, the differentiable one while training.

@@ -17,18 +17,7 @@ pub const NESTED_STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "network",
 /// tensors is returned, for the caller to explain what it found.
 pub fn read_state_dict(path: &Path, looks_right: impl Fn(&[&str]) -> bool) -> Result<Vec<(String, Tensor)>> {
     let fail = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
-    let mut magic = [0u8; 4];
-    {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        f.read_exact(&mut magic).map_err(|_| fail("the file is too short to be a checkpoint".into()))?;
-    }
-    if &magic != b"PK\x03\x04" {
-        return Err(fail(
-            "not a zip-format PyTorch checkpoint (legacy pickles are not supported: re-save it with torch.save from PyTorch >= 1.6)".into(),
-        ));
-    }
-    let entry_sizes = check_archive(path).map_err(fail)?;
+    let entry_sizes = open_checked(path)?;
     let mut fallback: Option<PthTensors> = None;
     let mut chosen: Option<PthTensors> = None;
     for key in std::iter::once(None).chain(NESTED_STATE_DICT_KEYS.map(Some)) {
@@ -50,6 +39,43 @@ pub fn read_state_dict(path: &Path, looks_right: impl Fn(&[&str]) -> bool) -> Re
     let pth = chosen
         .or(fallback)
         .ok_or_else(|| fail(format!("no tensors found at the top level nor under {NESTED_STATE_DICT_KEYS:?}")))?;
+    tensors_of(&pth, &entry_sizes, path)
+}
+
+/// The dict stored under the top-level key `key` (as a training script saves `encoder_dict`
+/// beside `decoder_dict`), or `None` when the file has no such key or it holds no tensors.
+pub fn read_state_dict_at(path: &Path, key: &str) -> Result<Option<Vec<(String, Tensor)>>> {
+    let entry_sizes = open_checked(path)?;
+    match PthTensors::new(path, Some(key)) {
+        Ok(pth) if !pth.tensor_infos().is_empty() => Ok(Some(tensors_of(&pth, &entry_sizes, path)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Checks the zip magic and the archive (see [`check_archive`]); returns every entry's size.
+fn open_checked(path: &Path) -> Result<std::collections::HashMap<String, u64>> {
+    let fail = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        f.read_exact(&mut magic).map_err(|_| fail("the file is too short to be a checkpoint".into()))?;
+    }
+    if &magic != b"PK\x03\x04" {
+        return Err(fail(
+            "not a zip-format PyTorch checkpoint (legacy pickles are not supported: re-save it with torch.save from PyTorch >= 1.6)".into(),
+        ));
+    }
+    check_archive(path).map_err(fail)
+}
+
+/// Every tensor of `pth`, after checking that each fits in its storage entry.
+fn tensors_of(
+    pth: &PthTensors,
+    entry_sizes: &std::collections::HashMap<String, u64>,
+    path: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    let fail = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
     for (name, info) in pth.tensor_infos() {
         let claimed = info
             .layout
