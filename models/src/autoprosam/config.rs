@@ -155,7 +155,7 @@ impl Config {
 
     /// Even blocks attend in shifted windows (the opposite of Swin).
     pub fn shifted(&self, block: usize) -> bool {
-        block % 2 == 0
+        block.is_multiple_of(2)
     }
 
     /// Channels of the APG's five levels.
@@ -195,10 +195,10 @@ impl Config {
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be positive"));
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!("{} heads do not divide embed_dim {}", self.num_heads, self.embed_dim));
         }
-        if (self.crop * self.upsample) % self.patch != 0 {
+        if !(self.crop * self.upsample).is_multiple_of(self.patch) {
             return bad(format!(
                 "crop {} x upsample {} is not a multiple of the patch {}",
                 self.crop, self.upsample, self.patch
@@ -213,11 +213,11 @@ impl Config {
                 self.crop
             ));
         }
-        if t % self.cubic_window != 0 {
+        if !t.is_multiple_of(self.cubic_window) {
             return bad(format!("the token grid {t} is not a multiple of the cubic window {}", self.cubic_window));
         }
         let p = self.position_grid();
-        if self.sam_img_size % self.patch != 0 || p == 0 || p % t != 0 {
+        if !self.sam_img_size.is_multiple_of(self.patch) || p == 0 || !p.is_multiple_of(t) {
             return bad(format!(
                 "SAM's position grid {p} (img_size {} / patch {}) is not a multiple of the token grid {t} (crop {})",
                 self.sam_img_size, self.patch, self.crop
@@ -234,7 +234,7 @@ impl Config {
         }
         let sizes = self.apg_sizes();
         for level in 0..4 {
-            if sizes[level] % self.apg_scales[level] != 0 {
+            if !sizes[level].is_multiple_of(self.apg_scales[level]) {
                 return bad(format!("APG level {} of {} voxels does not halve", level + 1, sizes[level]));
             }
         }
