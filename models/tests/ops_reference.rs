@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use prosam_models::ops::attention::{window_attention_chunked, window_attention_qkv};
 use prosam_models::ops::window::{relative_position_index, roll_spatial, stage_window};
 use prosam_models::ops::{
-    channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, instance_norm, window_partition, window_reverse,
+    channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, depthwise_conv3d, instance_norm,
+    interpolate_linear, max_pool3d, window_partition, window_reverse,
 };
 use reference::{Arr, Rng};
 
@@ -331,4 +332,41 @@ fn int8_convolution_and_linear_stay_close_to_the_reference() {
             }
         }
     }
+}
+
+#[test]
+fn depthwise_conv3d_matches_reference() {
+    let mut rng = Rng::new(40);
+    let x = rng.arr(&[1, 3, 4, 5, 6], 1.0);
+    let w = rng.arr(&[3, 1, 3, 3, 3], 0.3);
+    let b = rng.arr(&[3], 0.5);
+    let expected = reference::depthwise_conv3d(&x, &w, Some(&b.data), 1);
+    let op = |t: &[Tensor]| depthwise_conv3d(&t[0], &t[1], Some(&t[2]), 1);
+    check_against_reference("depthwise conv3d", &[&x, &w, &b], &expected, op);
+    check_gradients("depthwise conv3d", &[&x, &w, &b], 41, op);
+}
+
+#[test]
+fn trilinear_interpolation_matches_pytorch_formula() {
+    let mut rng = Rng::new(42);
+    let x = rng.arr(&[1, 2, 3, 4, 5], 1.0);
+    // The teacher's three uses: x4 and x0.5 without corners, x2 with corners; and odd sizes.
+    for (size, align) in
+        [([12, 16, 20], false), ([2, 2, 3], false), ([6, 8, 10], true), ([5, 7, 3], true), ([7, 3, 9], false)]
+    {
+        let expected = reference::trilinear(&x, size, align);
+        let op = |t: &[Tensor]| interpolate_linear(&t[0], &size, align);
+        check_against_reference(&format!("trilinear {size:?} align {align}"), &[&x], &expected, op);
+    }
+    let small = rng.arr(&[1, 1, 2, 3, 2], 1.0);
+    check_gradients("trilinear", &[&small], 43, |t| interpolate_linear(&t[0], &[4, 5, 4], true));
+}
+
+#[test]
+fn max_pool3d_matches_reference() {
+    let mut rng = Rng::new(44);
+    let x = rng.arr(&[2, 3, 4, 6, 2], 1.0);
+    let expected = reference::max_pool3d(&x, 2);
+    check_against_reference("max_pool3d", &[&x], &expected, |t| max_pool3d(&t[0], 2));
+    check_gradients("max_pool3d", &[&x], 45, |t| max_pool3d(&t[0], 2));
 }

@@ -654,3 +654,105 @@ pub fn swin_unetr(cfg: &RefConfig, w: &Weights, x: &Arr) -> Arr {
     let out = up_block(w, "decoder1", &dec0, &enc0);
     conv3d(&out, wt(w, "out.conv.conv.weight"), Some(&wt(w, "out.conv.conv.bias").data), 0, 1)
 }
+
+// ---------------------------------------------------------------------------------------------
+// The teacher's ops: depthwise convolution, linear interpolation, max pooling.
+
+/// Depthwise convolution (`groups = C`): each channel of `x [B,C,D,H,W]` with its own `w [C,1,k,k,k]`.
+pub fn depthwise_conv3d(x: &Arr, w: &Arr, bias: Option<&[f64]>, pad: usize) -> Arr {
+    let (b, c, d, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4]);
+    let (kd, kh, kw) = (w.shape[2], w.shape[3], w.shape[4]);
+    let (od, oh, ow) = (d + 2 * pad + 1 - kd, h + 2 * pad + 1 - kh, wd + 2 * pad + 1 - kw);
+    let mut y = Arr::zeros(&[b, c, od, oh, ow]);
+    let at = |n: usize, o: usize, k: usize| (o + k).checked_sub(pad).filter(|&i| i < n);
+    for bb in 0..b {
+        for cc in 0..c {
+            for i in 0..od {
+                for j in 0..oh {
+                    for l in 0..ow {
+                        let mut acc = bias.map_or(0.0, |bs| bs[cc]);
+                        for a in 0..kd {
+                            for q in 0..kh {
+                                for r in 0..kw {
+                                    if let (Some(z), Some(yy), Some(xx)) = (at(d, i, a), at(h, j, q), at(wd, l, r)) {
+                                        acc += x.at(&[bb, cc, z, yy, xx]) * w.at(&[cc, 0, a, q, r]);
+                                    }
+                                }
+                            }
+                        }
+                        y.set(&[bb, cc, i, j, l], acc);
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+/// PyTorch's source index and neighbours for linear interpolation along one axis.
+fn lerp_source(n_in: usize, n_out: usize, o: usize, align_corners: bool) -> (usize, usize, f64) {
+    let src = if align_corners {
+        if n_out > 1 { o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 }
+    } else {
+        ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
+    };
+    let i0 = (src.floor() as usize).min(n_in - 1);
+    (i0, (i0 + 1).min(n_in - 1), src - i0 as f64)
+}
+
+/// `F.interpolate(x, size, mode="trilinear", align_corners)` on `x [B,C,D,H,W]`, written as
+/// PyTorch's kernel computes it: a weighted sum of the 8 neighbours.
+pub fn trilinear(x: &Arr, size: [usize; 3], align_corners: bool) -> Arr {
+    let (b, c) = (x.shape[0], x.shape[1]);
+    let n = [x.shape[2], x.shape[3], x.shape[4]];
+    let mut y = Arr::zeros(&[b, c, size[0], size[1], size[2]]);
+    for bb in 0..b {
+        for cc in 0..c {
+            for i in 0..size[0] {
+                let (d0, d1, fd) = lerp_source(n[0], size[0], i, align_corners);
+                for j in 0..size[1] {
+                    let (h0, h1, fh) = lerp_source(n[1], size[1], j, align_corners);
+                    for l in 0..size[2] {
+                        let (w0, w1, fw) = lerp_source(n[2], size[2], l, align_corners);
+                        let mut acc = 0.0;
+                        for (z, gz) in [(d0, 1.0 - fd), (d1, fd)] {
+                            for (yy, gy) in [(h0, 1.0 - fh), (h1, fh)] {
+                                for (xx, gx) in [(w0, 1.0 - fw), (w1, fw)] {
+                                    acc += gz * gy * gx * x.at(&[bb, cc, z, yy, xx]);
+                                }
+                            }
+                        }
+                        y.set(&[bb, cc, i, j, l], acc);
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+/// `nn.MaxPool3d(k)` (stride k) on `x [B,C,D,H,W]`.
+pub fn max_pool3d(x: &Arr, k: usize) -> Arr {
+    let (b, c, d, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4]);
+    let mut y = Arr::zeros(&[b, c, d / k, h / k, w / k]);
+    for bb in 0..b {
+        for cc in 0..c {
+            for i in 0..d / k {
+                for j in 0..h / k {
+                    for l in 0..w / k {
+                        let mut m = f64::NEG_INFINITY;
+                        for a in 0..k {
+                            for q in 0..k {
+                                for r in 0..k {
+                                    m = m.max(x.at(&[bb, cc, i * k + a, j * k + q, l * k + r]));
+                                }
+                            }
+                        }
+                        y.set(&[bb, cc, i, j, l], m);
+                    }
+                }
+            }
+        }
+    }
+    y
+}
