@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use prosam_models::format::{Architecture, Metadata, ModelFile};
-use prosam_models::swin_unetr::SwinUnetr;
+use prosam_models::network::Network;
 
 use crate::device::{DeviceChoice, compute_dtype};
 use crate::memory::{self, VolumeShape};
@@ -83,9 +83,9 @@ pub struct Segmentation {
     pub times: StageTimes,
 }
 
-/// A loaded student and the options it segments with.
+/// A loaded network (a student, or the teacher) and the options it segments with.
 pub struct Segmenter {
-    net: SwinUnetr,
+    net: Network,
     metadata: Metadata,
     device: Device,
     /// What the network computes in ([`compute_dtype`]).
@@ -108,7 +108,7 @@ impl Segmenter {
         let device = device.open()?;
         let file = ModelFile::open(model)?;
         let dtype = dtype.unwrap_or_else(|| compute_dtype(&device, file.metadata().precision));
-        let net = file.swin_unetr(dtype, &device)?;
+        let net = file.network(dtype, &device)?;
         let elements: usize = file.tensor_infos()?.iter().map(|(_, _, shape)| shape.iter().product::<usize>()).sum();
         let weights_bytes = (elements * dtype.size_in_bytes() + file.file_size()) as u64;
         Ok(Self { net, metadata: file.metadata().clone(), device, dtype, options, weights_bytes })
@@ -158,11 +158,17 @@ impl Segmenter {
         let roi_voxels: u64 = roi.iter().product::<u64>() * self.options.batch as u64;
         let preprocess = f32s(stored).saturating_add(f32s(model));
         // The grid, its padded copy, the class accumulator with its weight sums, and one batch of
-        // windows through the network: its logits twice (tensor and copy) and the activations,
-        // measured at 20 + 8 * feature_size float32 ROI volumes (fs 12: 114, fs 24: 208) and
-        // counted as 24 + 10 * feature_size for the allocator's slack.
-        let Architecture::SwinUnetr(config) = &self.metadata.architecture;
-        let network = f32s(roi_voxels * (24 + 2 * classes + 10 * config.feature_size as u64));
+        // windows through the network.
+        let network = match &self.metadata.architecture {
+            // Its logits twice (tensor and copy) and the activations, measured at 20 + 8 *
+            // feature_size float32 ROI volumes (fs 12: 114, fs 24: 208) and counted as 24 + 10 *
+            // feature_size for the allocator's slack.
+            Architecture::SwinUnetr(config) => f32s(roi_voxels * (24 + 2 * classes + 10 * config.feature_size as u64)),
+            // Crop by crop: the logits of the batch, and one crop's working set.
+            Architecture::AutoProSam(config) => {
+                f32s(roi_voxels * 2 * classes).saturating_add(f32s(teacher_activation_floats(config)))
+            }
+        };
         let infer = f32s(model).saturating_add(f32s(padded).saturating_mul(classes + 2)).saturating_add(network);
         // Probabilities and the grid while the labels are filled in.
         let restore = f32s(model).saturating_mul(classes + 1).saturating_add(stored);
@@ -274,4 +280,20 @@ impl Segmenter {
         let times = StageTimes { preprocess: t1 - t0, infer: t2 - t1, restore: t2.elapsed() };
         Ok(Segmentation { labels, dims, windows, times })
     }
+}
+
+/// An upper estimate of the f32 values the teacher holds at once for one crop without a gradient
+/// graph: the crop up-sampled along two axes, one block's token tensors (input, adapter, norm,
+/// q/k/v, attention and projection outputs: 8 token-sized tensors, and the MLP's hidden layer
+/// before and after its GELU) and a chunk of attention scores with their softmax, and the
+/// decoder's concatenation, classifier and logits.
+fn teacher_activation_floats(cfg: &prosam_models::autoprosam::Config) -> u64 {
+    let (crop, t) = (cfg.crop as u64, cfg.token_grid() as u64);
+    let upsampled = crop * (cfg.upsample as u64 * crop).pow(2);
+    let tokens = t.pow(3) * cfg.embed_dim as u64 * (8 + 2 * cfg.mlp_ratio as u64);
+    let n = (cfg.cubic_window as u64).pow(3);
+    let scores = (t.pow(3) / n * cfg.num_heads as u64 * n * n).min(1 << 25) * 2;
+    let h = cfg.decoder_channels as u64;
+    let decoder = (2 * t).pow(3) * (2 * (4 * h + 1) + h) + crop.pow(3) * 2 * cfg.n_out as u64;
+    upsampled + tokens + scores + decoder
 }

@@ -1,5 +1,6 @@
 //! `prosam convert` + `prosam forward` end to end against MONAI's logits
-//! (`../shared/fixtures/monai/`), the way an ML engineer checks a port.
+//! (`../shared/fixtures/monai/`) and the AutoProSAM reference code's (`../shared/fixtures/autoprosam/`),
+//! the way an ML engineer checks a port.
 
 mod common;
 
@@ -19,13 +20,20 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Converts `ckpt`, writes the fixture's `input` as .npy, runs `prosam forward`, and compares.
-fn convert_and_forward(ckpt: &str, io: &str, extra_convert_args: &[&str], scratch: &str) {
-    let (Some(ckpt), Some(io)) = (common::shared_file(ckpt), common::shared_file(io)) else { return };
+/// Converts `ckpt` (`source`: `--monai` or `--autoprosam`), writes the fixture's `input` as .npy,
+/// runs `prosam forward`, and compares with the fixture's `logits_key`. Returns the model file.
+fn convert_and_forward(
+    (source, ckpt): (&str, &str),
+    io: &str,
+    convert_args: &[&str],
+    logits_key: &str,
+    scratch: &str,
+) -> Option<PathBuf> {
+    let (Some(ckpt), Some(io)) = (common::shared_file(ckpt), common::shared_file(io)) else { return None };
     let dir = common::scratch_dir(scratch);
     let model = dir.join("model.safetensors");
-    let mut args = vec!["convert", "--monai", path_str(&ckpt), "-o", path_str(&model)];
-    args.extend_from_slice(extra_convert_args);
+    let mut args = vec!["convert", source, path_str(&ckpt), "-o", path_str(&model)];
+    args.extend_from_slice(convert_args);
     assert!(prosam(&args).status.success(), "convert failed");
 
     let fixture = candle_core::safetensors::load(&io, &Device::Cpu).expect("fixture");
@@ -47,7 +55,7 @@ fn convert_and_forward(ckpt: &str, io: &str, extra_convert_args: &[&str], scratc
     assert!(out.status.success(), "forward failed");
 
     let y = npy::read(&y_path).expect("read logits");
-    let expected = &fixture["logits"];
+    let expected = &fixture[logits_key];
     assert_eq!(y.shape, expected.dims());
     let (max_abs, agree) = common::compare_logits(
         &y.data,
@@ -57,14 +65,16 @@ fn convert_and_forward(ckpt: &str, io: &str, extra_convert_args: &[&str], scratc
     eprintln!("max |dlogit| = {max_abs:e}, argmax agreement = {:.5}%", agree * 100.0);
     assert!(max_abs <= 1e-4, "max abs logit difference {max_abs} > 1e-4");
     assert!(agree >= 0.9999, "argmax agreement {agree} < 99.99%");
+    Some(model)
 }
 
 #[test]
 fn fs12_convert_and_forward_match_monai() {
     convert_and_forward(
-        "fixtures/monai/swinunetr_fs12.pt",
+        ("--monai", "fixtures/monai/swinunetr_fs12.pt"),
         "fixtures/monai/swinunetr_fs12_io.safetensors",
         &[],
+        "logits",
         "fs12",
     );
 }
@@ -72,9 +82,67 @@ fn fs12_convert_and_forward_match_monai() {
 #[test]
 fn fs12_v2_mergingv2_convert_and_forward_match_monai() {
     convert_and_forward(
-        "fixtures/monai/swinunetr_fs12_v2.pt",
+        ("--monai", "fixtures/monai/swinunetr_fs12_v2.pt"),
         "fixtures/monai/swinunetr_fs12_v2_io.safetensors",
         &["--downsample", "mergingv2"],
+        "logits",
         "fs12_v2",
     );
+}
+
+/// The teacher's checkpoint as the reference code saves it, in both APG placements; `prosam info`
+/// then describes the teacher file.
+#[test]
+fn teacher_convert_and_forward_match_the_reference_code() {
+    let ckpt = "fixtures/autoprosam/teacher_tiny.pt";
+    let io = "fixtures/autoprosam/teacher_tiny_io.safetensors";
+    let Some(model) = convert_and_forward(
+        ("--autoprosam", ckpt),
+        io,
+        &["--preset", "tiny", "--apg-input", "stage1"],
+        "logits",
+        "teacher_stage1",
+    ) else {
+        return;
+    };
+    convert_and_forward(
+        ("--autoprosam", ckpt),
+        io,
+        &["--preset", "tiny", "--apg-input", "stage4"],
+        "logits_stage4",
+        "teacher_stage4",
+    );
+
+    let out = prosam(&["info", "-m", path_str(&model), "--json"]);
+    assert!(out.status.success());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta = &info["metadata"];
+    assert_eq!(meta["architecture"]["name"], "autoprosam");
+    assert_eq!(meta["architecture"]["config"]["apg_input"], "stage1");
+    assert_eq!(meta["roi_size"], serde_json::json!([32, 32, 32]));
+    assert_eq!(meta["intensity"]["kind"], "clip_z_score");
+    assert_eq!(info["parameters"], 2_028_604);
+    let out = prosam(&["info", "-m", path_str(&model)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("AutoProSAM teacher") && text.contains("stage 1: 1351664"), "{text}");
+
+    // Another preset's checkpoint: the error names the tensor and both shapes.
+    let ckpt = common::shared_file(ckpt).unwrap();
+    let dir = common::scratch_dir("teacher_wrong_preset");
+    let out = prosam(&[
+        "convert",
+        "--autoprosam",
+        path_str(&ckpt),
+        "--preset",
+        "vit_b",
+        "-o",
+        path_str(&dir.join("t.safetensors")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not an AutoProSAM teacher checkpoint for this configuration") && err.contains("another preset or crop"),
+        "{err}"
+    );
+    assert!(!dir.join("t.safetensors").exists());
 }

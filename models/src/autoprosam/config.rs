@@ -244,6 +244,19 @@ impl Config {
         Ok(())
     }
 
+    /// Whether the teacher takes an input of `shape`: `(B, 1, crop, crop, crop)`, the windows
+    /// of a batch run one by one.
+    pub fn check_input(&self, shape: &[usize]) -> Result<()> {
+        let c = self.crop;
+        match *shape {
+            [b, 1, d, h, w] if b > 0 && [d, h, w] == [c; 3] => Ok(()),
+            _ => Err(Error::InvalidInput {
+                shape: shape.to_vec(),
+                reason: format!("the teacher takes 1-channel crops of {c}^3 voxels, (B, 1, {c}, {c}, {c})"),
+            }),
+        }
+    }
+
     /// Every parameter with its shape, in the reference code's state_dict names (`encoder.`,
     /// `feature.` and `decoder.` prefixes, as the reference checkpoints store them).
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -318,6 +331,34 @@ impl Config {
         shapes
     }
 
+    /// Multiply-accumulates of one crop's forward pass, counting the convolutions, linear layers
+    /// and attention products (the patch embedding with its three channels summed, as prosam
+    /// computes it).
+    pub fn macs(&self) -> u64 {
+        let u = |v: usize| v as u64;
+        let (c, t, p) = (u(self.embed_dim), u(self.token_grid()), u(self.patch));
+        let n_tokens = t.pow(3);
+        let slices = u(self.upsample * self.crop);
+        let window = u(self.cubic_window).pow(3);
+        let (a, o, hd) = (u(self.adapter_dim), u(self.out_chans), u(self.head_dim()));
+        let embed = slices * t * t * p * p * c + n_tokens * c * p;
+        let attention = 2 * n_tokens * window * c + n_tokens * u(self.num_heads) * 3 * u(self.cubic_window) * hd;
+        let block = n_tokens * (3 * c * c + c * c + 2 * u(self.mlp_ratio) * c * c + 2 * c * a + 27 * a) + attention;
+        let necks = 4 * n_tokens * (c * o + 27 * o * o);
+        let conv3 = |cin: usize, cout: usize, size: usize| 27 * u(cin) * u(cout) * u(size).pow(3);
+        let (ch, sizes) = (self.apg_channels(), self.apg_sizes());
+        let mut apg = conv3(self.out_chans, ch[0], sizes[0]) + conv3(ch[0], ch[0], sizes[0]) + o * u(ch[0]) * n_tokens;
+        for l in 1..5 {
+            apg += conv3(ch[l - 1], ch[l], sizes[l]) + conv3(ch[l], ch[l], sizes[l]);
+            apg += conv3(ch[l - 1] + ch[l], ch[l - 1], sizes[l - 1]) + conv3(ch[l - 1], ch[l - 1], sizes[l - 1]);
+        }
+        let (h, t2) = (self.decoder_channels, 2 * self.token_grid());
+        let decoder = 4 * (conv3(self.out_chans, h, t as usize) + conv3(h, h, t as usize))
+            + conv3(4 * h + 1, h, t2)
+            + conv3(h, self.n_out, t2);
+        embed + u(self.depth) * block + necks + apg + decoder
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
@@ -375,6 +416,17 @@ mod tests {
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
         assert_eq!(stage2, 11_384_960);
+        // The spec's count is 4,560 GMAC with SAM's three input channels (309 GMAC of patch
+        // embedding, 103 with them summed).
+        let gmac = vit_b.macs() as f64 / 1e9;
+        assert!((gmac - (4560.0 - 206.0)).abs() < 0.01 * 4354.0, "{gmac} GMAC");
+        let tiny_trainable: usize = tiny
+            .parameter_shapes()
+            .iter()
+            .filter(|(n, _)| Config::trains_in_stage(n, 1))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(tiny_trainable, 1_351_664, "the fixture's keys.txt");
     }
 
     #[test]

@@ -66,24 +66,28 @@ impl AutoProSam {
         })
     }
 
-    /// Logits `(1, n_out, X, Y, Z)` of a crop, after checking its shape.
+    /// Logits `(B, n_out, X, Y, Z)` of crops, after checking their shape.
     pub fn forward_checked(&self, x: &Tensor) -> crate::Result<Tensor> {
-        let c = self.config.crop;
-        if x.dims() != [1, 1, c, c, c] {
-            return Err(crate::Error::InvalidInput {
-                shape: x.dims().to_vec(),
-                reason: format!("the teacher takes one 1-channel crop of {c}^3 voxels, (1, 1, {c}, {c}, {c})"),
-            });
-        }
+        self.config.check_input(x.dims())?;
         Ok(self.forward(x)?)
+    }
+
+    fn forward_one(&self, x: &Tensor) -> Result<Tensor> {
+        let taps = self.encoder.forward_taps(x)?;
+        let features = self.decoder_inputs(&taps, self.config.apg_input)?;
+        self.decoder.forward(&features, x)
     }
 }
 
 impl Module for AutoProSam {
-    /// Logits `(1, n_out, X, Y, Z)` for a crop `(1, 1, X, Y, Z)` in the teacher's intensity space.
+    /// Logits `(B, n_out, X, Y, Z)` for crops `(B, 1, X, Y, Z)` in the teacher's intensity space;
+    /// the encoder works on one crop at a time, so a batch runs crop by crop.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let taps = self.encoder.forward_taps(x)?;
-        let features = self.decoder_inputs(&taps, self.config.apg_input)?;
-        self.decoder.forward(&features, x)
+        let b = x.dim(0)?;
+        if b == 1 {
+            return self.forward_one(x);
+        }
+        let outs = (0..b).map(|i| self.forward_one(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 0)
     }
 }

@@ -2,32 +2,70 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::autoprosam;
 use crate::swin_unetr::Config;
 
 /// The network and its configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", content = "config")]
 pub enum Architecture {
+    /// A student.
     #[serde(rename = "swin_unetr")]
     SwinUnetr(Config),
+    /// The teacher.
+    #[serde(rename = "autoprosam")]
+    AutoProSam(autoprosam::Config),
 }
 
 impl Architecture {
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::SwinUnetr(_) => "swin_unetr",
+            Architecture::AutoProSam(_) => "autoprosam",
+        }
+    }
+
+    pub fn in_channels(&self) -> usize {
+        match self {
+            Architecture::SwinUnetr(c) => c.in_channels,
+            Architecture::AutoProSam(_) => 1,
         }
     }
 
     pub fn out_channels(&self) -> usize {
         match self {
             Architecture::SwinUnetr(c) => c.out_channels,
+            Architecture::AutoProSam(c) => c.n_out,
         }
     }
 
     pub fn parameter_count(&self) -> usize {
         match self {
             Architecture::SwinUnetr(c) => c.parameter_count(),
+            Architecture::AutoProSam(c) => c.parameter_count(),
+        }
+    }
+
+    /// Every stored parameter with its shape.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Architecture::SwinUnetr(c) => c.parameter_shapes(),
+            Architecture::AutoProSam(c) => c.parameter_shapes(),
+        }
+    }
+
+    pub fn validate(&self) -> crate::Result<()> {
+        match self {
+            Architecture::SwinUnetr(c) => c.validate(),
+            Architecture::AutoProSam(c) => c.validate(),
+        }
+    }
+
+    /// Whether the network takes an input of `shape` `(B, C, D, H, W)`, and why not.
+    pub fn check_input(&self, shape: &[usize]) -> crate::Result<()> {
+        match self {
+            Architecture::SwinUnetr(c) => c.check_input(shape),
+            Architecture::AutoProSam(c) => c.check_input(shape),
         }
     }
 }
@@ -198,12 +236,31 @@ impl Metadata {
         }
     }
 
+    /// Metadata for the AutoProSAM teacher: the BTCV labels (for 14 outputs), RAS axes, the
+    /// students' 1.5 x 1.5 x 2.0 mm spacing (so that distillation shares crops), the reference
+    /// code's intensity transform (clip to -991..362 HU, then (x - 50) / 141), its crop as the ROI.
+    pub fn teacher(name: &str, config: autoprosam::Config) -> Self {
+        let crop = config.crop;
+        let labels = if config.n_out == BTCV_LABELS.len() {
+            BTCV_LABELS.iter().map(|s| s.to_string()).collect()
+        } else {
+            (0..config.n_out).map(|i| format!("label_{i}")).collect()
+        };
+        Metadata {
+            labels,
+            intensity: Intensity::ClipZScore { lower: -991.0, upper: 362.0, mean: 50.0, std: 141.0 },
+            roi_size: [crop; 3],
+            architecture: Architecture::AutoProSam(config),
+            ..Metadata::btcv(name, Config::tiny())
+        }
+    }
+
     /// Checks the fields against each other and against the architecture.
     pub fn validate(&self) -> Result<(), String> {
-        let Architecture::SwinUnetr(cfg) = &self.architecture;
-        cfg.validate().map_err(|e| e.to_string())?;
-        if self.labels.len() != cfg.out_channels {
-            return Err(format!("{} label names for {} output channels", self.labels.len(), cfg.out_channels));
+        let arch = &self.architecture;
+        arch.validate().map_err(|e| e.to_string())?;
+        if self.labels.len() != arch.out_channels() {
+            return Err(format!("{} label names for {} output channels", self.labels.len(), arch.out_channels()));
         }
         if self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(format!("spacing {:?} must be positive", self.spacing));
@@ -214,9 +271,12 @@ impl Metadata {
         if (self.precision == Precision::Int8) == self.quantized.is_empty() {
             return Err(format!("precision {} but {} quantized tensors listed", self.precision, self.quantized.len()));
         }
-        let mut roi_shape = vec![1, cfg.in_channels];
+        if self.precision == Precision::Int8 && matches!(arch, Architecture::AutoProSam(_)) {
+            return Err("the teacher runs in f32 or f16, not int8".into());
+        }
+        let mut roi_shape = vec![1, arch.in_channels()];
         roi_shape.extend(self.roi_size);
-        cfg.check_input(&roi_shape).map_err(|e| format!("roi_size {:?}: {e}", self.roi_size))?;
+        arch.check_input(&roi_shape).map_err(|e| format!("roi_size {:?}: {e}", self.roi_size))?;
         self.intensity.validate()
     }
 }

@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 
 pub use metadata::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision, QuantizedTensor};
 
-use crate::swin_unetr::{Config, SwinUnetr};
+use crate::autoprosam::AutoProSam;
+use crate::network::Network;
+use crate::swin_unetr::SwinUnetr;
 use crate::{Error, Result};
 
 /// Version of the file layout and metadata schema; bumped on incompatible changes.
@@ -194,30 +196,43 @@ impl ModelFile {
         Ok(out)
     }
 
-    /// Builds the SwinUNETR this file describes, computing in `dtype` on `device`.
-    pub fn swin_unetr(&self, dtype: DType, device: &Device) -> Result<SwinUnetr> {
-        let Architecture::SwinUnetr(config) = &self.metadata.architecture;
+    /// Builds the network this file describes, computing in `dtype` on `device`.
+    pub fn network(&self, dtype: DType, device: &Device) -> Result<Network> {
         let tensors = self.tensors(device)?;
-        check_weights(config, &tensors, &self.metadata.quantized, &self.path)?;
+        let arch = &self.metadata.architecture;
+        check_weights(&arch.parameter_shapes(), &tensors, &self.metadata.quantized, &self.path)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        SwinUnetr::new(config, vb)
+        Ok(match arch {
+            Architecture::SwinUnetr(config) => Network::SwinUnetr(SwinUnetr::new(config, vb)?),
+            Architecture::AutoProSam(config) => Network::AutoProSam(AutoProSam::new(config, vb)?),
+        })
+    }
+
+    /// Builds the SwinUNETR this file describes; a teacher file is refused.
+    pub fn swin_unetr(&self, dtype: DType, device: &Device) -> Result<SwinUnetr> {
+        match self.network(dtype, device)? {
+            Network::SwinUnetr(net) => Ok(net),
+            other => Err(Error::ModelFile {
+                path: self.path.clone(),
+                reason: format!("it holds a {} network, not a SwinUNETR student", other.architecture_name()),
+            }),
+        }
     }
 }
 
-/// Checks that `tensors` hold every parameter `config` needs, each with its shape, either dense
+/// Checks that `tensors` hold every parameter of `expected`, each with its shape, either dense
 /// or, for the keys in `quantized`, as Q8_0 blocks of the right size; the errors name the key and
 /// both shapes. Tensors the network does not use are reported too.
 pub fn check_weights(
-    config: &Config,
+    expected: &[(String, Vec<usize>)],
     tensors: &HashMap<String, Tensor>,
     quantized: &std::collections::BTreeMap<String, QuantizedTensor>,
     path: &Path,
 ) -> Result<()> {
     use crate::ops::quantized::{Q8_BLOCK, Q8_BLOCK_BYTES, Q8_SUFFIX, padded_cols};
-    let expected = config.parameter_shapes();
     let bad = |reason: String| Error::ModelFile { path: path.to_path_buf(), reason };
     let mut used = std::collections::HashSet::new();
-    for (key, shape) in &expected {
+    for (key, shape) in expected {
         if let Some(q) = quantized.get(key) {
             if q.encoding != Q8_SUFFIX {
                 return Err(bad(format!("`{key}` has the unknown encoding `{}`", q.encoding)));

@@ -28,6 +28,9 @@ pub fn quantize(
     to: Precision,
 ) -> Result<(Metadata, Vec<(String, Tensor)>)> {
     let refuse = Error::Quantize;
+    if to == Precision::Int8 && matches!(metadata.architecture, super::Architecture::AutoProSam(_)) {
+        return Err(refuse("the teacher runs in f32 or f16; int8 is for the students that ship".into()));
+    }
     if metadata.precision == Precision::Int8 {
         return Err(refuse("the model is already int8; quantize from its f32 or f16 file".into()));
     }

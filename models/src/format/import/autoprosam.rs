@@ -65,7 +65,7 @@ pub fn from_state_dict(mut tensors: HashMap<String, Tensor>, cfg: &Config, sourc
         if !same || !cfg.shifted(block) {
             return Err(not_teacher(format!(
                 "block {block}'s stored shift mask {:?} is not the one of a {t}^3 token grid in windows of {w} \
-                 (a checkpoint of another crop or preset?)",
+                 (a checkpoint of another preset or crop?)",
                 stored.dims()
             )));
         }

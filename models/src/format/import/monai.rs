@@ -68,7 +68,7 @@ pub fn from_state_dict(state_dict: Vec<(String, Tensor)>, options: MonaiOptions,
         }
     })?;
     config.validate()?;
-    check_weights(&config, &tensors, &Default::default(), path)?;
+    check_weights(&config.parameter_shapes(), &tensors, &Default::default(), path)?;
     let ordered = config
         .parameter_shapes()
         .into_iter()

@@ -45,9 +45,9 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
     let super::LoadedModel { file, net, device, dtype, load_s, resident_mib: resident } =
         super::load_model(&args.model, device_choice)?;
     let meta = file.metadata().clone();
-    let Architecture::SwinUnetr(cfg) = &meta.architecture;
-    let shape = [1, cfg.in_channels, size[0], size[1], size[2]];
-    cfg.check_input(&shape).map_err(|e| anyhow::anyhow!("--size {}: {e}", args.size))?;
+    let arch = &meta.architecture;
+    let shape = [1, arch.in_channels(), size[0], size[1], size[2]];
+    arch.check_input(&shape).map_err(|e| anyhow::anyhow!("--size {}: {e}", args.size))?;
     let x = Tensor::rand(0f32, 1.0, &shape, &device)?.to_dtype(dtype)?;
     // GPUs queue work asynchronously: a run ends when the device has finished it.
     let run_once = || -> anyhow::Result<()> {
@@ -70,7 +70,11 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
     } else {
         (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
     };
-    let gmac = cfg.macs(size) as f64 / 1e9;
+    let gmac = match arch {
+        Architecture::SwinUnetr(cfg) => cfg.macs(size),
+        Architecture::AutoProSam(cfg) => cfg.macs(),
+    } as f64
+        / 1e9;
     let report = serde_json::json!({
         "model": meta.name,
         "precision": meta.precision,

@@ -26,7 +26,7 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         super::load_model(&args.model, device)?;
 
     let x = npy::read(&args.input)?;
-    net.config().check_input(&x.shape).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+    net.check_input(&x.shape).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
     let x = Tensor::from_vec(x.data, x.shape, &device)?.to_dtype(dtype)?;
     let t1 = Instant::now();
     let y = net.forward(&x)?.to_dtype(DType::F32)?;

@@ -31,7 +31,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let Architecture::SwinUnetr(cfg) = &meta.architecture;
     println!("model        {}", meta.name);
     println!(
         "file         {} ({:.1} MiB, format version {})",
@@ -39,11 +38,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         file.file_size() as f64 / 1048576.0,
         meta.format_version
     );
-    println!(
-        "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {}, normalize {}",
-        cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.use_v2, cfg.downsample, cfg.normalize
-    );
-    println!("channels     {} in, {} out", cfg.in_channels, cfg.out_channels);
+    match &meta.architecture {
+        Architecture::SwinUnetr(cfg) => println!(
+            "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {}, normalize {}",
+            cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.use_v2, cfg.downsample, cfg.normalize
+        ),
+        Architecture::AutoProSam(cfg) => {
+            println!(
+                "architecture AutoProSAM teacher: ViT {} dim, {} blocks, {} heads, crop {}^3 -> {}^3 tokens in windows of {}, taps after blocks {:?}",
+                cfg.embed_dim,
+                cfg.depth,
+                cfg.num_heads,
+                cfg.crop,
+                cfg.token_grid(),
+                cfg.cubic_window,
+                cfg.taps
+            );
+            println!(
+                "             necks {}, APG base {} (scales {:?}) on {:?}, decoder {}",
+                cfg.out_chans, cfg.apg_base, cfg.apg_scales, cfg.apg_input, cfg.decoder_channels
+            );
+            let shapes = cfg.parameter_shapes();
+            let count = |stage: u8| -> usize {
+                shapes
+                    .iter()
+                    .filter(|(n, _)| prosam_models::autoprosam::Config::trains_in_stage(n, stage))
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum()
+            };
+            println!("trainable    stage 1: {} parameters; stage 2: {}; the rest frozen (SAM)", count(1), count(2));
+        }
+    }
+    println!("channels     {} in, {} out", meta.architecture.in_channels(), meta.architecture.out_channels());
     println!("parameters   {parameters} in {} tensors", tensors.len());
     println!("precision    {}", meta.precision);
     println!("spacing      {:?} mm, axes {}", meta.spacing, meta.axis_codes);

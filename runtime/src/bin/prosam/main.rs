@@ -35,7 +35,7 @@ enum Command {
     Segment(segment::Args),
     /// List the DICOM series in a folder and what would stop each from being segmented.
     DicomInfo(dicom_info::Args),
-    /// Convert a MONAI SwinUNETR checkpoint into a prosam model file.
+    /// Convert a MONAI SwinUNETR checkpoint (student) or an AutoProSAM checkpoint (teacher) into a prosam model file.
     Convert(convert::Args),
     /// Re-encode a model file in f16 or int8.
     Quantize(quantize::Args),
@@ -100,7 +100,7 @@ fn install_interrupt_cleanup() {
 /// A model loaded for inference on a device, with the load figures the raw-network commands report.
 pub(crate) struct LoadedModel {
     pub file: prosam_models::format::ModelFile,
-    pub net: prosam_models::swin_unetr::SwinUnetr,
+    pub net: prosam_models::network::Network,
     pub device: candle_core::Device,
     /// What the network computes in there ([`prosam_runtime::device::compute_dtype`]).
     pub dtype: candle_core::DType,
@@ -115,7 +115,7 @@ pub(crate) fn load_model(path: &std::path::Path, device: DeviceChoice) -> anyhow
     let t0 = std::time::Instant::now();
     let file = prosam_models::format::ModelFile::open(path)?;
     let dtype = prosam_runtime::device::compute_dtype(&device, file.metadata().precision);
-    let net = file.swin_unetr(dtype, &device)?;
+    let net = file.network(dtype, &device)?;
     let load_s = t0.elapsed().as_secs_f64();
     Ok(LoadedModel { file, net, device, dtype, load_s, resident_mib: prosam_runtime::resources::resident_mib() })
 }
