@@ -184,66 +184,24 @@ impl Segmenter {
     /// How a stored grid maps onto the model's: the orientation to RAS, the oriented affine, and
     /// the model grid's size (MONAI's `Spacing` rounding).
     fn model_grid_of(&self, affine: &Affine, stored: [usize; 3]) -> (Orientation, Affine, [usize; 3]) {
-        let orientation = Orientation::to_ras(affine);
-        let oriented_dims = orientation.oriented_dims(stored);
-        let oriented_affine = orientation.oriented_affine(affine, stored);
-        let (old, new) = (oriented_affine.spacing(), self.metadata.spacing);
-        let dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]));
-        (orientation, oriented_affine, dims)
+        model_grid_of(&self.metadata, affine, stored)
     }
 
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.
     pub fn preprocess(&self, volume: &Volume) -> Result<ModelGrid> {
-        let (orientation, oriented_affine, dims) = self.model_grid_of(&volume.affine, volume.dims);
-        let oriented_dims = orientation.oriented_dims(volume.dims);
-        let old = oriented_affine.spacing();
-        let new = self.metadata.spacing;
-        let (base, strides) = orientation.view(volume.dims, volume.strides());
-        let mut data =
-            resample_view(&volume.data, base, strides, oriented_dims, dims, [0, 1, 2].map(|a| new[a] / old[a]));
-        intensity::apply(&self.metadata.intensity, &mut data);
-        Ok(ModelGrid {
-            data,
-            dims,
-            affine: oriented_affine.scale_columns([0, 1, 2].map(|a| new[a] / old[a])),
-            stored_dims: volume.dims,
-            orientation,
-            oriented_over_model: [0, 1, 2].map(|a| old[a] / new[a]),
-        })
+        let mut grid = to_model_grid(&self.metadata, volume);
+        intensity::apply(&self.metadata.intensity, &mut grid.data);
+        Ok(grid)
     }
 
     /// Sliding-window inference and softmax: class probabilities on the model grid
     /// (`classes x dims`, C order). `progress(done, total)` is called before the first window and
     /// after every batch; returning `false` cancels the run with [`Error::Cancelled`].
     pub fn probabilities(&self, grid: &ModelGrid, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<f32>> {
-        let roi = self.metadata.roi_size;
+        let forward = |x: &Tensor| -> Result<Tensor> { Ok(self.net.forward_checked(x)?) };
         let classes = self.metadata.labels.len();
-        let plan = WindowPlan::new(grid.dims, roi, self.options.overlap);
-        let padded = plan.pad(&grid.data);
-        let starts = plan.starts.clone();
-        let mut acc = Accumulator::new(plan.clone(), classes, self.options.blend);
-        let roi_len: usize = roi.iter().product();
-        if !progress(0, starts.len()) {
-            return Err(Error::Cancelled);
-        }
-        for (b, batch) in starts.chunks(self.options.batch).enumerate() {
-            let mut input = vec![0f32; batch.len() * roi_len];
-            for (w, &s) in batch.iter().enumerate() {
-                plan.extract(&padded, s, &mut input[w * roi_len..(w + 1) * roi_len]);
-            }
-            let x = Tensor::from_vec(input, (batch.len(), 1, roi[0], roi[1], roi[2]), &self.device)?
-                .to_dtype(self.dtype)?;
-            let logits = self.net.forward_checked(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            for (w, &s) in batch.iter().enumerate() {
-                acc.add(s, &logits[w * classes * roi_len..(w + 1) * classes * roi_len]);
-            }
-            if !progress((b * self.options.batch + batch.len()).min(starts.len()), starts.len()) {
-                return Err(Error::Cancelled);
-            }
-        }
-        let mut probs = acc.finish();
-        softmax_classes(&mut probs, classes);
-        Ok(probs)
+        let window = WindowInference { roi: self.metadata.roi_size, classes, options: self.options };
+        window.probabilities(&forward, &grid.data, grid.dims, &self.device, self.dtype, progress)
     }
 
     /// Labels on the stored grid from model-grid probabilities.
@@ -296,4 +254,113 @@ fn teacher_activation_floats(cfg: &prosam_models::autoprosam::Config) -> u64 {
     let h = cfg.decoder_channels as u64;
     let decoder = (2 * t).pow(3) * (2 * (4 * h + 1) + h) + crop.pow(3) * 2 * cfg.n_out as u64;
     upsampled + tokens + scores + decoder
+}
+
+/// How a stored grid maps onto `metadata`'s model grid: the orientation to RAS, the oriented
+/// affine, and the model grid's size (MONAI's `Spacing` rounding).
+pub fn model_grid_of(metadata: &Metadata, affine: &Affine, stored: [usize; 3]) -> (Orientation, Affine, [usize; 3]) {
+    let orientation = Orientation::to_ras(affine);
+    let oriented_dims = orientation.oriented_dims(stored);
+    let oriented_affine = orientation.oriented_affine(affine, stored);
+    let (old, new) = (oriented_affine.spacing(), metadata.spacing);
+    let dims = [0, 1, 2].map(|a| resampled_size(oriented_dims[a], old[a], new[a]));
+    (orientation, oriented_affine, dims)
+}
+
+/// A volume on `metadata`'s grid, still in HU: orientation to RAS, then trilinear resampling to
+/// the model spacing. The intensity transform is the caller's ([`intensity::apply`]), so that
+/// training can crop in HU and let each network normalise its own way.
+pub fn to_model_grid(metadata: &Metadata, volume: &Volume) -> ModelGrid {
+    let (orientation, oriented_affine, dims) = model_grid_of(metadata, &volume.affine, volume.dims);
+    let oriented_dims = orientation.oriented_dims(volume.dims);
+    let old = oriented_affine.spacing();
+    let new = metadata.spacing;
+    let (base, strides) = orientation.view(volume.dims, volume.strides());
+    let data = resample_view(&volume.data, base, strides, oriented_dims, dims, [0, 1, 2].map(|a| new[a] / old[a]));
+    ModelGrid {
+        data,
+        dims,
+        affine: oriented_affine.scale_columns([0, 1, 2].map(|a| new[a] / old[a])),
+        stored_dims: volume.dims,
+        orientation,
+        oriented_over_model: [0, 1, 2].map(|a| old[a] / new[a]),
+    }
+}
+
+/// A label map (stored as a volume of label numbers) on `metadata`'s grid: orientation to RAS,
+/// then nearest-neighbour resampling to the model spacing (MONAI's `Spacingd` with
+/// `mode="nearest"` for labels), C order.
+pub fn labels_to_model_grid(metadata: &Metadata, labels: &Volume) -> (Vec<u8>, [usize; 3]) {
+    let (orientation, oriented_affine, dims) = model_grid_of(metadata, &labels.affine, labels.dims);
+    let oriented_dims = orientation.oriented_dims(labels.dims);
+    let old = oriented_affine.spacing();
+    let ratio = [0, 1, 2].map(|a| metadata.spacing[a] / old[a]);
+    let (base, strides) = orientation.view(labels.dims, labels.strides());
+    let nearest = |a: usize, j: usize| ((j as f64 * ratio[a]).round_ties_even() as usize).min(oriented_dims[a] - 1);
+    let mut out = vec![0u8; dims.iter().product()];
+    for (x, plane) in out.chunks_mut(dims[1] * dims[2]).enumerate() {
+        let ix = nearest(0, x);
+        for (y, row) in plane.chunks_mut(dims[2]).enumerate() {
+            let iy = nearest(1, y);
+            for (z, v) in row.iter_mut().enumerate() {
+                let iz = nearest(2, z);
+                let off =
+                    base as isize + ix as isize * strides[0] + iy as isize * strides[1] + iz as isize * strides[2];
+                *v = labels.data[off as usize].round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    (out, dims)
+}
+
+/// Sliding-window inference over a model grid with any forward function: MONAI's
+/// `sliding_window_inference` then a softmax over the classes. Shared by [`Segmenter`] and
+/// training's validation.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowInference {
+    pub roi: [usize; 3],
+    pub classes: usize,
+    pub options: SegmentOptions,
+}
+
+impl WindowInference {
+    /// Class probabilities (`classes x dims`, C order) of the network input `data` (`dims`, C
+    /// order). `progress(done, total)` is called before the first window and after every batch;
+    /// returning `false` cancels the run with [`Error::Cancelled`].
+    pub fn probabilities(
+        &self,
+        forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+        data: &[f32],
+        dims: [usize; 3],
+        device: &Device,
+        dtype: DType,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<f32>> {
+        let (roi, classes, batch_size) = (self.roi, self.classes, self.options.batch);
+        let plan = WindowPlan::new(dims, roi, self.options.overlap);
+        let padded = plan.pad(data);
+        let starts = plan.starts.clone();
+        let mut acc = Accumulator::new(plan.clone(), classes, self.options.blend);
+        let roi_len: usize = roi.iter().product();
+        if !progress(0, starts.len()) {
+            return Err(Error::Cancelled);
+        }
+        for (b, batch) in starts.chunks(batch_size).enumerate() {
+            let mut input = vec![0f32; batch.len() * roi_len];
+            for (w, &s) in batch.iter().enumerate() {
+                plan.extract(&padded, s, &mut input[w * roi_len..(w + 1) * roi_len]);
+            }
+            let x = Tensor::from_vec(input, (batch.len(), 1, roi[0], roi[1], roi[2]), device)?.to_dtype(dtype)?;
+            let logits = forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (w, &s) in batch.iter().enumerate() {
+                acc.add(s, &logits[w * classes * roi_len..(w + 1) * classes * roi_len]);
+            }
+            if !progress((b * batch_size + batch.len()).min(starts.len()), starts.len()) {
+                return Err(Error::Cancelled);
+            }
+        }
+        let mut probs = acc.finish();
+        softmax_classes(&mut probs, classes);
+        Ok(probs)
+    }
 }

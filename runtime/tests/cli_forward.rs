@@ -141,7 +141,8 @@ fn teacher_convert_and_forward_match_the_reference_code() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("not an AutoProSAM teacher checkpoint for this configuration") && err.contains("another preset or crop"),
+        err.contains("not an AutoProSAM teacher checkpoint for this configuration")
+            && err.contains("another preset or crop"),
         "{err}"
     );
     assert!(!dir.join("t.safetensors").exists());

@@ -1,0 +1,462 @@
+//! Training the AutoProSAM teacher: the two stages of `../shared/spec/teacher.md` section 8 (c),
+//! AdamW per part (encoder, APG, decoder) with clipping, the reference schedule, checkpoints that
+//! resume exactly, and validation by sliding window with per-class Dice.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::VarBuilder;
+use prosam_models::autoprosam::{AutoProSam, Config};
+use prosam_models::format::import::import_autoprosam;
+use prosam_models::format::{Architecture, Metadata, ModelFile};
+use prosam_runtime::engine::{SegmentOptions, WindowInference};
+use prosam_runtime::pipeline::{Blend, intensity};
+use serde::{Deserialize, Serialize};
+
+use crate::augment::{CropOptions, random_crop};
+use crate::data::{Case, Dataset};
+use crate::loss::teacher_loss;
+use crate::optim::{AdamW, AdamWConfig, learning_rate};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// The reference code's parameter groups, each with its own AdamW and clipping.
+pub const GROUPS: [(&str, &str); 3] = [("encoder", "encoder."), ("apg", "feature."), ("decoder", "decoder.")];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// 1: adapters, depth embeddings, norms, necks, APG and decoder; 2: APG and decoder only.
+    pub stage: u8,
+    pub epochs: usize,
+    pub warmup_epochs: usize,
+    pub lr: f64,
+    /// Gradient norm per group (the reference clips at 1.0).
+    pub clip: f64,
+    /// Crops drawn from each training case per epoch (the reference: 1).
+    pub samples_per_case: usize,
+    /// Validate every this many epochs (and after the last).
+    pub val_every: usize,
+    /// Sliding-window overlap of validation (the reference: 0.25, constant blend).
+    pub overlap: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            stage: 1,
+            epochs: 400,
+            warmup_epochs: 5,
+            lr: 5e-4,
+            clip: 1.0,
+            samples_per_case: 1,
+            val_every: 1,
+            overlap: 0.25,
+            seed: 42,
+        }
+    }
+}
+
+/// Per-class Dice of one validation, with the means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    /// Class name to Dice, for classes present in the prediction or the truth.
+    pub dice: std::collections::BTreeMap<String, f64>,
+    /// Mean over the foreground classes present.
+    pub mean_dice: f64,
+    /// Mean including background: what the reference selects the best checkpoint by.
+    pub mean_dice_with_background: f64,
+}
+
+/// Dice of every class between two label maps of the same grid; classes absent from both are
+/// left out (MONAI's `compute_dice` gives them NaN, which its means ignore).
+pub fn dice_per_class(pred: &[u8], truth: &[u8], names: &[String]) -> Validation {
+    let k = names.len();
+    let (mut inter, mut p, mut t) = (vec![0u64; k], vec![0u64; k], vec![0u64; k]);
+    for (&a, &b) in pred.iter().zip(truth) {
+        let (a, b) = (a as usize, b as usize);
+        if a < k {
+            p[a] += 1;
+        }
+        if b < k {
+            t[b] += 1;
+        }
+        if a == b && a < k {
+            inter[a] += 1;
+        }
+    }
+    let mut dice = std::collections::BTreeMap::new();
+    let (mut fg, mut all) = (Vec::new(), Vec::new());
+    for c in 0..k {
+        if p[c] + t[c] == 0 {
+            continue;
+        }
+        let d = 2.0 * inter[c] as f64 / (p[c] + t[c]) as f64;
+        dice.insert(names[c].clone(), d);
+        all.push(d);
+        if c > 0 {
+            fg.push(d);
+        }
+    }
+    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    Validation { mean_dice: mean(&fg), mean_dice_with_background: mean(&all), dice }
+}
+
+/// Where the starting weights come from.
+#[derive(Debug, Clone)]
+pub enum Init {
+    /// PyTorch's default initialisation, seeded.
+    Random(u64),
+    /// A prosam teacher model file, or a reference checkpoint (`encoder.`/`feature.`/`decoder.`).
+    File(PathBuf),
+}
+
+/// PyTorch's default initialisation of every parameter: linear and convolution weights and biases
+/// uniform in `+-1/sqrt(fan_in)` (`kaiming_uniform_(a=sqrt(5))`), LayerNorms at 1 and 0, SAM's
+/// position embedding and relative-position tables at 0, the depth embedding at 1 and the
+/// rel-pos scale `lr` at 1 (`ImageEncoderViT_3d_v2`'s own initial values).
+pub fn random_weights(cfg: &Config, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    let mut rng = Rng::new(seed);
+    let mut fans: HashMap<String, usize> = HashMap::new();
+    let shapes = cfg.parameter_shapes();
+    for (name, shape) in &shapes {
+        if name.ends_with(".weight") && shape.len() >= 2 {
+            let fan_in = if name.ends_with("adapter.conv.weight") || name.ends_with("slice_embed.weight") {
+                shape[2..].iter().product()
+            } else {
+                shape[1..].iter().product()
+            };
+            fans.insert(name.trim_end_matches(".weight").to_string(), fan_in);
+        }
+    }
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let stem = name.trim_end_matches(".weight").trim_end_matches(".bias");
+            let values: Vec<f32> = if name.ends_with("pos_embed") || name.contains("rel_pos_") {
+                vec![0.0; n]
+            } else if name.ends_with("depth_embed") || name.ends_with("attn.lr") {
+                vec![1.0; n]
+            } else if let Some(&fan_in) = fans.get(stem) {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+            } else if name.ends_with(".weight") {
+                vec![1.0; n] // a norm's scale
+            } else {
+                vec![0.0; n] // a norm's shift
+            };
+            Ok((name, Tensor::from_vec(values, shape, &Device::Cpu)?))
+        })
+        .collect()
+}
+
+/// The weights of `init` for `cfg`, checked.
+pub fn initial_weights(cfg: &Config, init: &Init) -> Result<Vec<(String, Tensor)>> {
+    match init {
+        Init::Random(seed) => random_weights(cfg, *seed),
+        Init::File(path) => {
+            let is_model_file = std::fs::read(path)
+                .map(|b| b.len() > 8 && b[8] == b'{')
+                .map_err(|source| Error::Io { path: path.clone(), source })?;
+            if !is_model_file {
+                return Ok(import_autoprosam(path, cfg)?.tensors);
+            }
+            let file = ModelFile::open(path)?;
+            let Architecture::AutoProSam(file_cfg) = &file.metadata().architecture else {
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    reason: "a student model file, not a teacher".into(),
+                });
+            };
+            if file_cfg != cfg {
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    reason: format!("a teacher of another configuration ({file_cfg:?}; this run: {cfg:?})"),
+                });
+            }
+            let tensors = file.tensors(&Device::Cpu)?;
+            cfg.parameter_shapes()
+                .into_iter()
+                .map(|(name, _)| {
+                    let t = tensors
+                        .get(&name)
+                        .ok_or_else(|| Error::Checkpoint { path: path.clone(), reason: format!("no `{name}`") })?;
+                    Ok((name, t.to_dtype(DType::F32)?))
+                })
+                .collect()
+        }
+    }
+}
+
+/// What the checkpoint's header records besides the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CheckpointState {
+    config: Config,
+    options: TrainOptions,
+    /// The last finished epoch.
+    epoch: usize,
+    rng: Rng,
+    optimizer_steps: Vec<(String, u64)>,
+    best_mean_dice_with_background: Option<f64>,
+}
+
+/// One training run of the teacher.
+pub struct TeacherTrainer {
+    pub cfg: Config,
+    pub metadata: Metadata,
+    pub options: TrainOptions,
+    /// Every parameter: trainable ones are variables, frozen ones plain tensors.
+    weights: Vec<(String, Tensor)>,
+    vars: HashMap<String, Var>,
+    model: AutoProSam,
+    optimizer: AdamW,
+    rng: Rng,
+    /// Epochs finished.
+    pub epoch: usize,
+    best: Option<f64>,
+    device: Device,
+}
+
+impl TeacherTrainer {
+    /// A fresh run from `weights`; `metadata` is the model file's description (its spacing and
+    /// intensity transform define the data's preprocessing).
+    pub fn new(
+        metadata: Metadata,
+        weights: Vec<(String, Tensor)>,
+        options: TrainOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let Architecture::AutoProSam(cfg) = metadata.architecture.clone() else {
+            return Err(Error::Options("the metadata does not describe a teacher".into()));
+        };
+        cfg.validate()?;
+        if !matches!(options.stage, 1 | 2) {
+            return Err(Error::Options(format!("stage {} (the teacher trains in stage 1 or 2)", options.stage)));
+        }
+        if options.epochs == 0 || options.samples_per_case == 0 || options.val_every == 0 {
+            return Err(Error::Options("epochs, samples per case and the validation interval must be positive".into()));
+        }
+        let mut vars = HashMap::new();
+        let mut held = Vec::with_capacity(weights.len());
+        for (name, t) in weights {
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            if Config::trains_in_stage(&name, options.stage) {
+                let var = Var::from_tensor(&t)?;
+                held.push((name.clone(), var.as_tensor().clone()));
+                vars.insert(name, var);
+            } else {
+                held.push((name, t));
+            }
+        }
+        let model = build(&cfg, &held, device)?;
+        let groups = GROUPS
+            .iter()
+            .map(|(group, prefix)| {
+                let mut params: Vec<(String, Var)> =
+                    vars.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(n, v)| (n.clone(), v.clone())).collect();
+                params.sort_by(|a, b| a.0.cmp(&b.0));
+                (group.to_string(), params)
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        let optimizer = AdamW::new(groups, AdamWConfig { lr: options.lr, ..Default::default() })?;
+        let rng = Rng::new(options.seed);
+        Ok(Self {
+            cfg,
+            metadata,
+            options,
+            weights: held,
+            vars,
+            model,
+            optimizer,
+            rng,
+            epoch: 0,
+            best: None,
+            device: device.clone(),
+        })
+    }
+
+    pub fn model(&self) -> &AutoProSam {
+        &self.model
+    }
+
+    /// Parameters this stage trains, and all of them.
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let count = |t: &Tensor| t.elem_count();
+        (self.vars.values().map(|v| count(v.as_tensor())).sum(), self.weights.iter().map(|(_, t)| count(t)).sum())
+    }
+
+    /// The current weights, detached.
+    pub fn weights(&self) -> Vec<(String, Tensor)> {
+        self.weights.iter().map(|(n, t)| (n.clone(), t.detach())).collect()
+    }
+
+    /// One optimisation step on one crop; returns the loss.
+    pub fn step(&mut self, image: &[f32], labels: &[u8], size: [usize; 3]) -> Result<f32> {
+        let x = Tensor::from_slice(image, (1, 1, size[0], size[1], size[2]), &self.device)?;
+        let y = Tensor::from_slice(labels, (1, size[0], size[1], size[2]), &self.device)?;
+        let logits = self.model.forward(&x)?;
+        let loss = teacher_loss(&logits, &y)?;
+        let grads = loss.backward()?;
+        self.optimizer.step(&grads, Some(self.options.clip))?;
+        Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// One epoch: the learning rate of the schedule, then `samples_per_case` crops of every case
+    /// in a shuffled order. Returns the mean loss.
+    pub fn train_epoch(&mut self, cases: &[Case], progress: &mut dyn FnMut(usize, usize, f32)) -> Result<(f64, f64)> {
+        let o = self.options.clone();
+        let lr = learning_rate(o.lr, self.epoch, o.warmup_epochs, o.epochs);
+        self.optimizer.set_lr(lr);
+        let crop = CropOptions::reference([self.cfg.crop; 3]);
+        let splits: Vec<(Vec<u32>, Vec<u32>)> = cases.iter().map(Case::split_indices).collect();
+        let mut order: Vec<usize> = (0..cases.len()).flat_map(|i| std::iter::repeat_n(i, o.samples_per_case)).collect();
+        self.rng.shuffle(&mut order);
+        let mut total = 0.0;
+        for (done, &i) in order.iter().enumerate() {
+            let (fg, bg) = &splits[i];
+            let sample = random_crop(&cases[i], fg, bg, &self.metadata.intensity, &crop, &mut self.rng);
+            let loss = self.step(&sample.image, &sample.labels, sample.size)?;
+            total += loss as f64;
+            progress(done + 1, order.len(), loss);
+        }
+        self.epoch += 1;
+        Ok((total / order.len() as f64, lr))
+    }
+
+    /// Sliding-window validation of `cases` (each on the model grid, in HU), per-class Dice over all
+    /// of them together.
+    pub fn validate(&self, cases: &[Case]) -> Result<Validation> {
+        let net = build(&self.cfg, &self.weights(), &self.device)?;
+        let classes = self.metadata.labels.len();
+        let window = WindowInference {
+            roi: [self.cfg.crop; 3],
+            classes,
+            options: SegmentOptions { overlap: self.options.overlap, blend: Blend::Constant, batch: 1 },
+        };
+        let (mut pred, mut truth) = (Vec::new(), Vec::new());
+        for case in cases {
+            let mut data = case.image.clone();
+            intensity::apply(&self.metadata.intensity, &mut data);
+            let forward = |x: &Tensor| -> prosam_runtime::Result<Tensor> { Ok(net.forward(x)?) };
+            let probs = window.probabilities(&forward, &data, case.dims, &self.device, DType::F32, &mut |_, _| true)?;
+            let voxels = data.len();
+            pred.extend((0..voxels).map(|v| {
+                (0..classes)
+                    .max_by(|&a, &b| probs[a * voxels + v].total_cmp(&probs[b * voxels + v]).then(b.cmp(&a)))
+                    .unwrap_or(0) as u8
+            }));
+            truth.extend_from_slice(&case.labels);
+        }
+        Ok(dice_per_class(&pred, &truth, &self.metadata.labels))
+    }
+
+    /// Records a validation; true when it is the best so far (by mean Dice with background).
+    pub fn record_best(&mut self, v: &Validation) -> bool {
+        let better = self.best.is_none_or(|b| v.mean_dice_with_background > b);
+        if better {
+            self.best = Some(v.mean_dice_with_background);
+        }
+        better
+    }
+
+    /// The teacher as a prosam model file.
+    pub fn export(&self, path: &Path) -> Result<()> {
+        prosam_models::format::save(path, self.metadata.clone(), &self.weights())?;
+        Ok(())
+    }
+
+    /// Writes everything a resumed run needs: weights, optimizer moments and steps, the epoch and
+    /// the random state, in one safetensors file written atomically.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let (moments, optimizer_steps) = self.optimizer.state();
+        let mut tensors: Vec<(String, Tensor)> =
+            self.weights().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+        tensors.extend(moments.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+        let state = CheckpointState {
+            config: self.cfg.clone(),
+            options: self.options.clone(),
+            epoch: self.epoch,
+            rng: self.rng,
+            optimizer_steps,
+            best_mean_dice_with_background: self.best,
+        };
+        let header = HashMap::from([
+            ("prosam_checkpoint".to_string(), serde_json::to_string(&state).expect("state serialises")),
+            ("metadata".to_string(), serde_json::to_string(&self.metadata).expect("metadata serialises")),
+        ]);
+        let views: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let bytes = safetensors::serialize(views, Some(header))
+            .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+        prosam_models::format::write_atomically(path, |f| f.write_all(&bytes))?;
+        Ok(())
+    }
+
+    /// A run resumed from [`TeacherTrainer::save_checkpoint`]: `options` must match the saved run's
+    /// except for the number of epochs, which may grow.
+    pub fn resume(path: &Path, options: TrainOptions, device: &Device) -> Result<Self> {
+        let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let state: CheckpointState = meta
+            .get("prosam_checkpoint")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("not a prosam-distill checkpoint (no `prosam_checkpoint` header)".into()))?;
+        let metadata: Metadata = meta
+            .get("metadata")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("the checkpoint has no model metadata".into()))?;
+        let same = TrainOptions { epochs: state.options.epochs, ..options.clone() };
+        if same != state.options {
+            return Err(bad(format!(
+                "the checkpoint was trained with other options ({:?}); this run asks for {:?}",
+                state.options, options
+            )));
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        let weights = state
+            .config
+            .parameter_shapes()
+            .into_iter()
+            .map(|(name, _)| {
+                let t = tensors.get(&format!("model.{name}")).ok_or_else(|| bad(format!("no weight `{name}`")))?;
+                Ok((name, t.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut trainer = Self::new(metadata, weights, options, device)?;
+        let moments: HashMap<String, Tensor> =
+            tensors.into_iter().filter_map(|(k, t)| k.strip_prefix("optim.").map(|n| (n.to_string(), t))).collect();
+        trainer.optimizer.load_state(&moments, &state.optimizer_steps).map_err(|e| bad(e.to_string()))?;
+        trainer.epoch = state.epoch;
+        trainer.rng = state.rng;
+        trainer.best = state.best_mean_dice_with_background;
+        Ok(trainer)
+    }
+}
+
+fn build(cfg: &Config, weights: &[(String, Tensor)], device: &Device) -> Result<AutoProSam> {
+    let vb = VarBuilder::from_tensors(weights.iter().cloned().collect(), DType::F32, device);
+    Ok(AutoProSam::new(cfg, vb)?)
+}
+
+/// Loads the cases of `entries` for `metadata`'s grid.
+pub fn load_cases(
+    dataset: &Dataset,
+    validation: bool,
+    metadata: &Metadata,
+    label_map: Option<&crate::data::LabelMap>,
+    cache: Option<&Path>,
+) -> Result<Vec<Case>> {
+    let entries = if validation { &dataset.validation } else { &dataset.training };
+    entries.iter().map(|e| crate::data::load_case(e, metadata, label_map, cache)).collect()
+}
+
+/// How long ago `start` was, in minutes.
+pub fn minutes_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() / 60.0
+}
