@@ -165,10 +165,8 @@ pub fn load_case(
 ) -> Result<Case> {
     let key = cache.map(|dir| cache_key(entry, metadata, label_map).map(|k| dir.join(format!("{k}.safetensors"))));
     let key = key.transpose()?;
-    if let Some(file) = key.as_ref().filter(|f| f.is_file()) {
-        if let Ok(case) = read_cached(file, entry) {
-            return Ok(case);
-        }
+    if let Some(Ok(case)) = key.as_ref().filter(|f| f.is_file()).map(|f| read_cached(f, entry)) {
+        return Ok(case);
     }
     let image = read_volume(&entry.image)?;
     let mut label = read_volume(&entry.label)?;

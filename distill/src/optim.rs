@@ -45,6 +45,9 @@ pub struct StepReport {
     pub grad_norms: Vec<f64>,
 }
 
+/// Each group's name and step count.
+pub type GroupSteps = Vec<(String, u64)>;
+
 pub struct AdamW {
     pub config: AdamWConfig,
     groups: Vec<ParamGroup>,
@@ -120,7 +123,7 @@ impl AdamW {
 
     /// The moments as tensors named `{group}.{param}.exp_avg` / `.exp_avg_sq` (PyTorch's names),
     /// and each group's step count.
-    pub fn state(&self) -> (Vec<(String, Tensor)>, Vec<(String, u64)>) {
+    pub fn state(&self) -> (Vec<(String, Tensor)>, GroupSteps) {
         let mut tensors = Vec::new();
         for g in &self.groups {
             for ((name, _), moments) in g.params.iter().zip(&g.moments) {
@@ -161,6 +164,8 @@ impl AdamW {
 
 /// The reference code's per-epoch learning rate: `warmup` epochs of exponential warm-up
 /// (`base * 2.718^(10 (e / warmup - 1))`), then polynomial decay `base * (1 - e / epochs)^0.9`.
+/// (The reference writes 2.718, not e; the schedule keeps its literal.)
+#[allow(clippy::approx_constant)]
 pub fn learning_rate(base: f64, epoch: usize, warmup: usize, epochs: usize) -> f64 {
     let e = epoch as f64;
     if warmup > 0 && epoch <= warmup {

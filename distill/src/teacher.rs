@@ -290,7 +290,8 @@ impl TeacherTrainer {
         (self.vars.values().map(|v| count(v.as_tensor())).sum(), self.weights.iter().map(|(_, t)| count(t)).sum())
     }
 
-    /// The current weights, detached.
+    /// The current weights, detached: views of the training's storage, which later steps update
+    /// in place (copy them to keep a snapshot).
     pub fn weights(&self) -> Vec<(String, Tensor)> {
         self.weights.iter().map(|(n, t)| (n.clone(), t.detach())).collect()
     }
