@@ -112,6 +112,9 @@ pub enum Init {
     Random(u64),
     /// A prosam teacher model file, or a reference checkpoint (`encoder.`/`feature.`/`decoder.`).
     File(PathBuf),
+    /// SAM's image encoder (an official `.pth` checkpoint or safetensors with its names) over
+    /// PyTorch's random initialisation of the rest, seeded.
+    Sam(PathBuf, u64),
 }
 
 /// PyTorch's default initialisation of every parameter: linear and convolution weights and biases
@@ -158,6 +161,10 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Result<Vec<(String, Tensor)>> 
 pub fn initial_weights(cfg: &Config, init: &Init) -> Result<Vec<(String, Tensor)>> {
     match init {
         Init::Random(seed) => random_weights(cfg, *seed),
+        Init::Sam(path, seed) => {
+            let sam = prosam_models::format::import::sam::read_sam_encoder(path)?;
+            Ok(prosam_models::format::import::sam::load_sam_into(cfg, random_weights(cfg, *seed)?, &sam, path)?)
+        }
         Init::File(path) => {
             let is_model_file = std::fs::read(path)
                 .map(|b| b.len() > 8 && b[8] == b'{')

@@ -354,3 +354,47 @@ fn bad_datasets_and_checkpoints_are_named() {
     let e = initial_weights(&small_config(), &Init::File(file)).err().unwrap().to_string();
     assert!(e.contains("a teacher of another configuration"), "{e}");
 }
+
+/// The spec's example tiny configuration, which `../shared/fixtures/sam/sam_vit_tiny.pth` fits:
+/// SAM img_size 128, window 4, global attention in block 1, two blocks.
+fn sam_tiny_config() -> Config {
+    Config {
+        depth: 2,
+        sam_img_size: 128,
+        sam_window: 4,
+        global_attn_indexes: vec![1],
+        taps: [1, 1, 2, 2],
+        ..Config::tiny()
+    }
+}
+
+#[test]
+fn sam_checkpoint_initialises_the_backbone() {
+    let Some(sam) = common::shared_file("fixtures/sam/sam_vit_tiny.pth") else { return };
+    let cfg = sam_tiny_config();
+    let weights = initial_weights(&cfg, &Init::Sam(sam.clone(), 1)).unwrap();
+    let stored: std::collections::HashMap<String, Tensor> =
+        candle_core::pickle::read_all(&sam).unwrap().into_iter().collect();
+    let get = |name: &str| weights.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).unwrap();
+    for (teacher, file) in [
+        ("encoder.blocks.1.attn.qkv.weight", "image_encoder.blocks.1.attn.qkv.weight"),
+        ("encoder.blocks.0.norm1.weight", "image_encoder.blocks.0.norm1.weight"),
+        ("encoder.pos_embed", "image_encoder.pos_embed"),
+        ("encoder.patch_embed.proj.weight", "image_encoder.patch_embed.proj.weight"),
+    ] {
+        assert!(values(&get(teacher)) == values(&stored[file]), "{teacher} is not SAM's {file}");
+    }
+    for block in 0..2 {
+        let t = |n: &str| values(&get(&format!("encoder.blocks.{block}.attn.{n}")));
+        let (h, w, d) = (t("rel_pos_h"), t("rel_pos_w"), t("rel_pos_d"));
+        assert!(d.iter().zip(h.iter().zip(&w)).all(|(d, (h, w))| (d - 0.5 * (h + w)).abs() < 1e-7));
+        assert_eq!(t("lr"), vec![1.0]);
+    }
+    // The network it makes runs; a ViT-B teacher does not fit a tiny SAM, and says so.
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_iter().collect(), DType::F32, &Device::Cpu);
+    let net = prosam_models::autoprosam::AutoProSam::new(&cfg, vb).unwrap();
+    let logits = net.forward_checked(&Tensor::zeros((1, 1, 32, 32, 32), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(logits.dims(), [1, 14, 32, 32, 32]);
+    let e = initial_weights(&Config::vit_b(), &Init::Sam(sam, 1)).err().unwrap().to_string();
+    assert!(e.contains("a SAM of another size") && e.contains("image_encoder.pos_embed"), "{e}");
+}

@@ -52,8 +52,12 @@ struct TrainTeacher {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Starting weights: a prosam teacher file or a reference checkpoint (default: PyTorch's random init).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "sam")]
     init: Option<PathBuf>,
+    /// SAM's image encoder to start from (the official .pth, e.g. sam_vit_b_01ec64.pth, or
+    /// safetensors with its `image_encoder.*` names); the new parts start from PyTorch's init.
+    #[arg(long, value_name = "FILE")]
+    sam: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -139,9 +143,10 @@ fn train_teacher(args: TrainTeacher, quiet: bool) -> anyhow::Result<()> {
         }
         metadata.source = Some(format!("prosam-distill train-teacher on {}", args.data.display()));
         metadata.validate().map_err(anyhow::Error::msg)?;
-        let init = match &args.init {
-            Some(path) => Init::File(path.clone()),
-            None => Init::Random(args.seed),
+        let init = match (&args.init, &args.sam) {
+            (Some(path), _) => Init::File(path.clone()),
+            (None, Some(sam)) => Init::Sam(sam.clone(), args.seed),
+            (None, None) => Init::Random(args.seed),
         };
         TeacherTrainer::new(metadata, initial_weights(&cfg, &init)?, options, &device)?
     };
