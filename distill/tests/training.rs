@@ -12,34 +12,11 @@ use prosam_distill::data::{Dataset, LabelMap, load_case};
 use prosam_distill::loss::dice_ce;
 use prosam_distill::optim::{AdamW, AdamWConfig, learning_rate};
 use prosam_distill::teacher::{Init, TeacherTrainer, TrainOptions, initial_weights, random_weights};
-use prosam_models::autoprosam::{ApgInput, Config};
+use prosam_models::autoprosam::Config;
 use prosam_models::format::Metadata;
 
-/// 16^3 crops, a 4^3 token grid in windows of 2, two blocks, 3 classes.
-fn small_config() -> Config {
-    Config {
-        crop: 16,
-        embed_dim: 8,
-        depth: 2,
-        num_heads: 2,
-        sam_img_size: 64,
-        sam_window: 3,
-        global_attn_indexes: vec![1],
-        cubic_window: 2,
-        taps: [1, 1, 2, 2],
-        out_chans: 4,
-        adapter_dim: 4,
-        apg_base: 2,
-        apg_scales: [2, 1, 1, 1],
-        decoder_channels: 2,
-        n_out: 3,
-        apg_input: ApgInput::Stage4,
-        ..Config::tiny()
-    }
-}
-
 fn small_metadata() -> Metadata {
-    Metadata { spacing: [2.0, 2.0, 2.0], ..Metadata::teacher("small", small_config()) }
+    Metadata { spacing: [2.0, 2.0, 2.0], ..Metadata::teacher("small", Config::micro()) }
 }
 
 const AFFINE: [[f32; 4]; 3] = [[2.0, 0.0, 0.0, -20.0], [0.0, 2.0, 0.0, -20.0], [0.0, 0.0, 2.0, -20.0]];
@@ -224,7 +201,7 @@ fn lively_weights(cfg: &Config, seed: u64) -> Vec<(String, Tensor)> {
 fn trainer(stage: u8, seed: u64) -> TeacherTrainer {
     let options =
         TrainOptions { stage, epochs: 4, warmup_epochs: 0, lr: 1e-3, samples_per_case: 2, ..Default::default() };
-    let weights = lively_weights(&small_config(), seed);
+    let weights = lively_weights(&Config::micro(), seed);
     TeacherTrainer::new(small_metadata(), weights, options, &Device::Cpu).unwrap()
 }
 
@@ -234,7 +211,7 @@ fn one_step_moves_exactly_the_trainable_parameters() {
         let mut t = trainer(stage, 3);
         let before: Vec<(String, Tensor)> = t.weights().into_iter().map(|(n, w)| (n, w.copy().unwrap())).collect();
         let n = 16 * 16 * 16;
-        let noise = lively_weights(&Config { n_out: 1, ..small_config() }, 11);
+        let noise = lively_weights(&Config { n_out: 1, ..Config::micro() }, 11);
         let image: Vec<f32> = noise.iter().flat_map(|(_, t)| values(t)).map(|v| v as f32 * 4.0).take(n).collect();
         let labels: Vec<u8> = image
             .iter()
@@ -343,7 +320,7 @@ fn bad_datasets_and_checkpoints_are_named() {
     assert_eq!(case.labels.iter().filter(|&&l| l == 2).count(), 1);
 
     // A teacher file of another configuration.
-    let other_cfg = Config { decoder_channels: 4, ..small_config() };
+    let other_cfg = Config { decoder_channels: 4, ..Config::micro() };
     let file = dir.join("other_teacher.safetensors");
     prosam_models::format::save(
         &file,
@@ -351,7 +328,7 @@ fn bad_datasets_and_checkpoints_are_named() {
         &random_weights(&other_cfg, 1).unwrap(),
     )
     .unwrap();
-    let e = initial_weights(&small_config(), &Init::File(file)).err().unwrap().to_string();
+    let e = initial_weights(&Config::micro(), &Init::File(file)).err().unwrap().to_string();
     assert!(e.contains("a teacher of another configuration"), "{e}");
 }
 

@@ -8,31 +8,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
-use prosam_models::autoprosam::{ApgInput, AutoProSam, Config};
+use prosam_models::autoprosam::{AutoProSam, Config};
 use reference::Rng;
-
-/// 16^3 crops, a 4^3 token grid in windows of 2, two blocks, every width small.
-fn small_config() -> Config {
-    Config {
-        crop: 16,
-        embed_dim: 8,
-        depth: 2,
-        num_heads: 2,
-        sam_img_size: 64,
-        sam_window: 3,
-        global_attn_indexes: vec![1],
-        cubic_window: 2,
-        taps: [1, 1, 2, 2],
-        out_chans: 4,
-        adapter_dim: 4,
-        apg_base: 2,
-        apg_scales: [2, 1, 1, 1],
-        decoder_channels: 2,
-        n_out: 3,
-        apg_input: ApgInput::Stage4,
-        ..Config::tiny()
-    }
-}
 
 /// Every parameter as an f64 variable, scaled by fan-in so activations stay near unit size.
 fn random_vars(cfg: &Config, seed: u64) -> HashMap<String, Var> {
@@ -105,7 +82,7 @@ fn check(name: &str, vars: &HashMap<String, Var>, params: &[&str], f: impl Fn() 
 
 #[test]
 fn shifted_block_adapter_and_depth_attention() {
-    let cfg = small_config();
+    let cfg = Config::micro();
     let vars = random_vars(&cfg, 1);
     let net = AutoProSam::new(&cfg, builder(&vars)).unwrap();
     let block = &net.encoder().blocks()[0];
@@ -133,7 +110,7 @@ fn shifted_block_adapter_and_depth_attention() {
 
 #[test]
 fn apg_and_decoder() {
-    let cfg = small_config();
+    let cfg = Config::micro();
     let vars = random_vars(&cfg, 3);
     let net = AutoProSam::new(&cfg, builder(&vars)).unwrap();
     let feature = random(&[1, 4, 4, 4, 4], 4);
@@ -160,7 +137,7 @@ fn apg_and_decoder() {
 
 #[test]
 fn whole_teacher_reaches_every_stage1_parameter() {
-    let cfg = small_config();
+    let cfg = Config::micro();
     let vars = random_vars(&cfg, 6);
     let net = AutoProSam::new(&cfg, builder(&vars)).unwrap();
     let crop = random(&[1, 1, 16, 16, 16], 8);

@@ -112,6 +112,30 @@ impl Config {
         }
     }
 
+    /// The smallest teacher the constraints allow: 16^3 crops, a 4^3 token grid in windows of 2,
+    /// two blocks, every width a few channels, 3 classes. For tests and quick checks of the
+    /// training path; it learns nothing useful.
+    pub fn micro() -> Self {
+        Self {
+            crop: 16,
+            embed_dim: 8,
+            depth: 2,
+            num_heads: 2,
+            sam_img_size: 64,
+            sam_window: 3,
+            global_attn_indexes: vec![1],
+            cubic_window: 2,
+            taps: [1, 1, 2, 2],
+            out_chans: 4,
+            adapter_dim: 4,
+            apg_base: 2,
+            apg_scales: [2, 1, 1, 1],
+            decoder_channels: 2,
+            n_out: 3,
+            ..Self::tiny()
+        }
+    }
+
     /// A named preset: `vit_b` or `tiny`.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
@@ -359,6 +383,12 @@ impl Config {
         embed + u(self.depth) * block + necks + apg + decoder
     }
 
+    /// Parameters that train in `stage` ([`Config::trains_in_stage`]).
+    pub fn trainable_count(&self, stage: u8) -> usize {
+        let shapes = self.parameter_shapes();
+        shapes.iter().filter(|(n, _)| Self::trains_in_stage(n, stage)).map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
@@ -402,31 +432,13 @@ mod tests {
         assert_eq!(vit_b.apg_sizes(), [32, 16, 8, 4, 2]);
         // The spec's table for n_out 14.
         assert_eq!(vit_b.parameter_count(), 115_441_548);
-        let trainable: usize = vit_b
-            .parameter_shapes()
-            .iter()
-            .filter(|(n, _)| Config::trains_in_stage(n, 1))
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        assert_eq!(trainable, 26_594_944);
-        let stage2: usize = vit_b
-            .parameter_shapes()
-            .iter()
-            .filter(|(n, _)| Config::trains_in_stage(n, 2))
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        assert_eq!(stage2, 11_384_960);
+        assert_eq!(vit_b.trainable_count(1), 26_594_944);
+        assert_eq!(vit_b.trainable_count(2), 11_384_960);
         // The spec's count is 4,560 GMAC with SAM's three input channels (309 GMAC of patch
         // embedding, 103 with them summed).
         let gmac = vit_b.macs() as f64 / 1e9;
         assert!((gmac - (4560.0 - 206.0)).abs() < 0.01 * 4354.0, "{gmac} GMAC");
-        let tiny_trainable: usize = tiny
-            .parameter_shapes()
-            .iter()
-            .filter(|(n, _)| Config::trains_in_stage(n, 1))
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        assert_eq!(tiny_trainable, 1_351_664, "the fixture's keys.txt");
+        assert_eq!(tiny.trainable_count(1), 1_351_664, "the fixture's keys.txt");
     }
 
     #[test]
@@ -437,6 +449,7 @@ mod tests {
         assert_eq!(Config::tiny().with_crop(32), Config::tiny());
         let err = Config::tiny().with_crop(128).validate().unwrap_err().to_string();
         assert!(err.contains("position grid 16"), "{err}");
+        Config::micro().validate().unwrap();
         let err = Config::tiny().with_crop(24).validate().unwrap_err().to_string();
         assert!(err.contains("cubic window"), "{err}");
     }

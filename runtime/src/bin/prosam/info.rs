@@ -58,15 +58,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "             necks {}, APG base {} (scales {:?}) on {:?}, decoder {}",
                 cfg.out_chans, cfg.apg_base, cfg.apg_scales, cfg.apg_input, cfg.decoder_channels
             );
-            let shapes = cfg.parameter_shapes();
-            let count = |stage: u8| -> usize {
-                shapes
-                    .iter()
-                    .filter(|(n, _)| prosam_models::autoprosam::Config::trains_in_stage(n, stage))
-                    .map(|(_, s)| s.iter().product::<usize>())
-                    .sum()
-            };
-            println!("trainable    stage 1: {} parameters; stage 2: {}; the rest frozen (SAM)", count(1), count(2));
+            println!(
+                "trainable    stage 1: {} parameters; stage 2: {}; the rest frozen (SAM)",
+                cfg.trainable_count(1),
+                cfg.trainable_count(2)
+            );
         }
     }
     println!("channels     {} in, {} out", meta.architecture.in_channels(), meta.architecture.out_channels());
