@@ -245,6 +245,49 @@ fn one_step_moves_exactly_the_trainable_parameters() {
 }
 
 #[test]
+fn checkpointed_blocks_give_the_whole_graph_gradients() {
+    let mut t = trainer(1, 8);
+    let n = 16 * 16 * 16;
+    let noise = lively_weights(&Config { n_out: 1, ..Config::micro() }, 12);
+    let image: Vec<f32> = noise.iter().flat_map(|(_, t)| values(t)).map(|v| v as f32 * 4.0).take(n).collect();
+    let labels: Vec<u8> = image
+        .iter()
+        .map(|&v| {
+            if v > 0.1 {
+                1
+            } else if v < -0.1 {
+                2
+            } else {
+                0
+            }
+        })
+        .collect();
+    // Before training, and after two (checkpointed) steps: the graph-free forward pass must follow
+    // the weights the optimizer updates.
+    for round in 0..2 {
+        let (loss_a, plain) = t.gradients(&image, &labels, [16; 3], false).unwrap();
+        let (loss_b, checkpointed) = t.gradients(&image, &labels, [16; 3], true).unwrap();
+        assert_eq!(loss_a, loss_b, "round {round}");
+        let mut compared = 0;
+        for group in t.optimizer_groups() {
+            for (name, var) in group {
+                let (a, b) = (plain.get(var.as_tensor()), checkpointed.get(var.as_tensor()));
+                let (Some(a), Some(b)) = (a, b) else { panic!("`{name}`: a gradient in one pass only") };
+                let (a, b) = (values(a), values(b));
+                let scale = a.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale;
+                assert!(err < 1e-4, "round {round}, `{name}`: checkpointed gradient differs by {err:e} (relative)");
+                compared += 1;
+            }
+        }
+        assert!(compared > 50, "{compared} parameters compared");
+        for _ in 0..2 {
+            t.step(&image, &labels, [16; 3]).unwrap();
+        }
+    }
+}
+
+#[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
     let dir = common::scratch_dir("distill_resume");
     let dataset = Dataset::load(&synthetic_dataset(&dir)).unwrap();

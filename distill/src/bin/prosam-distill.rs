@@ -87,6 +87,10 @@ struct TrainTeacher {
     /// Where the prompt generator sits.
     #[arg(long, default_value = "stage4", value_parser = ["stage4", "stage1"])]
     apg_input: String,
+    /// Keep every encoder block's graph in stage 1 instead of recomputing each during the backward
+    /// pass (faster, much more memory).
+    #[arg(long)]
+    no_checkpoint_blocks: bool,
     /// Stop after the epoch that passes this many minutes (a checkpoint is written; --resume goes on).
     #[arg(long)]
     max_minutes: Option<f64>,
@@ -118,6 +122,7 @@ fn train_teacher(args: TrainTeacher, quiet: bool) -> anyhow::Result<()> {
         samples_per_case: args.samples_per_case,
         val_every: args.val_every,
         seed: args.seed,
+        checkpoint_blocks: !args.no_checkpoint_blocks,
         ..TrainOptions::default()
     };
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
