@@ -173,9 +173,14 @@ pub fn initial_weights(cfg: &Config, init: &Init) -> Result<Vec<(String, Tensor)
             Ok(prosam_models::format::import::sam::load_sam_into(cfg, random_weights(cfg, *seed)?, &sam, path)?)
         }
         Init::File(path) => {
-            let is_model_file = std::fs::read(path)
-                .map(|b| b.len() > 8 && b[8] == b'{')
-                .map_err(|source| Error::Io { path: path.clone(), source })?;
+            // A safetensors file: an 8-byte header length, then the JSON header.
+            let mut head = [0u8; 9];
+            {
+                use std::io::Read;
+                let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
+                f.read_exact(&mut head).map_err(|source| Error::Io { path: path.clone(), source })?;
+            }
+            let is_model_file = head[8] == b'{';
             if !is_model_file {
                 return Ok(import_autoprosam(path, cfg)?.tensors);
             }

@@ -16,11 +16,16 @@ pub const SAM_PREFIX: &str = "image_encoder.";
 
 /// The `image_encoder.*` tensors of a SAM checkpoint, prefix removed.
 pub fn read_sam_encoder(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes_head = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let all: Vec<(String, Tensor)> = if bytes_head.starts_with(b"PK\x03\x04") {
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        f.read_exact(&mut magic).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    }
+    let all: Vec<(String, Tensor)> = if &magic == b"PK\x03\x04" {
         read_state_dict(path, |names| names.iter().any(|n| n.starts_with(SAM_PREFIX)))?
     } else {
-        candle_core::safetensors::load_buffer(&bytes_head, &Device::Cpu)
+        candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::Checkpoint {
                 path: path.to_path_buf(),
                 reason: format!("neither a PyTorch zip nor safetensors: {e}"),
