@@ -11,7 +11,6 @@ use candle_core::{Device, Module, Tensor};
 use prosam_distill::teacher::{Init, TeacherTrainer, TrainOptions, initial_weights, random_weights};
 use prosam_models::autoprosam::Config;
 use prosam_models::format::Metadata;
-use prosam_models::format::import::sam::is_sam_parameter;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     if !sam_path.is_file() {
         let mut sam: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
         for (name, t) in random_weights(&cfg, 7)? {
-            if is_sam_parameter(&name) {
+            if Config::loads_from_sam(&name) {
                 let t = if name.ends_with("weight") || name.ends_with("embed") { (t + 0.01)? } else { t };
                 sam.insert(format!("image_encoder.{}", name.trim_start_matches("encoder.")), t);
             }

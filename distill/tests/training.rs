@@ -205,27 +205,32 @@ fn trainer(stage: u8, seed: u64) -> TeacherTrainer {
     TeacherTrainer::new(small_metadata(), weights, options, &Device::Cpu).unwrap()
 }
 
+/// A 16^3 crop of uniform noise in [-1, 1) with labels by value (the three classes about equally
+/// often): every unit of the micro network sees varied input.
+fn noisy_crop(seed: u64) -> (Vec<f32>, Vec<u8>) {
+    let mut rng = prosam_distill::rng::Rng::new(seed);
+    let image: Vec<f32> = (0..16 * 16 * 16).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+    let labels = image
+        .iter()
+        .map(|&v| {
+            if v > 0.33 {
+                1
+            } else if v < -0.33 {
+                2
+            } else {
+                0
+            }
+        })
+        .collect();
+    (image, labels)
+}
+
 #[test]
 fn one_step_moves_exactly_the_trainable_parameters() {
     for stage in [1, 2] {
         let mut t = trainer(stage, 3);
         let before: Vec<(String, Tensor)> = t.weights().into_iter().map(|(n, w)| (n, w.copy().unwrap())).collect();
-        let n = 16 * 16 * 16;
-        let noise = lively_weights(&Config { n_out: 1, ..Config::micro() }, 11);
-        let image: Vec<f32> = noise.iter().flat_map(|(_, t)| values(t)).map(|v| v as f32 * 4.0).take(n).collect();
-        let labels: Vec<u8> = image
-            .iter()
-            .map(|&v| {
-                if v > 0.1 {
-                    1
-                } else if v < -0.1 {
-                    2
-                } else {
-                    0
-                }
-            })
-            .collect();
-        assert_eq!(image.len(), n);
+        let (image, labels) = noisy_crop(11);
         t.step(&image, &labels, [16; 3]).unwrap();
         let after = t.weights();
         let (mut moved, mut frozen) = (0, 0);
@@ -247,21 +252,7 @@ fn one_step_moves_exactly_the_trainable_parameters() {
 #[test]
 fn checkpointed_blocks_give_the_whole_graph_gradients() {
     let mut t = trainer(1, 8);
-    let n = 16 * 16 * 16;
-    let noise = lively_weights(&Config { n_out: 1, ..Config::micro() }, 12);
-    let image: Vec<f32> = noise.iter().flat_map(|(_, t)| values(t)).map(|v| v as f32 * 4.0).take(n).collect();
-    let labels: Vec<u8> = image
-        .iter()
-        .map(|&v| {
-            if v > 0.1 {
-                1
-            } else if v < -0.1 {
-                2
-            } else {
-                0
-            }
-        })
-        .collect();
+    let (image, labels) = noisy_crop(12);
     // Before training, and after two (checkpointed) steps: the graph-free forward pass must follow
     // the weights the optimizer updates.
     for round in 0..2 {

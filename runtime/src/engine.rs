@@ -147,7 +147,7 @@ impl Segmenter {
     /// Computed from the header alone, so that a run that cannot fit is refused before it
     /// allocates.
     pub fn memory_need(&self, shape: &VolumeShape) -> u64 {
-        let (_, _, model_dims) = self.model_grid_of(&shape.affine, shape.dims);
+        let (_, _, model_dims) = model_grid_of(&self.metadata, &shape.affine, shape.dims);
         let model_dims = model_dims.map(|d| d as u64);
         let roi = self.metadata.roi_size.map(|r| r as u64);
         let stored = shape.voxels();
@@ -179,12 +179,6 @@ impl Segmenter {
             [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes.saturating_add(stored)];
         let peak = stages.into_iter().max().unwrap_or(0);
         peak.saturating_add(self.weights_bytes).saturating_add(PROCESS_OVERHEAD_BYTES)
-    }
-
-    /// How a stored grid maps onto the model's: the orientation to RAS, the oriented affine, and
-    /// the model grid's size (MONAI's `Spacing` rounding).
-    fn model_grid_of(&self, affine: &Affine, stored: [usize; 3]) -> (Orientation, Affine, [usize; 3]) {
-        model_grid_of(&self.metadata, affine, stored)
     }
 
     /// Orientation to RAS, resampling to the model spacing and the intensity transform.

@@ -393,17 +393,24 @@ impl Config {
         self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
-    /// What a parameter does in training: loaded from SAM and always frozen, or new.
-    pub fn is_sam_backbone(name: &str) -> bool {
+    /// Whether a parameter comes from SAM's image encoder (`init_network` loads it from the SAM
+    /// checkpoint): the patch and position embeddings and, per block, the norms, attention,
+    /// relative-position tables and MLP.
+    pub fn loads_from_sam(name: &str) -> bool {
         let Some(rest) = name.strip_prefix("encoder.") else { return false };
         if rest.starts_with("patch_embed.") || rest == "pos_embed" {
             return true;
         }
-        let Some(after_block) = rest.strip_prefix("blocks.").and_then(|r| r.split_once('.')).map(|(_, r)| r) else {
-            return false;
-        };
-        matches!(after_block, "attn.rel_pos_h" | "attn.rel_pos_w" | "attn.lr")
-            || ["attn.qkv.", "attn.proj.", "mlp."].iter().any(|p| after_block.starts_with(p))
+        let Some((_, after)) = rest.strip_prefix("blocks.").and_then(|r| r.split_once('.')) else { return false };
+        matches!(after, "attn.rel_pos_h" | "attn.rel_pos_w")
+            || ["norm1.", "norm2.", "attn.qkv.", "attn.proj.", "mlp."].iter().any(|p| after.starts_with(p))
+    }
+
+    /// SAM's frozen backbone: what comes from SAM except the norms (which train), plus the
+    /// rel-pos scale `lr` (new, but frozen in the reference).
+    pub fn is_sam_backbone(name: &str) -> bool {
+        let norm = name.contains(".norm1.") || name.contains(".norm2.");
+        (Self::loads_from_sam(name) && !norm) || name.ends_with(".attn.lr")
     }
 
     /// Whether `name` trains in `stage` (spec section 8 (c)): stage 1 trains everything but SAM's

@@ -44,18 +44,6 @@ pub fn read_sam_encoder(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(encoder)
 }
 
-/// Whether a teacher parameter (`encoder.` name) comes from SAM: the patch and position
-/// embeddings and, per block, the norms, attention, relative-position tables and MLP.
-pub fn is_sam_parameter(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("encoder.") else { return false };
-    if rest.starts_with("patch_embed.") || rest == "pos_embed" {
-        return true;
-    }
-    let Some((_, after)) = rest.strip_prefix("blocks.").and_then(|r| r.split_once('.')) else { return false };
-    matches!(after, "attn.rel_pos_h" | "attn.rel_pos_w")
-        || ["norm1.", "norm2.", "attn.qkv.", "attn.proj.", "mlp."].iter().any(|p| after.starts_with(p))
-}
-
 /// `weights` (every teacher parameter, e.g. freshly initialised) with SAM's encoder loaded over
 /// them, shapes checked against `cfg`, and `rel_pos_d = 0.5 * (rel_pos_h + rel_pos_w)` per block,
 /// as `init_network` sets it. SAM's `neck.*` and the prompt encoder and mask decoder are not used.
@@ -67,7 +55,7 @@ pub fn load_sam_into(
 ) -> Result<Vec<(String, Tensor)>> {
     let not_fitting = |reason: String| Error::NotTeacher { path: source.to_path_buf(), reason };
     for (name, t) in weights.iter_mut() {
-        if !is_sam_parameter(name) {
+        if !Config::loads_from_sam(name) {
             continue;
         }
         let key = name.strip_prefix("encoder.").expect("SAM parameters are the encoder's");
