@@ -27,21 +27,24 @@ impl CropOptions {
     }
 }
 
-/// A crop: the network input (normalised, zero beyond the volume) and its labels, C order.
+/// A crop: the input of each network it is drawn for (one image per intensity transform,
+/// normalised, zero beyond the volume) and its labels, C order. Distillation draws one crop for
+/// two networks: the same voxels, each normalised its own way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Crop {
-    pub image: Vec<f32>,
+    pub images: Vec<Vec<f32>>,
     pub labels: Vec<u8>,
     pub size: [usize; 3],
 }
 
 /// Draws one crop of `case`. `fg`/`bg` are the case's foreground and background voxel indices
-/// ([`Case::split_indices`]); the image is normalised with `intensity` after cropping.
+/// ([`Case::split_indices`]); the crop's HU are normalised with each of `intensities` after
+/// cropping, one image each.
 pub fn random_crop(
     case: &Case,
     fg: &[u32],
     bg: &[u32],
-    intensity_tf: &Intensity,
+    intensities: &[&Intensity],
     o: &CropOptions,
     rng: &mut Rng,
 ) -> Crop {
@@ -52,7 +55,7 @@ pub fn random_crop(
     let centre = [centre / (dims[1] * dims[2]), (centre / dims[2]) % dims[1], centre % dims[2]];
     // MONAI's `correct_crop_centers`: the crop stays inside the volume where it fits.
     let start = [0, 1, 2].map(|a| centre[a].saturating_sub(o.size[a] / 2).min(dims[a].saturating_sub(o.size[a])));
-    let mut crop = extract(case, start, o.size, intensity_tf);
+    let mut crop = extract(case, start, o.size, intensities);
     for axis in 0..3 {
         if rng.chance(o.flip_p) {
             flip(&mut crop, axis);
@@ -68,7 +71,7 @@ pub fn random_crop(
 }
 
 /// The crop at `start` (beyond the volume: background, and 0 in the network's input space).
-pub fn extract(case: &Case, start: [usize; 3], size: [usize; 3], intensity_tf: &Intensity) -> Crop {
+pub fn extract(case: &Case, start: [usize; 3], size: [usize; 3], intensities: &[&Intensity]) -> Crop {
     let dims = case.dims;
     let n: usize = size.iter().product();
     let (mut image, mut labels, mut inside) = (vec![0f32; n], vec![0u8; n], vec![false; n]);
@@ -82,22 +85,31 @@ pub fn extract(case: &Case, start: [usize; 3], size: [usize; 3], intensity_tf: &
             inside[dst..dst + len].iter_mut().for_each(|v| *v = true);
         }
     }
-    intensity::apply(intensity_tf, &mut image);
-    image.iter_mut().zip(&inside).filter(|(_, inside)| !**inside).for_each(|(v, _)| *v = 0.0);
-    Crop { image, labels, size }
+    let images = intensities
+        .iter()
+        .map(|tf| {
+            let mut normalised = image.clone();
+            intensity::apply(tf, &mut normalised);
+            normalised.iter_mut().zip(&inside).filter(|(_, inside)| !**inside).for_each(|(v, _)| *v = 0.0);
+            normalised
+        })
+        .collect();
+    Crop { images, labels, size }
 }
 
 /// Reverses `axis` (`np.flip`).
 pub fn flip(crop: &mut Crop, axis: usize) {
     let s = crop.size;
     let index = |i: [usize; 3]| (i[0] * s[1] + i[1]) * s[2] + i[2];
-    let (image, labels) = (crop.image.clone(), crop.labels.clone());
+    let (images, labels) = (crop.images.clone(), crop.labels.clone());
     for a in 0..s[0] {
         for b in 0..s[1] {
             for c in 0..s[2] {
                 let mut from = [a, b, c];
                 from[axis] = s[axis] - 1 - from[axis];
-                crop.image[index([a, b, c])] = image[index(from)];
+                for (out, image) in crop.images.iter_mut().zip(&images) {
+                    out[index([a, b, c])] = image[index(from)];
+                }
                 crop.labels[index([a, b, c])] = labels[index(from)];
             }
         }
@@ -108,13 +120,15 @@ pub fn flip(crop: &mut Crop, axis: usize) {
 pub fn rot90(crop: &mut Crop) {
     let s = crop.size;
     let out_size = [s[1], s[0], s[2]];
-    let (image, labels) = (crop.image.clone(), crop.labels.clone());
+    let (images, labels) = (crop.images.clone(), crop.labels.clone());
     for i in 0..out_size[0] {
         for j in 0..out_size[1] {
             for k in 0..s[2] {
                 let src = (j * s[1] + (s[1] - 1 - i)) * s[2] + k;
                 let dst = (i * out_size[1] + j) * s[2] + k;
-                crop.image[dst] = image[src];
+                for (out, image) in crop.images.iter_mut().zip(&images) {
+                    out[dst] = image[src];
+                }
                 crop.labels[dst] = labels[src];
             }
         }
@@ -142,12 +156,12 @@ mod tests {
     #[test]
     fn rot90_matches_numpy_and_four_make_the_identity() {
         // np.rot90(np.arange(6).reshape(2, 3, 1), 1, axes=(0, 1)).ravel() == [2, 5, 1, 4, 0, 3]
-        let mut c = Crop { image: (0..6).map(|v| v as f32).collect(), labels: vec![0; 6], size: [2, 3, 1] };
+        let mut c = Crop { images: vec![(0..6).map(|v| v as f32).collect()], labels: vec![0; 6], size: [2, 3, 1] };
         rot90(&mut c);
         assert_eq!(c.size, [3, 2, 1]);
-        assert_eq!(c.image, vec![2., 5., 1., 4., 0., 3.]);
+        assert_eq!(c.images[0], vec![2., 5., 1., 4., 0., 3.]);
         let mut d = Crop {
-            image: (0..18).map(|v| v as f32).collect(),
+            images: vec![(0..18).map(|v| v as f32).collect()],
             labels: (0..18).map(|v| v as u8).collect(),
             size: [3, 3, 2],
         };
@@ -155,7 +169,7 @@ mod tests {
         (0..4).for_each(|_| rot90(&mut d));
         assert_eq!(d, original);
         flip(&mut d, 2);
-        assert_eq!(d.image[0], 1.0);
+        assert_eq!(d.images[0][0], 1.0);
         flip(&mut d, 2);
         assert_eq!(d, original);
     }
@@ -167,10 +181,10 @@ mod tests {
         let o = CropOptions { size: [2, 2, 4], pos: 1.0, neg: 0.0, flip_p: 0.0, rot90_p: 0.0 };
         let mut rng = Rng::new(1);
         for _ in 0..10 {
-            let crop = random_crop(&case, &fg, &bg, &IDENTITY, &o, &mut rng);
+            let crop = random_crop(&case, &fg, &bg, &[&IDENTITY], &o, &mut rng);
             assert_eq!(crop.labels.iter().filter(|&&l| l == 1).count(), 1, "{crop:?}");
             // Axis 2 has 2 voxels, the crop 4: the last two are padding.
-            assert!(crop.image.chunks(4).all(|row| row[2] == 0.0 && row[3] == 0.0));
+            assert!(crop.images[0].chunks(4).all(|row| row[2] == 0.0 && row[3] == 0.0));
         }
     }
 }

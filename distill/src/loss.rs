@@ -40,3 +40,73 @@ pub fn dice_ce(logits: &Tensor, labels: &Tensor, lambda_dice: f64, lambda_ce: f6
 pub fn teacher_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     dice_ce(logits, labels, 0.5, 0.5)
 }
+
+/// What the student matches of the teacher (`../shared/spec/teacher.md` 8 (d)).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KdLoss {
+    /// Mean over (class, voxel) of the squared logit difference: the spec's default.
+    MseLogits,
+    /// The same on softmax probabilities.
+    MseProbabilities,
+    /// `T^2 KL(softmax(t/T) || softmax(s/T))`, summed over classes, averaged over voxels.
+    Kl { temperature: f64 },
+}
+
+impl std::str::FromStr for KdLoss {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mse" | "mse_logits" => Ok(KdLoss::MseLogits),
+            "mse_prob" | "mse_probabilities" => Ok(KdLoss::MseProbabilities),
+            _ => match s.strip_prefix("kl") {
+                Some("") => Ok(KdLoss::Kl { temperature: 1.0 }),
+                Some(t) => t
+                    .trim_start_matches(':')
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|t| *t > 0.0)
+                    .map(|temperature| KdLoss::Kl { temperature })
+                    .ok_or_else(|| format!("`{s}`: the KL temperature is a positive number (kl:2)")),
+                None => Err(format!("`{s}` is not a KD loss (mse, mse_prob, kl or kl:T)")),
+            },
+        }
+    }
+}
+
+/// The KD term between `student` and `teacher` logits `(B, C, D, H, W)`; the teacher's carry no
+/// gradient.
+pub fn kd_loss(student: &Tensor, teacher: &Tensor, kind: KdLoss) -> Result<Tensor> {
+    let teacher = teacher.detach();
+    match kind {
+        KdLoss::MseLogits => (student - &teacher)?.sqr()?.mean_all(),
+        KdLoss::MseProbabilities => {
+            let p = candle_nn::ops::softmax(student, 1)?;
+            let q = candle_nn::ops::softmax(&teacher, 1)?;
+            (p - q)?.sqr()?.mean_all()
+        }
+        KdLoss::Kl { temperature } => {
+            let log_s = candle_nn::ops::log_softmax(&(student / temperature)?, 1)?;
+            let log_t = candle_nn::ops::log_softmax(&(teacher / temperature)?, 1)?;
+            let kl = (log_t.exp()? * (log_t - log_s)?)?.sum(1)?.mean_all()?;
+            kl * (temperature * temperature)
+        }
+    }
+}
+
+/// Distillation's loss: `(1 - lambda) DiceCE(student, labels) + lambda KD(student, teacher)`,
+/// DiceCE in the teacher's 0.5/0.5 form. Without a teacher (`lambda = 0`), plain supervised
+/// training.
+pub fn distillation_loss(
+    student: &Tensor,
+    labels: &Tensor,
+    teacher: Option<&Tensor>,
+    lambda: f64,
+    kind: KdLoss,
+) -> Result<Tensor> {
+    let supervised = teacher_loss(student, labels)?;
+    match teacher {
+        Some(t) if lambda > 0.0 => (supervised * (1.0 - lambda))? + (kd_loss(student, t, kind)? * lambda)?,
+        _ => Ok(supervised),
+    }
+}

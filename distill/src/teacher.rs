@@ -67,49 +67,151 @@ impl Default for TrainOptions {
     }
 }
 
-/// Per-class Dice of one validation, with the means.
+/// One validation: per-class Dice and normalized surface Dice as MONAI computes them
+/// ([`prosam_runtime::metrics`]), each case on its own and then averaged over the cases where the
+/// value exists (MONAI's `nanmean` over the batch).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Validation {
-    /// Class name to Dice, for classes present in the prediction or the truth.
+    /// Class name to mean Dice, for classes in some case's truth.
     pub dice: std::collections::BTreeMap<String, f64>,
+    /// Class name to mean NSD at [`NSD_TOLERANCE_MM`], for classes in some case's truth or prediction.
+    #[serde(default)]
+    pub nsd: std::collections::BTreeMap<String, f64>,
     /// Mean over the foreground classes present.
     pub mean_dice: f64,
+    #[serde(default)]
+    pub mean_nsd: f64,
     /// Mean including background: what the reference selects the best checkpoint by.
     pub mean_dice_with_background: f64,
 }
 
-/// Dice of every class between two label maps of the same grid; classes absent from both are
-/// left out (MONAI's `compute_dice` gives them NaN, which its means ignore).
-pub fn dice_per_class(pred: &[u8], truth: &[u8], names: &[String]) -> Validation {
-    let k = names.len();
-    let (mut inter, mut p, mut t) = (vec![0u64; k], vec![0u64; k], vec![0u64; k]);
-    for (&a, &b) in pred.iter().zip(truth) {
-        let (a, b) = (a as usize, b as usize);
-        if a < k {
-            p[a] += 1;
+/// The surface tolerance of validation's NSD, in mm.
+pub const NSD_TOLERANCE_MM: f64 = 2.0;
+
+impl Validation {
+    /// The figures of `cases`, each `(prediction, truth, dims)` on a grid of `spacing` mm.
+    pub fn of_cases(cases: &[(Vec<u8>, Vec<u8>, [usize; 3])], spacing: [f64; 3], names: &[String]) -> Validation {
+        use prosam_runtime::metrics::{evaluate, mean_finite};
+        let k = names.len();
+        let (mut dice, mut nsd, mut background) = (vec![Vec::new(); k], vec![Vec::new(); k], Vec::new());
+        for (pred, truth, dims) in cases {
+            for m in evaluate(pred, truth, *dims, spacing, k as u8, NSD_TOLERANCE_MM) {
+                dice[m.label as usize].push(m.dice);
+                nsd[m.label as usize].push(m.nsd);
+            }
+            let both = pred.iter().zip(truth).filter(|(p, t)| **p == 0 && **t == 0).count();
+            let (p0, t0) = (pred.iter().filter(|&&p| p == 0).count(), truth.iter().filter(|&&t| t == 0).count());
+            if t0 > 0 {
+                background.push(2.0 * both as f64 / (p0 + t0) as f64);
+            }
         }
-        if b < k {
-            t[b] += 1;
-        }
-        if a == b && a < k {
-            inter[a] += 1;
+        let per_class = |values: &[Vec<f64>]| -> std::collections::BTreeMap<String, f64> {
+            (1..k)
+                .filter_map(|c| {
+                    let m = mean_finite(values[c].iter().copied());
+                    m.is_finite().then(|| (names[c].clone(), m))
+                })
+                .collect()
+        };
+        let (dice, nsd) = (per_class(&dice), per_class(&nsd));
+        let mean_dice = mean_finite(dice.values().copied());
+        let background = mean_finite(background);
+        let with_background = mean_finite(dice.values().copied().chain([background]));
+        Validation {
+            mean_nsd: mean_finite(nsd.values().copied()),
+            mean_dice,
+            mean_dice_with_background: with_background,
+            dice,
+            nsd,
         }
     }
-    let mut dice = std::collections::BTreeMap::new();
-    let (mut fg, mut all) = (Vec::new(), Vec::new());
-    for c in 0..k {
-        if p[c] + t[c] == 0 {
-            continue;
-        }
-        let d = 2.0 * inter[c] as f64 / (p[c] + t[c]) as f64;
-        dice.insert(names[c].clone(), d);
-        all.push(d);
-        if c > 0 {
-            fg.push(d);
+}
+
+/// Sliding-window validation of `net` on `cases` (each on the model grid of `metadata`, in HU):
+/// the metadata's intensity transform, windows of `roi` at `overlap` with constant blending as
+/// the reference validates, argmax, then [`Validation::of_cases`].
+pub fn validate_network(
+    net: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    metadata: &Metadata,
+    roi: [usize; 3],
+    overlap: f64,
+    cases: &[Case],
+    device: &Device,
+) -> Result<Validation> {
+    let classes = metadata.labels.len();
+    let window = WindowInference { roi, classes, options: SegmentOptions { overlap, blend: Blend::Constant, batch: 1 } };
+    let mut results = Vec::with_capacity(cases.len());
+    for case in cases {
+        let mut data = case.image.clone();
+        intensity::apply(&metadata.intensity, &mut data);
+        let forward = |x: &Tensor| -> prosam_runtime::Result<Tensor> { Ok(net(x)?) };
+        let probs = window.probabilities(&forward, &data, case.dims, device, DType::F32, &mut |_, _| true)?;
+        let voxels = data.len();
+        let pred = (0..voxels)
+            .map(|v| {
+                (0..classes)
+                    .max_by(|&a, &b| probs[a * voxels + v].total_cmp(&probs[b * voxels + v]).then(b.cmp(&a)))
+                    .unwrap_or(0) as u8
+            })
+            .collect();
+        results.push((pred, case.labels.clone(), case.dims));
+    }
+    Ok(Validation::of_cases(&results, metadata.spacing, &metadata.labels))
+}
+
+/// Writes a training checkpoint atomically: the weights (`model.*`), the optimizer moments
+/// (`optim.*`), the run's `state` and the model metadata in the header.
+pub(crate) fn write_checkpoint(
+    path: &Path,
+    weights: Vec<(String, Tensor)>,
+    moments: Vec<(String, Tensor)>,
+    state: &impl Serialize,
+    metadata: &Metadata,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = weights.into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+    tensors.extend(moments.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+    let header = HashMap::from([
+        ("prosam_checkpoint".to_string(), serde_json::to_string(state).expect("state serialises")),
+        ("metadata".to_string(), serde_json::to_string(metadata).expect("metadata serialises")),
+    ]);
+    let views: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let bytes = safetensors::serialize(views, Some(header))
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    prosam_models::format::write_atomically(path, |f| f.write_all(&bytes))?;
+    Ok(())
+}
+
+/// What [`write_checkpoint`] wrote: the state, the metadata, the weights by name (without
+/// `model.`) and the moments by name (without `optim.`).
+pub(crate) struct CheckpointContents<S> {
+    pub state: S,
+    pub metadata: Metadata,
+    pub weights: HashMap<String, Tensor>,
+    pub moments: HashMap<String, Tensor>,
+}
+
+pub(crate) fn read_checkpoint<S: serde::de::DeserializeOwned>(path: &Path) -> Result<CheckpointContents<S>> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let state: S = meta
+        .get("prosam_checkpoint")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| bad("not a prosam-distill checkpoint of this kind of run (no matching `prosam_checkpoint` header)".into()))?;
+    let metadata: Metadata = meta
+        .get("metadata")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| bad("the checkpoint has no model metadata".into()))?;
+    let (mut weights, mut moments) = (HashMap::new(), HashMap::new());
+    for (k, t) in candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)? {
+        if let Some(n) = k.strip_prefix("model.") {
+            weights.insert(n.to_string(), t);
+        } else if let Some(n) = k.strip_prefix("optim.") {
+            moments.insert(n.to_string(), t);
         }
     }
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
-    Validation { mean_dice: mean(&fg), mean_dice_with_background: mean(&all), dice }
+    Ok(CheckpointContents { state, metadata, weights, moments })
 }
 
 /// Where the starting weights come from.
@@ -435,8 +537,8 @@ impl TeacherTrainer {
         let mut total = 0.0;
         for (done, &i) in order.iter().enumerate() {
             let (fg, bg) = &splits[i];
-            let sample = random_crop(&cases[i], fg, bg, &self.metadata.intensity, &crop, &mut self.rng);
-            let loss = self.step(&sample.image, &sample.labels, sample.size)?;
+            let sample = random_crop(&cases[i], fg, bg, &[&self.metadata.intensity], &crop, &mut self.rng);
+            let loss = self.step(&sample.images[0], &sample.labels, sample.size)?;
             total += loss as f64;
             progress(done + 1, order.len(), loss);
         }
@@ -444,31 +546,10 @@ impl TeacherTrainer {
         Ok((total / order.len() as f64, lr))
     }
 
-    /// Sliding-window validation of `cases` (each on the model grid, in HU), per-class Dice over all
-    /// of them together.
+    /// Sliding-window validation of `cases` (each on the model grid, in HU).
     pub fn validate(&self, cases: &[Case]) -> Result<Validation> {
         let net = build(&self.cfg, &self.weights(), &self.device)?;
-        let classes = self.metadata.labels.len();
-        let window = WindowInference {
-            roi: [self.cfg.crop; 3],
-            classes,
-            options: SegmentOptions { overlap: self.options.overlap, blend: Blend::Constant, batch: 1 },
-        };
-        let (mut pred, mut truth) = (Vec::new(), Vec::new());
-        for case in cases {
-            let mut data = case.image.clone();
-            intensity::apply(&self.metadata.intensity, &mut data);
-            let forward = |x: &Tensor| -> prosam_runtime::Result<Tensor> { Ok(net.forward(x)?) };
-            let probs = window.probabilities(&forward, &data, case.dims, &self.device, DType::F32, &mut |_, _| true)?;
-            let voxels = data.len();
-            pred.extend((0..voxels).map(|v| {
-                (0..classes)
-                    .max_by(|&a, &b| probs[a * voxels + v].total_cmp(&probs[b * voxels + v]).then(b.cmp(&a)))
-                    .unwrap_or(0) as u8
-            }));
-            truth.extend_from_slice(&case.labels);
-        }
-        Ok(dice_per_class(&pred, &truth, &self.metadata.labels))
+        validate_network(&|x| net.forward(x), &self.metadata, [self.cfg.crop; 3], self.options.overlap, cases, &self.device)
     }
 
     /// Records a validation; true when it is the best so far (by mean Dice with background).
@@ -490,9 +571,6 @@ impl TeacherTrainer {
     /// the random state, in one safetensors file written atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let (moments, optimizer_steps) = self.optimizer.state();
-        let mut tensors: Vec<(String, Tensor)> =
-            self.weights().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
-        tensors.extend(moments.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
         let state = CheckpointState {
             config: self.cfg.clone(),
             options: self.options.clone(),
@@ -501,32 +579,15 @@ impl TeacherTrainer {
             optimizer_steps,
             best_mean_dice_with_background: self.best,
         };
-        let header = HashMap::from([
-            ("prosam_checkpoint".to_string(), serde_json::to_string(&state).expect("state serialises")),
-            ("metadata".to_string(), serde_json::to_string(&self.metadata).expect("metadata serialises")),
-        ]);
-        let views: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
-        let bytes = safetensors::serialize(views, Some(header))
-            .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
-        prosam_models::format::write_atomically(path, |f| f.write_all(&bytes))?;
-        Ok(())
+        write_checkpoint(path, self.weights(), moments, &state, &self.metadata)
     }
 
     /// A run resumed from [`TeacherTrainer::save_checkpoint`]: `options` must match the saved run's
     /// except for the number of epochs, which may grow.
     pub fn resume(path: &Path, options: TrainOptions, device: &Device) -> Result<Self> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let state: CheckpointState = meta
-            .get("prosam_checkpoint")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| bad("not a prosam-distill checkpoint (no `prosam_checkpoint` header)".into()))?;
-        let metadata: Metadata = meta
-            .get("metadata")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| bad("the checkpoint has no model metadata".into()))?;
+        let CheckpointContents { state, metadata, weights: tensors, moments } =
+            read_checkpoint::<CheckpointState>(path)?;
         let same = TrainOptions { epochs: state.options.epochs, ..options.clone() };
         if same != state.options {
             return Err(bad(format!(
@@ -534,19 +595,16 @@ impl TeacherTrainer {
                 state.options, options
             )));
         }
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
         let weights = state
             .config
             .parameter_shapes()
             .into_iter()
             .map(|(name, _)| {
-                let t = tensors.get(&format!("model.{name}")).ok_or_else(|| bad(format!("no weight `{name}`")))?;
+                let t = tensors.get(&name).ok_or_else(|| bad(format!("no weight `{name}`")))?;
                 Ok((name, t.clone()))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut trainer = Self::new(metadata, weights, options, device)?;
-        let moments: HashMap<String, Tensor> =
-            tensors.into_iter().filter_map(|(k, t)| k.strip_prefix("optim.").map(|n| (n.to_string(), t))).collect();
         trainer.optimizer.load_state(&moments, &state.optimizer_steps).map_err(|e| bad(e.to_string()))?;
         trainer.epoch = state.epoch;
         trainer.rng = state.rng;

@@ -11,9 +11,12 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod memory;
+pub mod metrics;
 pub mod npy;
+pub mod phantom;
 pub mod pipeline;
 pub mod resources;
+pub mod rng;
 pub mod volume;
 
 pub use error::{Error, Result};

@@ -1,15 +1,17 @@
-//! `prosam-distill`: training prosam's networks. `train-teacher` trains the AutoProSAM teacher on
-//! a dataset in the Medical Segmentation Decathlon layout.
+//! `prosam-distill`: training prosam's networks on datasets in the Medical Segmentation Decathlon
+//! layout. `train-teacher` trains the AutoProSAM teacher; `distill` trains a SwinUNETR student
+//! from labels and a frozen teacher.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
-use prosam_distill::data::{Dataset, LabelMap};
-use prosam_distill::teacher::{Init, TeacherTrainer, TrainOptions, initial_weights, load_cases, minutes_since};
+use prosam_distill::data::{Case, Dataset, LabelMap};
+use prosam_distill::loss::KdLoss;
+use prosam_distill::run::{RunFiles, run_epochs};
+use prosam_distill::student::{DistillOptions, StudentTrainer, Teacher, student_random_weights};
+use prosam_distill::teacher::{Init, TeacherTrainer, TrainOptions, initial_weights, load_cases};
 use prosam_models::autoprosam::{ApgInput, Config};
 use prosam_models::format::Metadata;
 
@@ -34,6 +36,172 @@ struct Cli {
 enum Command {
     /// Train the teacher (stage 1: adapters, embeddings, norms, necks, APG, decoder; stage 2: APG and decoder).
     TrainTeacher(TrainTeacher),
+    /// Train a SwinUNETR student on (1 - lambda) DiceCE(labels) + lambda KD(teacher).
+    Distill(Distill),
+}
+
+#[derive(clap::Args)]
+struct Distill {
+    /// The frozen teacher: a prosam model file (`train-teacher`'s teacher.safetensors, or any
+    /// model with the same classes and spacing). Not needed with --lambda 0.
+    #[arg(long, value_name = "TEACHER.safetensors")]
+    teacher: Option<PathBuf>,
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small", "base"])]
+    student: String,
+    /// dataset.json: `training` (and `validation`) lists of {image, label} NIfTI paths, relative to the file.
+    #[arg(long, value_name = "dataset.json")]
+    data: PathBuf,
+    /// Weight of the teacher term (0: labels only).
+    #[arg(long, default_value_t = 0.5)]
+    lambda: f64,
+    /// mse (logits, the default), mse_prob (probabilities), kl or kl:T (temperature T).
+    #[arg(long, default_value = "mse")]
+    kd: String,
+    /// Output folder: last.safetensors (checkpoint), log.jsonl, best.safetensors and student.safetensors.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Crop edge in voxels, a multiple of 32: the student's window, and the teacher's crop.
+    #[arg(long, default_value_t = 64)]
+    crop: usize,
+    /// Voxel spacing of the model grid in mm (default: the teacher's, else 1.5,1.5,2.0).
+    #[arg(long, value_name = "X,Y,Z")]
+    spacing: Option<String>,
+    /// Starting weights: a prosam student file of the same size (default: PyTorch's init).
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Name in the model file's metadata (default: prosam_<student>).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup_epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    samples_per_case: usize,
+    #[arg(long, default_value_t = 5)]
+    val_every: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, value_name = "FILE")]
+    label_map: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    #[arg(long)]
+    max_minutes: Option<f64>,
+}
+
+fn parse_spacing(text: &str) -> anyhow::Result<[f64; 3]> {
+    let v: Vec<f64> = text
+        .split(',')
+        .map(|s| s.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))?;
+    v.try_into().map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))
+}
+
+/// The training and validation cases of `dataset` on `metadata`'s grid, cached under `cache`.
+fn load_all(
+    dataset: &Dataset,
+    metadata: &Metadata,
+    label_map: Option<&LabelMap>,
+    cache: &Path,
+    quiet: bool,
+) -> anyhow::Result<(Vec<Case>, Vec<Case>)> {
+    let t_load = Instant::now();
+    let training = load_cases(dataset, false, metadata, label_map, Some(cache))?;
+    let validation = if dataset.validation.is_empty() {
+        Vec::new()
+    } else {
+        load_cases(dataset, true, metadata, label_map, Some(cache))?
+    };
+    if !quiet {
+        eprintln!(
+            "{} training and {} validation cases on a {:?} mm grid ({:.1} s)",
+            training.len(),
+            validation.len(),
+            metadata.spacing,
+            t_load.elapsed().as_secs_f64()
+        );
+    }
+    Ok((training, validation))
+}
+
+fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let dataset = Dataset::load(&args.data)?;
+    let label_map = args.label_map.as_deref().map(LabelMap::load).transpose()?;
+    let kd: KdLoss = args.kd.parse().map_err(anyhow::Error::msg)?;
+    let options = DistillOptions {
+        lambda: args.lambda,
+        kd,
+        crop: args.crop,
+        epochs: args.epochs,
+        warmup_epochs: args.warmup_epochs,
+        lr: args.lr,
+        samples_per_case: args.samples_per_case,
+        val_every: args.val_every,
+        seed: args.seed,
+        ..DistillOptions::default()
+    };
+    let teacher = match (&args.teacher, args.lambda > 0.0) {
+        (Some(path), true) => Some(Teacher::load(path, &device).with_context(|| format!("the teacher {}", path.display()))?),
+        (None, true) => anyhow::bail!("--lambda {} needs --teacher (or --lambda 0 to train on the labels alone)", args.lambda),
+        (_, false) => None,
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
+    let last = args.out.join("last.safetensors");
+    let mut trainer = if args.resume {
+        anyhow::ensure!(last.is_file(), "--resume: {} does not exist", last.display());
+        StudentTrainer::resume(&last, options, teacher, &device)?
+    } else {
+        let cfg = prosam_models::swin_unetr::Config::preset(&args.student).expect("clap checks the preset");
+        let name = args.name.clone().unwrap_or_else(|| format!("prosam_{}", args.student));
+        let mut metadata = Metadata { roi_size: [args.crop; 3], ..Metadata::btcv(&name, cfg.clone()) };
+        if let Some(labels) = &dataset.labels
+            && labels.len() == metadata.labels.len()
+        {
+            metadata.labels = labels.values().cloned().collect();
+        }
+        metadata.spacing = match (&args.spacing, &teacher) {
+            (Some(text), _) => parse_spacing(text)?,
+            (None, Some(t)) => t.metadata.spacing,
+            (None, None) => metadata.spacing,
+        };
+        metadata.source = Some(format!(
+            "prosam-distill distill on {} (lambda {}, teacher {})",
+            args.data.display(),
+            args.lambda,
+            teacher.as_ref().map_or("none".into(), |t| format!("{} {}", t.metadata.name, t.metadata.checksum))
+        ));
+        metadata.validate().map_err(anyhow::Error::msg)?;
+        let weights = match &args.init {
+            Some(path) => prosam_models::format::ModelFile::open(path)?
+                .tensors(&device)?
+                .into_iter()
+                .collect::<Vec<_>>(),
+            None => student_random_weights(&cfg, args.seed)?,
+        };
+        StudentTrainer::new(metadata, weights, teacher, options, &device)?
+    };
+    let cache = args.cache.clone().unwrap_or_else(|| args.out.join("cache"));
+    let (training, validation) = load_all(&dataset, &trainer.metadata, label_map.as_ref(), &cache, quiet)?;
+    if !quiet {
+        eprintln!(
+            "student {} ({} parameters), lambda {}, KD {:?}{}",
+            args.student,
+            trainer.parameter_count(),
+            trainer.options.lambda,
+            trainer.options.kd,
+            trainer.teacher().map_or(String::new(), |t| format!(", teacher {}", t.metadata.name))
+        );
+    }
+    let files = RunFiles { out: &args.out, model_name: "student.safetensors", max_minutes: args.max_minutes, quiet };
+    run_epochs(&mut trainer, &training, &validation, &files)?;
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -103,6 +271,7 @@ fn main() {
     }
     let result = match cli.command {
         Command::TrainTeacher(args) => train_teacher(args, cli.quiet),
+        Command::Distill(args) => distill(args, cli.quiet),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -139,12 +308,7 @@ fn train_teacher(args: TrainTeacher, quiet: bool) -> anyhow::Result<()> {
         cfg.validate()?;
         let mut metadata = Metadata::teacher(&format!("autoprosam_{}", args.preset), cfg.clone());
         if let Some(text) = &args.spacing {
-            let v: Vec<f64> = text
-                .split(',')
-                .map(|s| s.trim().parse::<f64>())
-                .collect::<Result<_, _>>()
-                .map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))?;
-            metadata.spacing = v.try_into().map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))?;
+            metadata.spacing = parse_spacing(text)?;
         }
         metadata.source = Some(format!("prosam-distill train-teacher on {}", args.data.display()));
         metadata.validate().map_err(anyhow::Error::msg)?;
@@ -156,99 +320,12 @@ fn train_teacher(args: TrainTeacher, quiet: bool) -> anyhow::Result<()> {
         TeacherTrainer::new(metadata, initial_weights(&cfg, &init)?, options, &device)?
     };
     let cache = args.cache.clone().unwrap_or_else(|| args.out.join("cache"));
-    let t_load = Instant::now();
-    let training = load_cases(&dataset, false, &trainer.metadata, label_map.as_ref(), Some(&cache))?;
-    let validation = if dataset.validation.is_empty() {
-        Vec::new()
-    } else {
-        load_cases(&dataset, true, &trainer.metadata, label_map.as_ref(), Some(&cache))?
-    };
+    let (training, validation) = load_all(&dataset, &trainer.metadata, label_map.as_ref(), &cache, quiet)?;
     let (trainable, total) = trainer.parameter_counts();
     if !quiet {
-        eprintln!(
-            "{} training and {} validation cases on a {:?} mm grid ({:.1} s); {trainable} of {total} parameters train in stage {}",
-            training.len(),
-            validation.len(),
-            trainer.metadata.spacing,
-            t_load.elapsed().as_secs_f64(),
-            trainer.options.stage
-        );
+        eprintln!("{trainable} of {total} parameters train in stage {}", trainer.options.stage);
     }
-    if trainer.epoch >= trainer.options.epochs {
-        bail!(
-            "the run in {} has finished its {} epochs (raise --epochs to go on)",
-            args.out.display(),
-            trainer.options.epochs
-        );
-    }
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(args.out.join("log.jsonl"))
-        .with_context(|| format!("{}: cannot open the log", args.out.display()))?;
-    let steps_per_epoch = training.len() * trainer.options.samples_per_case;
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new((trainer.options.epochs * steps_per_epoch) as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}")
-                .expect("template")
-                .progress_chars("=> "),
-        );
-        bar.set_position((trainer.epoch * steps_per_epoch) as u64);
-        bar
-    };
-    let start = Instant::now();
-    while trainer.epoch < trainer.options.epochs {
-        let t0 = Instant::now();
-        let epoch = trainer.epoch;
-        let (loss, lr) = trainer.train_epoch(&training, &mut |_, _, l| {
-            bar.inc(1);
-            bar.set_message(format!("epoch {epoch} loss {l:.4}"));
-        })?;
-        let last_epoch = trainer.epoch == trainer.options.epochs;
-        let out_of_time = args.max_minutes.is_some_and(|m| minutes_since(start) >= m);
-        let validate =
-            !validation.is_empty() && (trainer.epoch % trainer.options.val_every == 0 || last_epoch || out_of_time);
-        let mut record = serde_json::json!({
-            "epoch": epoch, "loss": loss, "lr": lr, "steps": steps_per_epoch,
-            "train_seconds": t0.elapsed().as_secs_f64(),
-        });
-        if validate {
-            let tv = Instant::now();
-            let v = trainer.validate(&validation)?;
-            if trainer.record_best(&v) {
-                trainer.export(&args.out.join("best.safetensors"))?;
-            }
-            if !quiet {
-                bar.suspend(|| eprintln!("epoch {epoch}: loss {loss:.4}, mean Dice {:.4} {:?}", v.mean_dice, v.dice));
-            }
-            record["dice"] = serde_json::to_value(&v.dice)?;
-            record["mean_dice"] = v.mean_dice.into();
-            record["mean_dice_with_background"] = v.mean_dice_with_background.into();
-            record["validation_seconds"] = tv.elapsed().as_secs_f64().into();
-        }
-        trainer.save_checkpoint(&last)?;
-        writeln!(log, "{record}")?;
-        if out_of_time && !last_epoch {
-            if !quiet {
-                bar.suspend(|| {
-                    eprintln!("stopping after {:.1} min (--max-minutes); --resume goes on", minutes_since(start))
-                });
-            }
-            break;
-        }
-    }
-    bar.finish_and_clear();
-    trainer.export(&args.out.join("teacher.safetensors"))?;
-    if !quiet {
-        eprintln!(
-            "{} epochs in {:.1} min; {}",
-            trainer.epoch,
-            minutes_since(start),
-            args.out.join("teacher.safetensors").display()
-        );
-    }
+    let files = RunFiles { out: &args.out, model_name: "teacher.safetensors", max_minutes: args.max_minutes, quiet };
+    run_epochs(&mut trainer, &training, &validation, &files)?;
     Ok(())
 }

@@ -297,6 +297,27 @@ pub fn write_labels(
     Ok(())
 }
 
+/// Writes a CT in HU as int16 NIfTI-1 (values rounded and clamped to -32768..32767) with sform
+/// and qform from its affine, through a temporary file and a rename. `.nii.gz` compresses.
+pub fn write_ct(path: &Path, volume: &Volume, description: &str) -> Result<()> {
+    let mut header = header_for(&volume.affine, volume.dims);
+    let mut text = description.as_bytes().to_vec();
+    text.truncate(79);
+    header.descrip = text;
+    header.scl_slope = 1.0;
+    header.scl_inter = 0.0;
+    let values: Vec<i16> = volume.data.iter().map(|v| v.round().clamp(-32768.0, 32767.0) as i16).collect();
+    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(volume.dims), values)
+        .map_err(|e| bad(path, format!("voxel buffer does not match {:?}: {e}", volume.dims)))?;
+    prosam_models::temp_file::write_via_temp(path, |tmp| {
+        nifti::writer::WriterOptions::new(tmp)
+            .reference_header(&header)
+            .write_nifti(&array)
+            .map_err(std::io::Error::other)
+    })?;
+    Ok(())
+}
+
 /// A header for a volume that came from elsewhere (a DICOM series): sform and qform both set to
 /// `affine` (code 1, scanner anatomical), pixdim from its column lengths. The qform holds the
 /// rotation part exactly for the orthogonal affines DICOM series give; for others it is the

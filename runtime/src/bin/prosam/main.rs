@@ -3,8 +3,10 @@
 mod bench;
 mod convert;
 mod dicom_info;
+mod eval;
 mod forward;
 mod info;
+mod phantom;
 mod quantize;
 mod segment;
 
@@ -45,6 +47,10 @@ enum Command {
     Info(info::Args),
     /// Run the raw network on a float32 array (1, C, D, H, W) from .npy and write the logits as .npy.
     Forward(forward::Args),
+    /// Per-organ Dice, normalized surface Dice and HD95 of a label map against the truth.
+    Eval(eval::Args),
+    /// Write synthetic abdominal CT phantoms with their organ labels (Decathlon layout).
+    Phantom(phantom::Args),
 }
 
 /// Sizes the thread pools before any of them starts: rayon's (Candle's matrix products) and
@@ -76,6 +82,8 @@ fn main() -> std::process::ExitCode {
             Command::Quantize(args) => quantize::run(args, cli.quiet),
             Command::Bench(args) => bench::run(args, device),
             Command::Forward(args) => forward::run(args, device, cli.quiet),
+            Command::Eval(args) => eval::run(args),
+            Command::Phantom(args) => phantom::run(args, cli.quiet),
         }
     })();
     match result {
@@ -95,6 +103,20 @@ fn install_interrupt_cleanup() {
         eprintln!("interrupted");
         std::process::exit(130);
     });
+}
+
+/// A progress bar on stderr counting `unit`, hidden with `--quiet`.
+pub(crate) fn progress_bar(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("[{{bar:30}}] {{pos}}/{{len}} {unit}, ETA {{eta}} {{msg}}"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
 }
 
 /// A model loaded for inference on a device, with the load figures the raw-network commands report.

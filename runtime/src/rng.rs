@@ -1,4 +1,4 @@
-//! The training's random numbers: one SplitMix64 stream whose whole state is a `u64`, so that a
+//! Seeded random numbers for training and phantoms: one SplitMix64 stream whose whole state is a `u64`, so that a
 //! checkpoint restores it exactly and a resumed run draws the same crops as an uninterrupted one.
 
 use serde::{Deserialize, Serialize};
