@@ -27,8 +27,9 @@ pub struct DistillOptions {
     /// Weight of the teacher term; 0 trains on the labels alone.
     pub lambda: f64,
     pub kd: KdLoss,
-    /// Crop edge in voxels (a multiple of 32; the teacher must take this crop).
-    pub crop: usize,
+    /// Crop size in voxels (multiples of 32, at least 64 along one axis; a teacher must take this
+    /// crop, so with one it is its cubic crop). Also the student's sliding window.
+    pub crop: [usize; 3],
     pub epochs: usize,
     pub warmup_epochs: usize,
     pub lr: f64,
@@ -44,7 +45,7 @@ impl Default for DistillOptions {
         Self {
             lambda: 0.5,
             kd: KdLoss::MseLogits,
-            crop: 64,
+            crop: [64; 3],
             epochs: 100,
             warmup_epochs: 2,
             lr: 1e-3,
@@ -71,7 +72,7 @@ impl Teacher {
     }
 
     /// Whether this teacher can teach a student of `metadata` on crops of `crop`^3.
-    fn check(&self, metadata: &Metadata, crop: usize, path_hint: &str) -> Result<()> {
+    fn check(&self, metadata: &Metadata, crop: [usize; 3], path_hint: &str) -> Result<()> {
         let bad = |reason: String| Error::Options(format!("the teacher {path_hint}: {reason}"));
         if self.metadata.labels.len() != metadata.labels.len() {
             return Err(bad(format!(
@@ -86,9 +87,7 @@ impl Teacher {
                 self.metadata.spacing, metadata.spacing
             )));
         }
-        self.net
-            .check_input(&[1, 1, crop, crop, crop])
-            .map_err(|e| bad(format!("cannot take the {crop}^3 crop: {e}")))
+        self.net.check_input(&[1, 1, crop[0], crop[1], crop[2]]).map_err(|e| bad(format!("cannot take the {crop:?} crop: {e}")))
     }
 }
 
@@ -173,7 +172,8 @@ impl StudentTrainer {
         if options.epochs == 0 || options.samples_per_case == 0 || options.val_every == 0 {
             return Err(Error::Options("epochs, samples per case and the validation interval must be positive".into()));
         }
-        cfg.check_input(&[1, cfg.in_channels, options.crop, options.crop, options.crop])?;
+        let [a, b, c] = options.crop;
+        cfg.check_input(&[1, cfg.in_channels, a, b, c])?;
         if let Some(t) = &teacher {
             t.check(&metadata, options.crop, &t.metadata.name)?;
         }
@@ -232,7 +232,7 @@ impl StudentTrainer {
         let o = self.options.clone();
         let lr = learning_rate(o.lr, self.epoch, o.warmup_epochs, o.epochs);
         self.optimizer.set_lr(lr);
-        let crop = CropOptions::reference([o.crop; 3]);
+        let crop = CropOptions::reference(o.crop);
         let splits: Vec<(Vec<u32>, Vec<u32>)> = cases.iter().map(Case::split_indices).collect();
         let mut order: Vec<usize> = (0..cases.len()).flat_map(|i| std::iter::repeat_n(i, o.samples_per_case)).collect();
         self.rng.shuffle(&mut order);
@@ -259,7 +259,7 @@ impl StudentTrainer {
     /// Sliding-window validation of the student on `cases` (model grid, HU).
     pub fn validate(&self, cases: &[Case]) -> Result<Validation> {
         let net = build(&self.cfg, self.weights(), &self.device)?;
-        validate_network(&|x| net.forward(x), &self.metadata, [self.options.crop; 3], self.options.overlap, cases, &self.device)
+        validate_network(&|x| net.forward(x), &self.metadata, self.options.crop, self.options.overlap, cases, &self.device)
     }
 
     /// Records a validation; true when it is the best so far (by mean Dice with background).

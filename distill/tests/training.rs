@@ -305,7 +305,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         assert!(values(a) == values(b), "`{name}` differs after resuming");
     }
     let v = resumed.validate(&cases).unwrap();
-    assert!(v.dice.contains_key("label_0") && v.mean_dice.is_finite(), "{v:?}");
+    assert!(v.dice.contains_key("label_1") && v.mean_dice.is_finite() && v.nsd.contains_key("label_1"), "{v:?}");
 
     // Other options than the checkpoint's are refused, by name.
     let other = TrainOptions { lr: 0.1, ..straight.options.clone() };

@@ -60,9 +60,10 @@ struct Distill {
     /// Output folder: last.safetensors (checkpoint), log.jsonl, best.safetensors and student.safetensors.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Crop edge in voxels, a multiple of 32: the student's window, and the teacher's crop.
-    #[arg(long, default_value_t = 64)]
-    crop: usize,
+    /// Crop in voxels, N or X,Y,Z (multiples of 32, one of them at least 64): the student's window,
+    /// and the teacher's crop (cubic then).
+    #[arg(long, default_value = "64")]
+    crop: String,
     /// Voxel spacing of the model grid in mm (default: the teacher's, else 1.5,1.5,2.0).
     #[arg(long, value_name = "X,Y,Z")]
     spacing: Option<String>,
@@ -103,6 +104,19 @@ fn parse_spacing(text: &str) -> anyhow::Result<[f64; 3]> {
     v.try_into().map_err(|_| anyhow::anyhow!("--spacing takes three numbers X,Y,Z"))
 }
 
+fn parse_crop(text: &str) -> anyhow::Result<[usize; 3]> {
+    let v: Vec<usize> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("--crop takes N or X,Y,Z voxels, got `{text}`"))?;
+    match v[..] {
+        [n] => Ok([n; 3]),
+        [x, y, z] => Ok([x, y, z]),
+        _ => anyhow::bail!("--crop takes N or X,Y,Z voxels, got `{text}`"),
+    }
+}
+
 /// The training and validation cases of `dataset` on `metadata`'s grid, cached under `cache`.
 fn load_all(
     dataset: &Dataset,
@@ -138,7 +152,7 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
     let options = DistillOptions {
         lambda: args.lambda,
         kd,
-        crop: args.crop,
+        crop: parse_crop(&args.crop)?,
         epochs: args.epochs,
         warmup_epochs: args.warmup_epochs,
         lr: args.lr,
@@ -160,7 +174,7 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
     } else {
         let cfg = prosam_models::swin_unetr::Config::preset(&args.student).expect("clap checks the preset");
         let name = args.name.clone().unwrap_or_else(|| format!("prosam_{}", args.student));
-        let mut metadata = Metadata { roi_size: [args.crop; 3], ..Metadata::btcv(&name, cfg.clone()) };
+        let mut metadata = Metadata { roi_size: options.crop, ..Metadata::btcv(&name, cfg.clone()) };
         if let Some(labels) = &dataset.labels
             && labels.len() == metadata.labels.len()
         {
