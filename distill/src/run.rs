@@ -83,7 +83,8 @@ pub fn run_epochs(
         })?;
         let last_epoch = trainer.epoch() == trainer.epochs();
         let out_of_time = files.max_minutes.is_some_and(|m| minutes() >= m);
-        let validate = !validation.is_empty() && (trainer.epoch() % trainer.val_every() == 0 || last_epoch || out_of_time);
+        let validate = !validation.is_empty()
+            && (trainer.epoch().is_multiple_of(trainer.val_every()) || last_epoch || out_of_time);
         let mut record = serde_json::json!({
             "epoch": epoch, "loss": loss, "lr": lr, "steps": steps,
             "train_seconds": t0.elapsed().as_secs_f64(),
@@ -96,7 +97,10 @@ pub fn run_epochs(
             }
             if !files.quiet {
                 bar.suspend(|| {
-                    eprintln!("epoch {epoch}: loss {loss:.4}, mean Dice {:.4}, mean NSD {:.4} {:.3?}", v.mean_dice, v.mean_nsd, v.dice)
+                    eprintln!(
+                        "epoch {epoch}: loss {loss:.4}, mean Dice {:.4}, mean NSD {:.4} {:.3?}",
+                        v.mean_dice, v.mean_nsd, v.dice
+                    )
                 });
             }
             record["dice"] = serde_json::to_value(&v.dice).expect("JSON");
@@ -140,7 +144,11 @@ macro_rules! training_impl {
             fn steps_per_epoch(&self, cases: usize) -> usize {
                 cases * self.options.samples_per_case
             }
-            fn train_epoch(&mut self, cases: &[Case], progress: &mut dyn FnMut(usize, usize, f32)) -> Result<(f64, f64)> {
+            fn train_epoch(
+                &mut self,
+                cases: &[Case],
+                progress: &mut dyn FnMut(usize, usize, f32),
+            ) -> Result<(f64, f64)> {
                 <$t>::train_epoch(self, cases, progress)
             }
             fn validate(&self, cases: &[Case]) -> Result<Validation> {

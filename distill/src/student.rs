@@ -87,7 +87,9 @@ impl Teacher {
                 self.metadata.spacing, metadata.spacing
             )));
         }
-        self.net.check_input(&[1, 1, crop[0], crop[1], crop[2]]).map_err(|e| bad(format!("cannot take the {crop:?} crop: {e}")))
+        self.net
+            .check_input(&[1, 1, crop[0], crop[1], crop[2]])
+            .map_err(|e| bad(format!("cannot take the {crop:?} crop: {e}")))
     }
 }
 
@@ -101,23 +103,26 @@ pub fn student_random_weights(cfg: &Config, seed: u64) -> Result<Vec<(String, Te
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = if name.ends_with("relative_position_bias_table") || (name.ends_with(".weight") && shape.len() == 2) {
-                (0..n)
-                    .map(|_| loop {
-                        let v = rng.normal();
-                        if v.abs() <= 2.0 {
-                            break (0.02 * v) as f32;
-                        }
-                    })
-                    .collect()
-            } else if name.ends_with(".weight") && shape.len() == 5 {
-                let bound = 1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt();
-                (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
-            } else if name.ends_with(".weight") {
-                vec![1.0; n]
-            } else {
-                vec![0.0; n]
-            };
+            let values: Vec<f32> =
+                if name.ends_with("relative_position_bias_table") || (name.ends_with(".weight") && shape.len() == 2) {
+                    (0..n)
+                        .map(|_| {
+                            loop {
+                                let v = rng.normal();
+                                if v.abs() <= 2.0 {
+                                    break (0.02 * v) as f32;
+                                }
+                            }
+                        })
+                        .collect()
+                } else if name.ends_with(".weight") && shape.len() == 5 {
+                    let bound = 1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt();
+                    (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+                } else if name.ends_with(".weight") {
+                    vec![1.0; n]
+                } else {
+                    vec![0.0; n]
+                };
             Ok((name, Tensor::from_vec(values, shape, &Device::Cpu)?))
         })
         .collect()
@@ -195,7 +200,19 @@ impl StudentTrainer {
         let optimizer =
             AdamW::new(vec![("student".into(), vars.clone())], AdamWConfig { lr: options.lr, ..Default::default() })?;
         let rng = Rng::new(options.seed);
-        Ok(Self { cfg, metadata, options, vars, model, teacher, optimizer, rng, epoch: 0, best: None, device: device.clone() })
+        Ok(Self {
+            cfg,
+            metadata,
+            options,
+            vars,
+            model,
+            teacher,
+            optimizer,
+            rng,
+            epoch: 0,
+            best: None,
+            device: device.clone(),
+        })
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -212,7 +229,13 @@ impl StudentTrainer {
     }
 
     /// The loss of one crop: `student_image` and `teacher_image` are the crop normalised for each.
-    pub fn loss(&self, student_image: &[f32], teacher_image: Option<&[f32]>, labels: &[u8], size: [usize; 3]) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        student_image: &[f32],
+        teacher_image: Option<&[f32]>,
+        labels: &[u8],
+        size: [usize; 3],
+    ) -> Result<Tensor> {
         let shape = (1, 1, size[0], size[1], size[2]);
         let x = Tensor::from_slice(student_image, shape, &self.device)?;
         let y = Tensor::from_slice(labels, (1, size[0], size[1], size[2]), &self.device)?;
@@ -236,16 +259,16 @@ impl StudentTrainer {
         let splits: Vec<(Vec<u32>, Vec<u32>)> = cases.iter().map(Case::split_indices).collect();
         let mut order: Vec<usize> = (0..cases.len()).flat_map(|i| std::iter::repeat_n(i, o.samples_per_case)).collect();
         self.rng.shuffle(&mut order);
-        let teacher_intensity = self.teacher.as_ref().filter(|_| o.lambda > 0.0).map(|t| t.metadata.intensity.clone());
-        let mut intensities = vec![&self.metadata.intensity];
-        intensities.extend(teacher_intensity.as_ref());
-        let intensities: Vec<_> = intensities.into_iter().cloned().collect();
+        // The student's transform, then the teacher's: one crop, two normalised images.
+        let mut intensities = vec![self.metadata.intensity];
+        intensities.extend(self.teacher.as_ref().filter(|_| o.lambda > 0.0).map(|t| t.metadata.intensity));
         let mut total = 0.0;
         for (done, &i) in order.iter().enumerate() {
             let (fg, bg) = &splits[i];
             let refs: Vec<_> = intensities.iter().collect();
             let sample = random_crop(&cases[i], fg, bg, &refs, &crop, &mut self.rng);
-            let loss = self.loss(&sample.images[0], sample.images.get(1).map(Vec::as_slice), &sample.labels, sample.size)?;
+            let loss =
+                self.loss(&sample.images[0], sample.images.get(1).map(Vec::as_slice), &sample.labels, sample.size)?;
             let grads = loss.backward()?;
             self.optimizer.step(&grads, Some(o.clip))?;
             let loss = loss.to_scalar::<f32>()?;
@@ -259,7 +282,14 @@ impl StudentTrainer {
     /// Sliding-window validation of the student on `cases` (model grid, HU).
     pub fn validate(&self, cases: &[Case]) -> Result<Validation> {
         let net = build(&self.cfg, self.weights(), &self.device)?;
-        validate_network(&|x| net.forward(x), &self.metadata, self.options.crop, self.options.overlap, cases, &self.device)
+        validate_network(
+            &|x| net.forward(x),
+            &self.metadata,
+            self.options.crop,
+            self.options.overlap,
+            cases,
+            &self.device,
+        )
     }
 
     /// Records a validation; true when it is the best so far (by mean Dice with background).

@@ -139,7 +139,8 @@ pub fn validate_network(
     device: &Device,
 ) -> Result<Validation> {
     let classes = metadata.labels.len();
-    let window = WindowInference { roi, classes, options: SegmentOptions { overlap, blend: Blend::Constant, batch: 1 } };
+    let window =
+        WindowInference { roi, classes, options: SegmentOptions { overlap, blend: Blend::Constant, batch: 1 } };
     let mut results = Vec::with_capacity(cases.len());
     for case in cases {
         let mut data = case.image.clone();
@@ -195,10 +196,9 @@ pub(crate) fn read_checkpoint<S: serde::de::DeserializeOwned>(path: &Path) -> Re
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let state: S = meta
-        .get("prosam_checkpoint")
-        .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| bad("not a prosam-distill checkpoint of this kind of run (no matching `prosam_checkpoint` header)".into()))?;
+    let state: S = meta.get("prosam_checkpoint").and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
+        bad("not a prosam-distill checkpoint of this kind of run (no matching `prosam_checkpoint` header)".into())
+    })?;
     let metadata: Metadata = meta
         .get("metadata")
         .and_then(|s| serde_json::from_str(s).ok())
@@ -549,7 +549,14 @@ impl TeacherTrainer {
     /// Sliding-window validation of `cases` (each on the model grid, in HU).
     pub fn validate(&self, cases: &[Case]) -> Result<Validation> {
         let net = build(&self.cfg, &self.weights(), &self.device)?;
-        validate_network(&|x| net.forward(x), &self.metadata, [self.cfg.crop; 3], self.options.overlap, cases, &self.device)
+        validate_network(
+            &|x| net.forward(x),
+            &self.metadata,
+            [self.cfg.crop; 3],
+            self.options.overlap,
+            cases,
+            &self.device,
+        )
     }
 
     /// Records a validation; true when it is the best so far (by mean Dice with background).

@@ -60,7 +60,8 @@ fn kd_losses_match_f64_loops_and_their_gradients() {
     // A variable, so that a graph through the teacher would show as its gradient.
     let teacher_var = Var::from_vec(t.clone(), shape.clone(), &Device::Cpu).unwrap();
     let teacher = teacher_var.as_tensor().clone();
-    for kind in [KdLoss::MseLogits, KdLoss::MseProbabilities, KdLoss::Kl { temperature: 1.0 }, KdLoss::Kl { temperature: 2.5 }]
+    for kind in
+        [KdLoss::MseLogits, KdLoss::MseProbabilities, KdLoss::Kl { temperature: 1.0 }, KdLoss::Kl { temperature: 2.5 }]
     {
         let var = Var::from_vec(s.clone(), shape.clone(), &Device::Cpu).unwrap();
         let loss = kd_loss(var.as_tensor(), &teacher, kind).unwrap();
@@ -82,7 +83,8 @@ fn kd_losses_match_f64_loops_and_their_gradients() {
     }
     // The spec's L: (1 - lambda) DiceCE + lambda KD, and DiceCE alone without a teacher.
     let student = Tensor::from_vec(s.clone(), shape.clone(), &Device::Cpu).unwrap();
-    let labels = Tensor::from_vec((0..n as u32).map(|i| i % 3).collect::<Vec<_>>(), (1, 3, 2, 5), &Device::Cpu).unwrap();
+    let labels =
+        Tensor::from_vec((0..n as u32).map(|i| i % 3).collect::<Vec<_>>(), (1, 3, 2, 5), &Device::Cpu).unwrap();
     let dice_ce = prosam_distill::loss::teacher_loss(&student, &labels).unwrap().to_scalar::<f64>().unwrap();
     let kd = kd_reference(&s, &t, classes, KdLoss::MseLogits);
     let l = distillation_loss(&student, &labels, Some(&teacher), 0.3, KdLoss::MseLogits).unwrap();
@@ -129,7 +131,15 @@ fn small_case() -> Case {
 }
 
 fn options(lambda: f64) -> DistillOptions {
-    DistillOptions { lambda, crop: CROP, epochs: 3, warmup_epochs: 1, val_every: 1, seed: 11, ..DistillOptions::default() }
+    DistillOptions {
+        lambda,
+        crop: CROP,
+        epochs: 3,
+        warmup_epochs: 1,
+        val_every: 1,
+        seed: 11,
+        ..DistillOptions::default()
+    }
 }
 
 /// A student file with the same random weights the trainer starts from, to serve as the teacher.
@@ -174,7 +184,10 @@ fn mismatched_teachers_are_refused_by_name() {
         .unwrap()
         .to_string();
     assert!(err.contains("spacings must agree") && err.contains("[1.5, 1.5, 1.5]"), "{err}");
-    let err = StudentTrainer::new(student_metadata(4.0), weights(), None, options(0.5), &Device::Cpu).err().unwrap().to_string();
+    let err = StudentTrainer::new(student_metadata(4.0), weights(), None, options(0.5), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("needs a teacher"), "{err}");
     let few = Config { out_channels: 3, ..Config::tiny() };
     let path = dir.join("few.safetensors");
@@ -192,12 +205,17 @@ fn mismatched_teachers_are_refused_by_name() {
 fn a_resumed_distillation_equals_an_uninterrupted_one() {
     let dir = common::scratch_dir("distill_student_resume");
     let teacher_path = dir.join("teacher.safetensors");
-    prosam_models::format::save(&teacher_path, student_metadata(4.0), &student_random_weights(&Config::tiny(), 99).unwrap())
-        .unwrap();
+    prosam_models::format::save(
+        &teacher_path,
+        student_metadata(4.0),
+        &student_random_weights(&Config::tiny(), 99).unwrap(),
+    )
+    .unwrap();
     let teacher = || Some(Teacher::load(&teacher_path, &Device::Cpu).unwrap());
     let start = || student_random_weights(&Config::tiny(), 5).unwrap();
     let cases = vec![small_case()];
-    let mut straight = StudentTrainer::new(student_metadata(4.0), start(), teacher(), options(0.5), &Device::Cpu).unwrap();
+    let mut straight =
+        StudentTrainer::new(student_metadata(4.0), start(), teacher(), options(0.5), &Device::Cpu).unwrap();
     let mut losses = Vec::new();
     for _ in 0..2 {
         losses.push(straight.train_epoch(&cases, &mut |_, _, _| {}).unwrap().0);
@@ -232,7 +250,11 @@ fn binary(name: &str) -> PathBuf {
 fn phantoms_distill_segment_and_evaluate_through_the_binaries() {
     let (prosam, distill) = (binary("prosam"), binary("prosam-distill"));
     if !prosam.is_file() || !distill.is_file() {
-        panic!("{} and {} are built by `cargo build --release --workspace` (the README's test command)", prosam.display(), distill.display());
+        panic!(
+            "{} and {} are built by `cargo build --release --workspace` (the README's test command)",
+            prosam.display(),
+            distill.display()
+        );
     }
     let dir = common::scratch_dir("distill_cli");
     let data = dir.join("data");
@@ -242,7 +264,10 @@ fn phantoms_distill_segment_and_evaluate_through_the_binaries() {
         assert!(out.status.success(), "{cmd:?}:\n{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    run(Command::new(&prosam).args(["--quiet", "phantom", "--cases", "2", "--seed", "5", "--validation", "1"]).args(["--in-plane", "4,4", "--slice", "4,4", "--out"]).arg(&data));
+    run(Command::new(&prosam)
+        .args(["--quiet", "phantom", "--cases", "2", "--seed", "5", "--validation", "1"])
+        .args(["--in-plane", "4,4", "--slice", "4,4", "--out"])
+        .arg(&data));
     let dataset = Dataset::load(&data.join("dataset.json")).unwrap();
     assert_eq!((dataset.training.len(), dataset.validation.len()), (1, 1));
     assert_eq!(dataset.labels.as_ref().map(|l| l[&6].clone()), Some("liver".into()));
@@ -267,8 +292,18 @@ fn phantoms_distill_segment_and_evaluate_through_the_binaries() {
     let student = out.join("student.safetensors");
     let seg = dir.join("seg.nii.gz");
     let image = &dataset.validation[0].image;
-    run(Command::new(&prosam).args(["--quiet", "segment", "-m"]).arg(&student).arg("-i").arg(image).arg("-o").arg(&seg));
-    let report = run(Command::new(&prosam).args(["eval", "--json", "--pred"]).arg(&seg).arg("--truth").arg(&dataset.validation[0].label));
+    run(Command::new(&prosam)
+        .args(["--quiet", "segment", "-m"])
+        .arg(&student)
+        .arg("-i")
+        .arg(image)
+        .arg("-o")
+        .arg(&seg));
+    let report = run(Command::new(&prosam)
+        .args(["eval", "--json", "--pred"])
+        .arg(&seg)
+        .arg("--truth")
+        .arg(&dataset.validation[0].label));
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert!(report["organs"]["liver"]["truth_voxels"].as_u64().unwrap() > 1000, "{report}");
     assert!(report["mean_dice"].is_number() || report["mean_dice"].is_null(), "{report}");

@@ -104,9 +104,18 @@ impl Segmenter {
     /// Loads a model file for inference on `device`, computing in `dtype` (default: what
     /// [`compute_dtype`] gives for the file's precision there).
     pub fn load_on(model: &Path, options: SegmentOptions, device: DeviceChoice, dtype: Option<DType>) -> Result<Self> {
+        Self::from_file(ModelFile::open(model)?, options, device, dtype)
+    }
+
+    /// A model file already opened (or built in, [`crate::zoo`]) for inference on `device`.
+    pub fn from_file(
+        file: ModelFile,
+        options: SegmentOptions,
+        device: DeviceChoice,
+        dtype: Option<DType>,
+    ) -> Result<Self> {
         options.validate()?;
         let device = device.open()?;
-        let file = ModelFile::open(model)?;
         let dtype = dtype.unwrap_or_else(|| compute_dtype(&device, file.metadata().precision));
         let net = file.network(dtype, &device)?;
         let elements: usize = file.tensor_infos()?.iter().map(|(_, _, shape)| shape.iter().product::<usize>()).sum();

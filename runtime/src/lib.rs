@@ -18,5 +18,6 @@ pub mod pipeline;
 pub mod resources;
 pub mod rng;
 pub mod volume;
+pub mod zoo;
 
 pub use error::{Error, Result};

@@ -40,7 +40,14 @@ fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S:
 /// The metrics of every class `1..classes` (background excluded, as MONAI's
 /// `include_background=False`), for `pred` and `truth` laid out as [`crate::volume::Volume`]
 /// (`[i + nx * (j + ny * k)]`) with voxel edges `spacing` mm long.
-pub fn evaluate(pred: &[u8], truth: &[u8], dims: [usize; 3], spacing: [f64; 3], classes: u8, tolerance_mm: f64) -> Vec<ClassMetrics> {
+pub fn evaluate(
+    pred: &[u8],
+    truth: &[u8],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    classes: u8,
+    tolerance_mm: f64,
+) -> Vec<ClassMetrics> {
     assert_eq!(pred.len(), dims.iter().product::<usize>(), "prediction size");
     assert_eq!(truth.len(), pred.len(), "truth size");
     (1..classes)
@@ -59,7 +66,14 @@ pub fn mean_finite(values: impl IntoIterator<Item = f64>) -> f64 {
     if n == 0 { f64::NAN } else { sum / n as f64 }
 }
 
-fn class_metrics(label: u8, p: &[bool], t: &[bool], dims: [usize; 3], spacing: [f64; 3], tolerance: f64) -> ClassMetrics {
+fn class_metrics(
+    label: u8,
+    p: &[bool],
+    t: &[bool],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    tolerance: f64,
+) -> ClassMetrics {
     let pred_voxels = p.iter().filter(|&&v| v).count() as u64;
     let truth_voxels = t.iter().filter(|&&v| v).count() as u64;
     let both = p.iter().zip(t).filter(|(a, b)| **a && **b).count() as u64;
@@ -234,9 +248,9 @@ mod tests {
                 for j in 0..dims[1] as isize {
                     for i in 0..dims[0] as isize {
                         let edge = inside(i, j, k)
-                            && [(1, 0, 0), (0, 1, 0), (0, 0, 1)].iter().any(|&(a, b, c)| {
-                                !inside(i - a, j - b, k - c) || !inside(i + a, j + b, k + c)
-                            });
+                            && [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+                                .iter()
+                                .any(|&(a, b, c)| !inside(i - a, j - b, k - c) || !inside(i + a, j + b, k + c));
                         if edge {
                             out.push([i as f64 * spacing[0], j as f64 * spacing[1], k as f64 * spacing[2]]);
                         }

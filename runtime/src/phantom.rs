@@ -82,11 +82,8 @@ pub fn generate(seed: u64, options: &PhantomOptions) -> Phantom {
     let spacing = [in_plane, in_plane, span(options.slice_mm, &mut rng)];
     let fov = options.field_of_view_mm;
     let dims: [usize; 3] = std::array::from_fn(|a| (fov[a] / spacing[a]).round().max(1.0) as usize);
-    let flips: [bool; 3] = if options.random_orientation {
-        [rng.chance(0.5), rng.chance(0.5), rng.chance(0.2)]
-    } else {
-        [false; 3]
-    };
+    let flips: [bool; 3] =
+        if options.random_orientation { [rng.chance(0.5), rng.chance(0.5), rng.chance(0.2)] } else { [false; 3] };
     // Voxel (i, j, k) to RAS mm, the grid centred on the origin, each axis possibly reversed.
     let mut rows = [[0.0; 4]; 3];
     for a in 0..3 {
@@ -124,7 +121,8 @@ pub fn generate(seed: u64, options: &PhantomOptions) -> Phantom {
 /// A separable Gaussian of `sigma` voxels along each axis (edges clamped).
 fn blur(data: &mut [f32], dims: [usize; 3], sigma: f64) {
     let radius = (3.0 * sigma).ceil() as isize;
-    let weights: Vec<f32> = (-radius..=radius).map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
+    let weights: Vec<f32> =
+        (-radius..=radius).map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
     let total: f32 = weights.iter().sum();
     let weights: Vec<f32> = weights.iter().map(|w| w / total).collect();
     let strides = [1, dims[0], dims[0] * dims[1]];
@@ -232,8 +230,9 @@ impl Shape {
         match self {
             Shape::Blob { center, radii, rotation, bumps } => {
                 let d = [p[0] - center[0], p[1] - center[1], p[2] - center[2]];
-                let q: [f64; 3] =
-                    std::array::from_fn(|a| (rotation[0][a] * d[0] + rotation[1][a] * d[1] + rotation[2][a] * d[2]) / radii[a]);
+                let q: [f64; 3] = std::array::from_fn(|a| {
+                    (rotation[0][a] * d[0] + rotation[1][a] * d[1] + rotation[2][a] * d[2]) / radii[a]
+                });
                 let r = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2]).sqrt();
                 let limit = 1.0 + bumps.at(q);
                 1.0 - r / limit
@@ -303,7 +302,16 @@ impl Tissue {
 
     fn layered(shape: Shape, label: u8, shell_hu: f64, inner_hu: f64, shell: f64, rng: &mut Rng) -> Tissue {
         let bounds = shape.bounds();
-        Tissue { shape, bounds, label, shell_hu, inner_hu, shell, air_above: None, texture: Waves::random(rng, 3, 30.0, 6.0) }
+        Tissue {
+            shape,
+            bounds,
+            label,
+            shell_hu,
+            inner_hu,
+            shell,
+            air_above: None,
+            texture: Waves::random(rng, 3, 30.0, 6.0),
+        }
     }
 
     fn value(&self, p: [f64; 3]) -> Option<f64> {
@@ -375,7 +383,12 @@ impl Anatomy {
         let disc_phase = 30.0 * rng.uniform();
         for level in -5..=5 {
             let z = disc_phase + 30.0 * level as f64;
-            add(Tissue::new(Shape::tube(rng, &[s(0.0, -70.0, z - 3.0), s(0.0, -70.0, z + 3.0)], &[22.0, 22.0]), 0, 85.0, rng));
+            add(Tissue::new(
+                Shape::tube(rng, &[s(0.0, -70.0, z - 3.0), s(0.0, -70.0, z + 3.0)], &[22.0, 22.0]),
+                0,
+                85.0,
+                rng,
+            ));
         }
         add(Tissue::layered(
             Shape::tube(rng, &[s(0.0, -104.0, 140.0), s(0.0, -102.0, -140.0)], &[17.0, 17.0]),
@@ -387,8 +400,18 @@ impl Anatomy {
         ));
         // Paraspinal muscles, psoas growing downwards.
         for x in [-40.0, 40.0] {
-            add(Tissue::new(Shape::tube(rng, &[s(x, -100.0, 140.0), s(x, -100.0, -140.0)], &[26.0, 28.0]), 0, 55.0, rng));
-            add(Tissue::new(Shape::tube(rng, &[s(x * 1.1, -62.0, 10.0), s(x * 1.2, -58.0, -140.0)], &[6.0, 24.0]), 0, 55.0, rng));
+            add(Tissue::new(
+                Shape::tube(rng, &[s(x, -100.0, 140.0), s(x, -100.0, -140.0)], &[26.0, 28.0]),
+                0,
+                55.0,
+                rng,
+            ));
+            add(Tissue::new(
+                Shape::tube(rng, &[s(x * 1.1, -62.0, 10.0), s(x * 1.2, -58.0, -140.0)], &[6.0, 24.0]),
+                0,
+                55.0,
+                rng,
+            ));
         }
         // Bowel loops (unlabelled), low in the abdomen, some with gas.
         for _ in 0..4 + rng.below(5) {
@@ -442,10 +465,25 @@ impl Anatomy {
             pancreas,
             rng,
         ));
-        add(Tissue::new(Shape::blob(rng, s(-50.0, 40.0, 20.0), [15.0, 15.0, 33.0], 25.0, 0.08), GALLBLADDER, 10.0 + n(rng, 6.0), rng));
+        add(Tissue::new(
+            Shape::blob(rng, s(-50.0, 40.0, 20.0), [15.0, 15.0, 33.0], 25.0, 0.08),
+            GALLBLADDER,
+            10.0 + n(rng, 6.0),
+            rng,
+        ));
         let adrenal = 35.0 + 0.2 * (liver - 60.0) + n(rng, 6.0);
-        add(Tissue::new(Shape::blob(rng, s(-46.0, -30.0, 44.0), [6.0, 13.0, 18.0], 20.0, 0.1), RIGHT_ADRENAL, adrenal, rng));
-        add(Tissue::new(Shape::blob(rng, s(40.0, -32.0, 32.0), [6.0, 13.0, 18.0], 20.0, 0.1), LEFT_ADRENAL, adrenal, rng));
+        add(Tissue::new(
+            Shape::blob(rng, s(-46.0, -30.0, 44.0), [6.0, 13.0, 18.0], 20.0, 0.1),
+            RIGHT_ADRENAL,
+            adrenal,
+            rng,
+        ));
+        add(Tissue::new(
+            Shape::blob(rng, s(40.0, -32.0, 32.0), [6.0, 13.0, 18.0], 20.0, 0.1),
+            LEFT_ADRENAL,
+            adrenal,
+            rng,
+        ));
         let mut esophagus = Tissue::layered(
             Shape::tube(rng, &[s(8.0, -38.0, 140.0), s(14.0, -30.0, 100.0), s(30.0, -8.0, 82.0)], &[9.0, 9.0, 10.0]),
             ESOPHAGUS,
@@ -458,7 +496,12 @@ impl Anatomy {
             esophagus.inner_hu = -900.0;
         }
         add(esophagus);
-        add(Tissue::new(Shape::tube(rng, &[s(-24.0, -30.0, 140.0), s(-25.0, -32.0, -140.0)], &[12.0, 11.0]), IVC, veins - 10.0, rng));
+        add(Tissue::new(
+            Shape::tube(rng, &[s(-24.0, -30.0, 140.0), s(-25.0, -32.0, -140.0)], &[12.0, 11.0]),
+            IVC,
+            veins - 10.0,
+            rng,
+        ));
         add(Tissue::new(
             Shape::tube(rng, &[s(8.0, -40.0, 140.0), s(9.0, -38.0, 0.0), s(6.0, -34.0, -140.0)], &[12.0, 11.5, 10.5]),
             AORTA,
@@ -511,7 +554,8 @@ impl Anatomy {
     /// HU and label at the scanner position `p` (RAS mm).
     fn sample(&self, p: [f64; 3]) -> (f64, u8) {
         let d = [p[0] - self.shift[0], p[1] - self.shift[1], p[2] - self.shift[2]];
-        let q: [f64; 3] = std::array::from_fn(|a| self.pose[0][a] * d[0] + self.pose[1][a] * d[1] + self.pose[2][a] * d[2]);
+        let q: [f64; 3] =
+            std::array::from_fn(|a| self.pose[0][a] * d[0] + self.pose[1][a] * d[1] + self.pose[2][a] * d[2]);
         // Elliptical body: 1 at the skin, 0 at the centre.
         let scale = 1.0 + self.outline.at(q);
         let r = ((q[0] / self.body[0]).powi(2) + (q[1] / self.body[1]).powi(2)).sqrt() / scale;
@@ -591,7 +635,8 @@ pub fn write_dataset(
         crate::volume::nifti::write_ct(&image, &p.image, &description)?;
         let header = crate::volume::nifti::header_for(&p.image.affine, p.image.dims);
         crate::volume::nifti::write_labels(&label, &p.labels, p.image.dims, &header, &description)?;
-        let case = WrittenCase { seed, image, label, phase: p.phase, dims: p.image.dims, spacing: p.image.affine.spacing() };
+        let case =
+            WrittenCase { seed, image, label, phase: p.phase, dims: p.image.dims, spacing: p.image.affine.spacing() };
         progress(&case);
         written.push(case);
     }
@@ -644,7 +689,12 @@ mod tests {
         for seed in 0..4 {
             let p = generate(seed, &PhantomOptions::default());
             let o = organs(&p);
-            eprintln!("seed {seed} ({}, {:?} voxels, spacing {:?}): {o:.1?}", p.phase, p.image.dims, p.image.affine.spacing());
+            eprintln!(
+                "seed {seed} ({}, {:?} voxels, spacing {:?}): {o:.1?}",
+                p.phase,
+                p.image.dims,
+                p.image.affine.spacing()
+            );
             assert_eq!(o.len(), 14, "every BTCV organ and background present");
             let ml = |l: u8| o[&l].1;
             assert!((1100.0..2000.0).contains(&ml(label::LIVER)), "liver {} mL", ml(label::LIVER));
@@ -657,7 +707,8 @@ mod tests {
             }
             let hu = |l: u8| o[&l].0;
             let soft = [label::LIVER, label::SPLEEN, label::PANCREAS];
-            let (lo, hi) = soft.iter().map(|&l| hu(l)).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+            let (lo, hi) =
+                soft.iter().map(|&l| hu(l)).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
             assert!(hi - lo < 45.0, "liver, spleen and pancreas within a few tens of HU: {lo:.0}..{hi:.0}");
         }
     }

@@ -162,8 +162,12 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
         ..DistillOptions::default()
     };
     let teacher = match (&args.teacher, args.lambda > 0.0) {
-        (Some(path), true) => Some(Teacher::load(path, &device).with_context(|| format!("the teacher {}", path.display()))?),
-        (None, true) => anyhow::bail!("--lambda {} needs --teacher (or --lambda 0 to train on the labels alone)", args.lambda),
+        (Some(path), true) => {
+            Some(Teacher::load(path, &device).with_context(|| format!("the teacher {}", path.display()))?)
+        }
+        (None, true) => {
+            anyhow::bail!("--lambda {} needs --teacher (or --lambda 0 to train on the labels alone)", args.lambda)
+        }
         (_, false) => None,
     };
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
@@ -193,10 +197,9 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
         ));
         metadata.validate().map_err(anyhow::Error::msg)?;
         let weights = match &args.init {
-            Some(path) => prosam_models::format::ModelFile::open(path)?
-                .tensors(&device)?
-                .into_iter()
-                .collect::<Vec<_>>(),
+            Some(path) => {
+                prosam_models::format::ModelFile::open(path)?.tensors(&device)?.into_iter().collect::<Vec<_>>()
+            }
             None => student_random_weights(&cfg, args.seed)?,
         };
         StudentTrainer::new(metadata, weights, teacher, options, &device)?

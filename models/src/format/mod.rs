@@ -109,11 +109,29 @@ pub fn save(path: &Path, mut metadata: Metadata, tensors: &[(String, Tensor)]) -
     Ok(metadata)
 }
 
-/// A model file, memory-mapped, its metadata parsed and its checksum verified.
+/// A model file, memory-mapped (or built into the binary), its metadata parsed and its checksum
+/// verified.
 pub struct ModelFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: ModelBytes,
     metadata: Metadata,
+}
+
+/// Where a model file's bytes live.
+enum ModelBytes {
+    Mapped(memmap2::Mmap),
+    /// Compiled into the binary (`include_bytes!`): the runtime's demo model.
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for ModelBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ModelBytes::Mapped(m) => m,
+            ModelBytes::Static(b) => b,
+        }
+    }
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -126,11 +144,20 @@ impl ModelFile {
     /// Maps the file, parses the header and metadata, and verifies the weights' checksum.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let bad = |reason: String| Error::ModelFile { path: path.clone(), reason };
         let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         // SAFETY: the map is read-only; prosam never writes model files in place (saves go through a
         // temporary file and a rename), so the mapped pages do not change under us.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+        Self::parse(path, ModelBytes::Mapped(mmap))
+    }
+
+    /// A model file compiled into the binary; `name` stands for its path in messages.
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
+        Self::parse(PathBuf::from(name), ModelBytes::Static(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: ModelBytes) -> Result<Self> {
+        let bad = |reason: String| Error::ModelFile { path: path.clone(), reason };
         let st =
             safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;

@@ -33,7 +33,12 @@ pub(crate) fn read_labels(path: &Path) -> anyhow::Result<Volume> {
 }
 
 /// The two maps' per-class figures, after checking that they share a grid.
-pub(crate) fn compare(pred: &Volume, truth: &Volume, names: (&Path, &Path), tolerance_mm: f64) -> anyhow::Result<Vec<ClassMetrics>> {
+pub(crate) fn compare(
+    pred: &Volume,
+    truth: &Volume,
+    names: (&Path, &Path),
+    tolerance_mm: f64,
+) -> anyhow::Result<Vec<ClassMetrics>> {
     anyhow::ensure!(
         pred.dims == truth.dims,
         "{} is {:?} voxels and {} is {:?}: the maps must share a grid",
@@ -42,7 +47,10 @@ pub(crate) fn compare(pred: &Volume, truth: &Volume, names: (&Path, &Path), tole
         names.1.display(),
         truth.dims
     );
-    let off = (0..3).flat_map(|i| (0..4).map(move |j| (i, j))).map(|(i, j)| (pred.affine.0[i][j] - truth.affine.0[i][j]).abs()).fold(0.0, f64::max);
+    let off = (0..3)
+        .flat_map(|i| (0..4).map(move |j| (i, j)))
+        .map(|(i, j)| (pred.affine.0[i][j] - truth.affine.0[i][j]).abs())
+        .fold(0.0, f64::max);
     anyhow::ensure!(
         off < 1e-3,
         "{} and {} have different affines (by up to {off:.4} mm): the maps must share a grid",
@@ -76,8 +84,24 @@ pub(crate) fn report(metrics: &[ClassMetrics], tolerance_mm: f64) -> serde_json:
 }
 
 pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) {
-    let f = |v: f64, digits: usize| if v.is_nan() { "-".to_string() } else if v.is_infinite() { "inf".into() } else { format!("{v:.digits$}") };
-    println!("{:<26} {:>7} {:>7} {:>10} {:>10} {:>10}", "organ", "Dice", format!("NSD@{tolerance_mm}"), "HD95 mm", "predicted", "truth");
+    let f = |v: f64, digits: usize| {
+        if v.is_nan() {
+            "-".to_string()
+        } else if v.is_infinite() {
+            "inf".into()
+        } else {
+            format!("{v:.digits$}")
+        }
+    };
+    println!(
+        "{:<26} {:>7} {:>7} {:>10} {:>10} {:>10}",
+        "organ",
+        "Dice",
+        format!("NSD@{tolerance_mm}"),
+        "HD95 mm",
+        "predicted",
+        "truth"
+    );
     for m in metrics {
         println!(
             "{:<26} {:>7} {:>7} {:>10} {:>10} {:>10}",
@@ -99,7 +123,10 @@ pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.tolerance_mm >= 0.0 && args.tolerance_mm.is_finite(), "--tolerance-mm must be a distance >= 0");
+    anyhow::ensure!(
+        args.tolerance_mm >= 0.0 && args.tolerance_mm.is_finite(),
+        "--tolerance-mm must be a distance >= 0"
+    );
     let pred = read_labels(&args.pred)?;
     let truth = read_labels(&args.truth)?;
     let metrics = compare(&pred, &truth, (&args.pred, &args.truth), args.tolerance_mm)?;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod demo;
 mod dicom_info;
 mod eval;
 mod forward;
@@ -47,6 +48,8 @@ enum Command {
     Info(info::Args),
     /// Run the raw network on a float32 array (1, C, D, H, W) from .npy and write the logits as .npy.
     Forward(forward::Args),
+    /// Make a synthetic phantom, segment it with the built-in demo model and score the result.
+    Demo(demo::Args),
     /// Per-organ Dice, normalized surface Dice and HD95 of a label map against the truth.
     Eval(eval::Args),
     /// Write synthetic abdominal CT phantoms with their organ labels (Decathlon layout).
@@ -83,6 +86,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args, device),
             Command::Forward(args) => forward::run(args, device, cli.quiet),
             Command::Eval(args) => eval::run(args),
+            Command::Demo(args) => demo::run(args, device, cli.quiet),
             Command::Phantom(args) => phantom::run(args, cli.quiet),
         }
     })();

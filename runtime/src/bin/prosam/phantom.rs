@@ -33,9 +33,11 @@ pub struct Args {
 }
 
 pub(crate) fn range(text: &str, what: &str) -> anyhow::Result<(f64, f64)> {
-    let v: Vec<f64> = text.split(',').map(|s| s.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| {
-        anyhow::anyhow!("{what} takes two numbers MIN,MAX in mm, got `{text}`")
-    })?;
+    let v: Vec<f64> = text
+        .split(',')
+        .map(|s| s.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("{what} takes two numbers MIN,MAX in mm, got `{text}`"))?;
     anyhow::ensure!(
         v.len() == 2 && v[0] > 0.0 && v[0] <= v[1] && v[1] <= 20.0,
         "{what} takes MIN,MAX with 0 < MIN <= MAX <= 20 mm, got `{text}`"
@@ -45,7 +47,12 @@ pub(crate) fn range(text: &str, what: &str) -> anyhow::Result<(f64, f64)> {
 
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     anyhow::ensure!(args.cases > 0, "--cases must be at least 1");
-    anyhow::ensure!(args.validation <= args.cases, "--validation {} is more than --cases {}", args.validation, args.cases);
+    anyhow::ensure!(
+        args.validation <= args.cases,
+        "--validation {} is more than --cases {}",
+        args.validation,
+        args.cases
+    );
     let options = PhantomOptions {
         in_plane_mm: range(&args.in_plane, "--in-plane")?,
         slice_mm: range(&args.slice, "--slice")?,

@@ -15,9 +15,10 @@ use prosam_runtime::volume::{CtInput, dicom_seg, nifti};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The prosam model file.
+    /// The prosam model file (default: the built-in demo model, trained on synthetic phantoms,
+    /// for demonstration only).
     #[arg(short, long, value_name = "MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// The CT: a NIfTI-1 file (.nii or .nii.gz) in HU, or a folder holding a DICOM CT series.
     #[arg(short, long, value_name = "CT")]
     input: PathBuf,
@@ -98,7 +99,8 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
     outputs.extend(args.stats.clone());
     let input_dir = args.input.is_dir().then(|| args.input.canonicalize().ok()).flatten();
     for (n, out) in outputs.iter().enumerate() {
-        let mut others: Vec<&Path> = vec![&args.input, &args.model];
+        let mut others: Vec<&Path> = vec![&args.input];
+        others.extend(args.model.as_deref());
         others.extend(outputs[..n].iter().map(PathBuf::as_path));
         super::ensure_distinct(out, &others)?;
         let out_dir = match out.parent() {
@@ -133,7 +135,15 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
     let options = SegmentOptions { overlap: args.overlap, blend, batch: args.batch };
 
     let t_read = Instant::now();
-    let segmenter = Segmenter::load_on(&args.model, options, device, None)?;
+    let segmenter = match &args.model {
+        Some(path) => Segmenter::load_on(path, options, device, None)?,
+        None => {
+            if !quiet {
+                eprintln!("{}", prosam_runtime::zoo::DEMO_NOTICE);
+            }
+            Segmenter::from_file(prosam_runtime::zoo::demo_model()?, options, device, None)?
+        }
+    };
     let meta = segmenter.metadata().clone();
     let label_options = LabelOptions::parse(&args.postprocess, args.organs.as_deref(), &meta.labels)
         .context("--postprocess / --organs")?;
