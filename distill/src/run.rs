@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
+use prosam_models::format::Metadata;
 
 use crate::data::Case;
 use crate::teacher::Validation;
@@ -20,9 +22,28 @@ pub trait Training {
     fn steps_per_epoch(&self, cases: usize) -> usize;
     fn train_epoch(&mut self, cases: &[Case], progress: &mut dyn FnMut(usize, usize, f32)) -> Result<(f64, f64)>;
     fn validate(&self, cases: &[Case]) -> Result<Validation>;
-    fn record_best(&mut self, v: &Validation) -> bool;
-    fn export(&self, path: &Path) -> Result<()>;
     fn save_checkpoint(&self, path: &Path) -> Result<()>;
+    /// The model file's description and the current weights.
+    fn metadata(&self) -> &Metadata;
+    fn weights(&self) -> Vec<(String, Tensor)>;
+    /// The best mean Dice with background so far (what the reference selects by).
+    fn best(&mut self) -> &mut Option<f64>;
+
+    /// Records a validation; true when it is the best so far.
+    fn record_best(&mut self, v: &Validation) -> bool {
+        let best = self.best();
+        let better = best.is_none_or(|b| v.mean_dice_with_background > b);
+        if better {
+            *best = Some(v.mean_dice_with_background);
+        }
+        better
+    }
+
+    /// The trained network as a prosam model file the runtime loads.
+    fn export(&self, path: &Path) -> Result<()> {
+        prosam_models::format::save(path, self.metadata().clone(), &self.weights())?;
+        Ok(())
+    }
 }
 
 /// Where a run keeps its files, and when it stops.
@@ -154,11 +175,14 @@ macro_rules! training_impl {
             fn validate(&self, cases: &[Case]) -> Result<Validation> {
                 <$t>::validate(self, cases)
             }
-            fn record_best(&mut self, v: &Validation) -> bool {
-                <$t>::record_best(self, v)
+            fn metadata(&self) -> &Metadata {
+                &self.metadata
             }
-            fn export(&self, path: &Path) -> Result<()> {
-                <$t>::export(self, path)
+            fn weights(&self) -> Vec<(String, Tensor)> {
+                <$t>::weights(self)
+            }
+            fn best(&mut self) -> &mut Option<f64> {
+                &mut self.best
             }
             fn save_checkpoint(&self, path: &Path) -> Result<()> {
                 <$t>::save_checkpoint(self, path)

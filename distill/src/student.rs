@@ -151,7 +151,7 @@ pub struct StudentTrainer {
     optimizer: AdamW,
     rng: Rng,
     pub epoch: usize,
-    best: Option<f64>,
+    pub(crate) best: Option<f64>,
     device: Device,
 }
 
@@ -290,21 +290,6 @@ impl StudentTrainer {
             cases,
             &self.device,
         )
-    }
-
-    /// Records a validation; true when it is the best so far (by mean Dice with background).
-    pub fn record_best(&mut self, v: &Validation) -> bool {
-        let better = self.best.is_none_or(|b| v.mean_dice_with_background > b);
-        if better {
-            self.best = Some(v.mean_dice_with_background);
-        }
-        better
-    }
-
-    /// The student as a prosam model file the runtime loads.
-    pub fn export(&self, path: &Path) -> Result<()> {
-        prosam_models::format::save(path, self.metadata.clone(), &self.weights())?;
-        Ok(())
     }
 
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {

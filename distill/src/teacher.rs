@@ -341,7 +341,7 @@ pub struct TeacherTrainer {
     rng: Rng,
     /// Epochs finished.
     pub epoch: usize,
-    best: Option<f64>,
+    pub(crate) best: Option<f64>,
     device: Device,
 }
 
@@ -557,21 +557,6 @@ impl TeacherTrainer {
             cases,
             &self.device,
         )
-    }
-
-    /// Records a validation; true when it is the best so far (by mean Dice with background).
-    pub fn record_best(&mut self, v: &Validation) -> bool {
-        let better = self.best.is_none_or(|b| v.mean_dice_with_background > b);
-        if better {
-            self.best = Some(v.mean_dice_with_background);
-        }
-        better
-    }
-
-    /// The teacher as a prosam model file.
-    pub fn export(&self, path: &Path) -> Result<()> {
-        prosam_models::format::save(path, self.metadata.clone(), &self.weights())?;
-        Ok(())
     }
 
     /// Writes everything a resumed run needs: weights, optimizer moments and steps, the epoch and

@@ -276,6 +276,25 @@ pub fn write_labels(
     reference: &NiftiHeader,
     description: &str,
 ) -> Result<()> {
+    write_array(path, reference, description, dims, labels.to_vec())
+}
+
+/// Writes a CT in HU as int16 NIfTI-1 (values rounded and clamped to -32768..32767) with sform
+/// and qform from its affine, through a temporary file and a rename. `.nii.gz` compresses.
+pub fn write_ct(path: &Path, volume: &Volume, description: &str) -> Result<()> {
+    let values: Vec<i16> = volume.data.iter().map(|v| v.round().clamp(-32768.0, 32767.0) as i16).collect();
+    write_array(path, &header_for(&volume.affine, volume.dims), description, volume.dims, values)
+}
+
+/// Writes `values` (x-fastest, `dims`) unscaled with `reference`'s geometry; the element type sets
+/// the NIfTI datatype.
+fn write_array<T: nifti::DataElement + bytemuck::Pod>(
+    path: &Path,
+    reference: &NiftiHeader,
+    description: &str,
+    dims: [usize; 3],
+    values: Vec<T>,
+) -> Result<()> {
     let mut header = reference.clone();
     let mut text = description.as_bytes().to_vec();
     text.truncate(79);
@@ -285,30 +304,9 @@ pub fn write_labels(
     header.cal_min = 0.0;
     header.cal_max = 0.0;
     header.intent_code = 0;
-    // The writer reads its array in logical [x, y, z] order; `labels` is x-fastest (Fortran) order.
-    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(dims), labels.to_vec())
-        .map_err(|e| bad(path, format!("label buffer does not match {dims:?}: {e}")))?;
-    prosam_models::temp_file::write_via_temp(path, |tmp| {
-        nifti::writer::WriterOptions::new(tmp)
-            .reference_header(&header)
-            .write_nifti(&array)
-            .map_err(std::io::Error::other)
-    })?;
-    Ok(())
-}
-
-/// Writes a CT in HU as int16 NIfTI-1 (values rounded and clamped to -32768..32767) with sform
-/// and qform from its affine, through a temporary file and a rename. `.nii.gz` compresses.
-pub fn write_ct(path: &Path, volume: &Volume, description: &str) -> Result<()> {
-    let mut header = header_for(&volume.affine, volume.dims);
-    let mut text = description.as_bytes().to_vec();
-    text.truncate(79);
-    header.descrip = text;
-    header.scl_slope = 1.0;
-    header.scl_inter = 0.0;
-    let values: Vec<i16> = volume.data.iter().map(|v| v.round().clamp(-32768.0, 32767.0) as i16).collect();
-    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(volume.dims), values)
-        .map_err(|e| bad(path, format!("voxel buffer does not match {:?}: {e}", volume.dims)))?;
+    // The writer reads its array in logical [x, y, z] order; `values` is x-fastest (Fortran) order.
+    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f(dims), values)
+        .map_err(|e| bad(path, format!("voxel buffer does not match {dims:?}: {e}")))?;
     prosam_models::temp_file::write_via_temp(path, |tmp| {
         nifti::writer::WriterOptions::new(tmp)
             .reference_header(&header)

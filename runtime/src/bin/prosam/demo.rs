@@ -9,7 +9,7 @@ use prosam_runtime::device::DeviceChoice;
 use prosam_runtime::engine::{SegmentOptions, Segmenter};
 use prosam_runtime::phantom::{PhantomOptions, generate};
 use prosam_runtime::pipeline::postprocess::LabelOptions;
-use prosam_runtime::volume::nifti;
+use prosam_runtime::volume::{Volume, nifti};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,8 +58,12 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
             ct.display()
         );
     }
+    // Segment the CT as written (int16, the header's affine), so that the result is the one
+    // `prosam segment` gives on that file.
+    let written = nifti::read(&ct)?.volume;
+    let affine = written.affine;
     let bar = crate::progress_bar(0, "windows", quiet);
-    let result = segmenter.segment(phantom.image.clone(), &mut |done, total| {
+    let result = segmenter.segment(written, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         true
@@ -74,20 +78,8 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         &header,
         &format!("prosam {} {}", env!("CARGO_PKG_VERSION"), meta.name),
     )?;
-    let metrics = crate::eval::compare(
-        &prosam_runtime::volume::Volume {
-            dims: result.dims,
-            data: labels.iter().map(|&l| l as f32).collect(),
-            affine: phantom.image.affine,
-        },
-        &prosam_runtime::volume::Volume {
-            dims: result.dims,
-            data: phantom.labels.iter().map(|&l| l as f32).collect(),
-            affine: phantom.image.affine,
-        },
-        (&seg, &truth),
-        2.0,
-    )?;
+    let as_volume = |l: &[u8]| Volume { dims: result.dims, data: l.iter().map(|&v| v as f32).collect(), affine };
+    let metrics = crate::eval::compare(&as_volume(&labels), &as_volume(&phantom.labels), (&seg, &truth), 2.0)?;
     let seconds = t0.elapsed().as_secs_f64();
     if args.json {
         let mut report = crate::eval::report(&metrics, 2.0);
