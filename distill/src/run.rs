@@ -1,16 +1,20 @@
-//! The epoch loop both trainings share: train, validate every few epochs (keeping the best
-//! model), checkpoint after every epoch, log one JSON line per epoch, stop on time.
+//! What the teacher's and the students' trainings share: the epoch loop (train, validate every
+//! few epochs keeping the best model, checkpoint after every epoch, log one JSON line per epoch,
+//! stop on time), sliding-window validation with MONAI's metrics, and the checkpoint file.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use prosam_models::format::Metadata;
+use prosam_runtime::engine::{SegmentOptions, WindowInference};
+use prosam_runtime::pipeline::{Blend, intensity};
+use serde::{Deserialize, Serialize};
 
 use crate::data::Case;
-use crate::teacher::Validation;
 use crate::{Error, Result};
 
 /// What the loop needs of a training run (the teacher's and the students').
@@ -193,3 +197,150 @@ macro_rules! training_impl {
 
 training_impl!(crate::teacher::TeacherTrainer);
 training_impl!(crate::student::StudentTrainer);
+
+/// One validation: per-class Dice and normalized surface Dice as MONAI computes them
+/// ([`prosam_runtime::metrics`]), each case on its own and then averaged over the cases where the
+/// value exists (MONAI's `nanmean` over the batch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    /// Class name to mean Dice, for classes in some case's truth.
+    pub dice: std::collections::BTreeMap<String, f64>,
+    /// Class name to mean NSD at [`NSD_TOLERANCE_MM`], for classes in some case's truth or prediction.
+    #[serde(default)]
+    pub nsd: std::collections::BTreeMap<String, f64>,
+    /// Mean over the foreground classes present.
+    pub mean_dice: f64,
+    #[serde(default)]
+    pub mean_nsd: f64,
+    /// Mean including background: what the reference selects the best checkpoint by.
+    pub mean_dice_with_background: f64,
+}
+
+/// The surface tolerance of validation's NSD, in mm.
+pub const NSD_TOLERANCE_MM: f64 = 2.0;
+
+impl Validation {
+    /// The figures of `cases`, each `(prediction, truth, dims)` on a grid of `spacing` mm.
+    pub fn of_cases(cases: &[(Vec<u8>, Vec<u8>, [usize; 3])], spacing: [f64; 3], names: &[String]) -> Validation {
+        use prosam_runtime::metrics::{evaluate, mean_finite};
+        let k = names.len();
+        let (mut dice, mut nsd, mut background) = (vec![Vec::new(); k], vec![Vec::new(); k], Vec::new());
+        for (pred, truth, dims) in cases {
+            for m in evaluate(pred, truth, *dims, spacing, k as u8, NSD_TOLERANCE_MM) {
+                dice[m.label as usize].push(m.dice);
+                nsd[m.label as usize].push(m.nsd);
+            }
+            let both = pred.iter().zip(truth).filter(|(p, t)| **p == 0 && **t == 0).count();
+            let (p0, t0) = (pred.iter().filter(|&&p| p == 0).count(), truth.iter().filter(|&&t| t == 0).count());
+            if t0 > 0 {
+                background.push(2.0 * both as f64 / (p0 + t0) as f64);
+            }
+        }
+        let per_class = |values: &[Vec<f64>]| -> std::collections::BTreeMap<String, f64> {
+            (1..k)
+                .filter_map(|c| {
+                    let m = mean_finite(values[c].iter().copied());
+                    m.is_finite().then(|| (names[c].clone(), m))
+                })
+                .collect()
+        };
+        let (dice, nsd) = (per_class(&dice), per_class(&nsd));
+        let mean_dice = mean_finite(dice.values().copied());
+        let background = mean_finite(background);
+        let with_background = mean_finite(dice.values().copied().chain([background]));
+        Validation {
+            mean_nsd: mean_finite(nsd.values().copied()),
+            mean_dice,
+            mean_dice_with_background: with_background,
+            dice,
+            nsd,
+        }
+    }
+}
+
+/// Sliding-window validation of `net` on `cases` (each on the model grid of `metadata`, in HU):
+/// the metadata's intensity transform, windows of `roi` at `overlap` with constant blending as
+/// the reference validates, argmax, then [`Validation::of_cases`].
+pub fn validate_network(
+    net: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    metadata: &Metadata,
+    roi: [usize; 3],
+    overlap: f64,
+    cases: &[Case],
+    device: &Device,
+) -> Result<Validation> {
+    let classes = metadata.labels.len();
+    let window =
+        WindowInference { roi, classes, options: SegmentOptions { overlap, blend: Blend::Constant, batch: 1 } };
+    let mut results = Vec::with_capacity(cases.len());
+    for case in cases {
+        let mut data = case.image.clone();
+        intensity::apply(&metadata.intensity, &mut data);
+        let forward = |x: &Tensor| -> prosam_runtime::Result<Tensor> { Ok(net(x)?) };
+        let probs = window.probabilities(&forward, &data, case.dims, device, DType::F32, &mut |_, _| true)?;
+        let voxels = data.len();
+        let pred = (0..voxels)
+            .map(|v| {
+                (0..classes)
+                    .max_by(|&a, &b| probs[a * voxels + v].total_cmp(&probs[b * voxels + v]).then(b.cmp(&a)))
+                    .unwrap_or(0) as u8
+            })
+            .collect();
+        results.push((pred, case.labels.clone(), case.dims));
+    }
+    Ok(Validation::of_cases(&results, metadata.spacing, &metadata.labels))
+}
+
+/// Writes a training checkpoint atomically: the weights (`model.*`), the optimizer moments
+/// (`optim.*`), the run's `state` and the model metadata in the header.
+pub(crate) fn write_checkpoint(
+    path: &Path,
+    weights: Vec<(String, Tensor)>,
+    moments: Vec<(String, Tensor)>,
+    state: &impl Serialize,
+    metadata: &Metadata,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = weights.into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+    tensors.extend(moments.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+    let header = HashMap::from([
+        ("prosam_checkpoint".to_string(), serde_json::to_string(state).expect("state serialises")),
+        ("metadata".to_string(), serde_json::to_string(metadata).expect("metadata serialises")),
+    ]);
+    let views: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let bytes = safetensors::serialize(views, Some(header))
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    prosam_models::format::write_atomically(path, |f| f.write_all(&bytes))?;
+    Ok(())
+}
+
+/// What [`write_checkpoint`] wrote: the state, the metadata, the weights by name (without
+/// `model.`) and the moments by name (without `optim.`).
+pub(crate) struct CheckpointContents<S> {
+    pub state: S,
+    pub metadata: Metadata,
+    pub weights: HashMap<String, Tensor>,
+    pub moments: HashMap<String, Tensor>,
+}
+
+pub(crate) fn read_checkpoint<S: serde::de::DeserializeOwned>(path: &Path) -> Result<CheckpointContents<S>> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let state: S = meta.get("prosam_checkpoint").and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
+        bad("not a prosam-distill checkpoint of this kind of run (no matching `prosam_checkpoint` header)".into())
+    })?;
+    let metadata: Metadata = meta
+        .get("metadata")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| bad("the checkpoint has no model metadata".into()))?;
+    let (mut weights, mut moments) = (HashMap::new(), HashMap::new());
+    for (k, t) in candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)? {
+        if let Some(n) = k.strip_prefix("model.") {
+            weights.insert(n.to_string(), t);
+        } else if let Some(n) = k.strip_prefix("optim.") {
+            moments.insert(n.to_string(), t);
+        }
+    }
+    Ok(CheckpointContents { state, metadata, weights, moments })
+}

@@ -19,7 +19,7 @@ use crate::data::Case;
 use crate::loss::{KdLoss, distillation_loss};
 use crate::optim::{AdamW, AdamWConfig, learning_rate};
 use crate::rng::Rng;
-use crate::teacher::{CheckpointContents, Validation, read_checkpoint, validate_network, write_checkpoint};
+use crate::run::{CheckpointContents, Validation, read_checkpoint, validate_network, write_checkpoint};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
