@@ -220,13 +220,17 @@ pub struct Validation {
 pub const NSD_TOLERANCE_MM: f64 = 2.0;
 
 impl Validation {
-    /// The figures of `cases`, each `(prediction, truth, dims)` on a grid of `spacing` mm.
+    /// The figures of `cases`, each `(prediction, truth, dims)` in C order (the last axis fastest,
+    /// as [`Case`] stores them) on a grid of `spacing` mm per axis.
     pub fn of_cases(cases: &[(Vec<u8>, Vec<u8>, [usize; 3])], spacing: [f64; 3], names: &[String]) -> Validation {
         use prosam_runtime::metrics::{evaluate, mean_finite};
         let k = names.len();
         let (mut dice, mut nsd, mut background) = (vec![Vec::new(); k], vec![Vec::new(); k], Vec::new());
+        // The metrics take the first axis fastest: the same buffer, its axes named in reverse.
+        let reversed_spacing = [spacing[2], spacing[1], spacing[0]];
         for (pred, truth, dims) in cases {
-            for m in evaluate(pred, truth, *dims, spacing, k as u8, NSD_TOLERANCE_MM) {
+            let reversed_dims = [dims[2], dims[1], dims[0]];
+            for m in evaluate(pred, truth, reversed_dims, reversed_spacing, k as u8, NSD_TOLERANCE_MM) {
                 dice[m.label as usize].push(m.dice);
                 nsd[m.label as usize].push(m.nsd);
             }
@@ -343,4 +347,44 @@ pub(crate) fn read_checkpoint<S: serde::de::DeserializeOwned>(path: &Path) -> Re
         }
     }
     Ok(CheckpointContents { state, metadata, weights, moments })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_averages_monai_metrics_over_cases() {
+        // C order [6, 6, 8]: a 4 x 4 x 5 block, predicted one voxel off along the last (fastest)
+        // axis, whose voxels are 4 mm long: surface voxels off by a voxel are then beyond NSD's
+        // 2 mm. Dice 128/160; of each block's 68 surface voxels, the 16 of the face beyond the
+        // other block lie 4 mm from the other surface and the rest within 1 mm: NSD 104/136.
+        // A second case is predicted exactly.
+        let dims = [6, 6, 8];
+        let block = |shift: usize| -> Vec<u8> {
+            let mut v = vec![0u8; 288];
+            for a in 1..5 {
+                for b in 1..5 {
+                    for c in 1 + shift..6 + shift {
+                        v[(a * 6 + b) * 8 + c] = 1;
+                    }
+                }
+            }
+            v
+        };
+        let (truth, shifted) = (block(0), block(1));
+        let names: Vec<String> = ["background", "organ", "absent"].iter().map(|s| s.to_string()).collect();
+        let spacing = [1.0, 1.0, 4.0];
+        let v = Validation::of_cases(
+            &[(shifted.clone(), truth.clone(), dims), (truth.clone(), truth.clone(), dims)],
+            spacing,
+            &names,
+        );
+        let direct = prosam_runtime::metrics::evaluate(&shifted, &truth, [8, 6, 6], [4.0, 1.0, 1.0], 2, 2.0)[0];
+        assert!((direct.dice - 0.8).abs() < 1e-12);
+        assert!((direct.nsd - 104.0 / 136.0).abs() < 1e-12, "{direct:?}");
+        assert!((v.dice["organ"] - (direct.dice + 1.0) / 2.0).abs() < 1e-12, "{v:?}");
+        assert!((v.nsd["organ"] - (direct.nsd + 1.0) / 2.0).abs() < 1e-12, "{v:?}");
+        assert!(!v.dice.contains_key("absent") && !v.nsd.contains_key("absent"));
+    }
 }
