@@ -292,6 +292,8 @@ impl StudentTrainer {
         )
     }
 
+    /// Writes what a resumed run needs (weights, moments, steps, epoch, random state, and the
+    /// teacher's checksum) in one file, atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let (moments, optimizer_steps) = self.optimizer.state();
         let state = StudentCheckpoint {
