@@ -239,7 +239,9 @@ fn from_runtime(e: prosam_runtime::Error) -> Failure {
         R::Io { .. } | R::Model(M::Io { .. }) => prosam_status::Io,
         R::Model(_) => prosam_status::Model,
         R::Cancelled => prosam_status::Cancelled,
-        R::Options(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } => prosam_status::InvalidArgument,
+        R::Options(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } | R::LabelMap { .. } => {
+            prosam_status::InvalidArgument
+        }
         R::Device(_) => prosam_status::Unsupported,
         R::Candle(_) => prosam_status::Internal,
         R::Memory { .. } => prosam_status::OutOfMemory,

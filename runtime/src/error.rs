@@ -42,6 +42,10 @@ pub enum Error {
     #[error("{what} needs about {}, over the memory budget of {}", crate::memory::format_bytes(*need), crate::memory::MemoryBudget::new(*budget))]
     Memory { what: String, need: u64, budget: u64 },
 
+    /// A label map JSON (`{"source": target}`) that cannot be read.
+    #[error("{}: {reason}", path.display())]
+    LabelMap { path: PathBuf, reason: String },
+
     /// A `.npy` file that is not a readable NumPy array of a supported kind.
     #[error("{}: {reason}", path.display())]
     Npy { path: PathBuf, reason: String },

@@ -10,6 +10,7 @@
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod label_map;
 pub mod memory;
 pub mod metrics;
 pub mod npy;

@@ -581,16 +581,6 @@ impl Anatomy {
     }
 }
 
-/// Label values present and their volumes in mL.
-pub fn label_volumes_ml(labels: &[u8], affine: &Affine) -> std::collections::BTreeMap<u8, f64> {
-    let voxel_ml = affine.det3().abs() / 1000.0;
-    let mut counts = std::collections::BTreeMap::new();
-    for &l in labels {
-        *counts.entry(l).or_insert(0u64) += 1;
-    }
-    counts.into_iter().map(|(l, c)| (l, c as f64 * voxel_ml)).collect()
-}
-
 /// The file stem of the phantom of `seed`.
 pub fn case_name(seed: u64) -> String {
     format!("phantom_{seed:05}")
@@ -671,6 +661,16 @@ pub fn write_dataset(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Label values present and their volumes in mL.
+    fn label_volumes_ml(labels: &[u8], affine: &Affine) -> std::collections::BTreeMap<u8, f64> {
+        let voxel_ml = affine.det3().abs() / 1000.0;
+        let mut counts = std::collections::BTreeMap::new();
+        for &l in labels {
+            *counts.entry(l).or_insert(0u64) += 1;
+        }
+        counts.into_iter().map(|(l, c)| (l, c as f64 * voxel_ml)).collect()
+    }
 
     /// Label -> (mean HU, volume in mL).
     fn organs(p: &Phantom) -> std::collections::BTreeMap<u8, (f64, f64)> {

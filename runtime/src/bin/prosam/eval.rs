@@ -37,28 +37,6 @@ pub(crate) fn read_labels(path: &Path) -> anyhow::Result<Volume> {
     Ok(v)
 }
 
-/// A label renumbering, `{"source": target}` in JSON, as a table over 0..=255.
-fn read_label_map(path: &Path) -> anyhow::Result<[u8; 256]> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not JSON ({e})", path.display()))?;
-    let object = json
-        .as_object()
-        .ok_or_else(|| anyhow::anyhow!("{}: expected an object of source label -> target label", path.display()))?;
-    let mut table = [0u8; 256];
-    for (k, v) in object {
-        let from: u8 = k
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{}: source label `{k}` is not a number in 0..=255", path.display()))?;
-        let to = v
-            .as_u64()
-            .filter(|t| *t <= 255)
-            .ok_or_else(|| anyhow::anyhow!("{}: the target of label {k} is not a number in 0..=255", path.display()))?;
-        table[from as usize] = to as u8;
-    }
-    Ok(table)
-}
-
 /// The two maps' per-class figures, after checking that they share a grid.
 pub(crate) fn compare(
     pred: &Volume,
@@ -157,8 +135,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pred = read_labels(&args.pred)?;
     let mut truth = read_labels(&args.truth)?;
     if let Some(path) = &args.truth_map {
-        let map = read_label_map(path)?;
-        truth.data.iter_mut().for_each(|v| *v = map[*v as usize] as f32);
+        let map = prosam_runtime::label_map::LabelMap::load(path)?;
+        truth.data.iter_mut().for_each(|v| *v = map.apply(*v as u8) as f32);
     }
     let metrics = compare(&pred, &truth, (&args.pred, &args.truth), args.tolerance_mm)?;
     if args.json {
