@@ -30,6 +30,19 @@ impl Network {
         }
     }
 
+    /// The forward pass, calling `mark(part)` as each part of the network finishes (see
+    /// [`SwinUnetr::forward_marked`]; the teacher is one part, `forward`).
+    pub fn forward_marked(&self, x: &Tensor, mark: &mut dyn FnMut(&'static str)) -> Result<Tensor> {
+        match self {
+            Network::SwinUnetr(n) => n.forward_marked(x, mark),
+            Network::AutoProSam(n) => {
+                let y = n.forward(x)?;
+                mark("forward");
+                Ok(y)
+            }
+        }
+    }
+
     /// Logits for `x`, after checking its shape.
     pub fn forward_checked(&self, x: &Tensor) -> crate::Result<Tensor> {
         self.check_input(x.dims())?;

@@ -258,8 +258,16 @@ fn window_attention_matches_reference() {
 #[test]
 fn window_attention_from_qkv_matches_reference() {
     // MONAI's layout: qkv (windows, n, 3C), C = heads * d, q scaled by d^-0.5; heads concatenated out.
-    let mut rng = Rng::new(9);
-    let (images, nw, heads, n, d) = (2, 3, 3, 10, 4);
+    // 10 tokens: one full 8-lane chunk and a remainder in the f32 kernel; 27 tokens of 8 channels
+    // per head: three chunks and a remainder.
+    for (seed, heads, n, d) in [(9, 3, 10, 4), (10, 2, 27, 8)] {
+        window_attention_from_qkv_case(seed, heads, n, d);
+    }
+}
+
+fn window_attention_from_qkv_case(seed: u64, heads: usize, n: usize, d: usize) {
+    let mut rng = Rng::new(seed);
+    let (images, nw) = (2, 3);
     let c = heads * d;
     let windows = images * nw;
     let qkv = rng.arr(&[windows, n, 3 * c], 1.0);

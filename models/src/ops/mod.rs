@@ -13,6 +13,7 @@ pub mod conv_transpose3d;
 pub mod norm;
 pub mod quantized;
 pub mod resample;
+mod simd;
 pub mod window;
 
 pub use attention::{window_attention, window_attention_qkv};

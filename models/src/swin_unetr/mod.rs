@@ -64,20 +64,37 @@ impl SwinUnetr {
     }
 }
 
-impl Module for SwinUnetr {
-    /// The unchecked forward pass; prefer [`SwinUnetr::forward_checked`] for outside input.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hs = self.swin_vit.forward(x)?;
+impl SwinUnetr {
+    /// The forward pass, calling `mark(part)` as each part finishes: the Swin encoder's patch
+    /// embedding and four stages, then `encoders` (the convolutional skip encoders) and each
+    /// decoder. `prosam bench --profile` times the parts with it.
+    pub fn forward_marked(&self, x: &Tensor, mark: &mut dyn FnMut(&'static str)) -> Result<Tensor> {
+        let hs = self.swin_vit.forward_marked(x, mark)?;
         let enc0 = self.encoder1.forward(x)?;
         let enc1 = self.encoder2.forward(&hs[0])?;
         let enc2 = self.encoder3.forward(&hs[1])?;
         let enc3 = self.encoder4.forward(&hs[2])?;
         let dec4 = self.encoder10.forward(&hs[4])?;
+        mark("encoders");
         let dec3 = self.decoder5.forward(&dec4, &hs[3])?;
+        mark("decoder5");
         let dec2 = self.decoder4.forward(&dec3, &enc3)?;
+        mark("decoder4");
         let dec1 = self.decoder3.forward(&dec2, &enc2)?;
+        mark("decoder3");
         let dec0 = self.decoder2.forward(&dec1, &enc1)?;
+        mark("decoder2");
         let out = self.decoder1.forward(&dec0, &enc0)?;
-        self.out.forward(&out)
+        mark("decoder1");
+        let logits = self.out.forward(&out)?;
+        mark("out");
+        Ok(logits)
+    }
+}
+
+impl Module for SwinUnetr {
+    /// The unchecked forward pass; prefer [`SwinUnetr::forward_checked`] for outside input.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_marked(x, &mut |_| {})
     }
 }

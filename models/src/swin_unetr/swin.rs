@@ -307,14 +307,22 @@ impl SwinTransformer {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_marked(x, &mut |_| {})
+    }
+
+    /// [`Self::forward`], calling `mark` after the patch embedding and after each stage.
+    pub fn forward_marked(&self, x: &Tensor, mark: &mut dyn FnMut(&'static str)) -> Result<Vec<Tensor>> {
+        const STAGES: [&str; 4] = ["swin_stage1", "swin_stage2", "swin_stage3", "swin_stage4"];
         let mut x = conv3d(x, &self.patch_embed_weight, Some(&self.patch_embed_bias), 0, 2)?;
         let mut skips = vec![self.proj_out(&x)?];
+        mark("patch_embed");
         for (s, layer) in self.layers.iter().enumerate() {
             if let Some(blocks) = &self.layers_c {
                 x = blocks[s].forward(&x)?;
             }
             x = layer.forward(&x)?;
             skips.push(self.proj_out(&x)?);
+            mark(STAGES[s]);
         }
         Ok(skips)
     }

@@ -22,9 +22,19 @@ pub struct Args {
     /// Untimed runs first (allocations, caches).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Also time each part of the network (Swin stages, encoders, decoders) and print the medians.
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object (the fields are documented in the README).
     #[arg(long)]
     json: bool,
+}
+
+/// The median of a non-empty list (sorted in place).
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    if n % 2 == 1 { times[n / 2] } else { (times[n / 2 - 1] + times[n / 2]) / 2.0 }
 }
 
 fn parse_size(text: &str) -> anyhow::Result<[usize; 3]> {
@@ -49,27 +59,47 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
     let shape = [1, arch.in_channels(), size[0], size[1], size[2]];
     arch.check_input(&shape).map_err(|e| anyhow::anyhow!("--size {}: {e}", args.size))?;
     let x = Tensor::rand(0f32, 1.0, &shape, &device)?.to_dtype(dtype)?;
-    // GPUs queue work asynchronously: a run ends when the device has finished it.
-    let run_once = || -> anyhow::Result<()> {
-        net.forward(&x)?;
+    // GPUs queue work asynchronously: a run (or a part) ends when the device has finished it.
+    // Each run returns its parts' durations in order; without --profile there are none.
+    let run_once = || -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let mut parts = Vec::new();
+        if args.profile {
+            let mut last = Instant::now();
+            let mut sync_error = None;
+            net.forward_marked(&x, &mut |part| {
+                if let Err(e) = device.synchronize() {
+                    sync_error.get_or_insert(e);
+                }
+                parts.push((part, last.elapsed().as_secs_f64()));
+                last = Instant::now();
+            })?;
+            if let Some(e) = sync_error {
+                return Err(e.into());
+            }
+        } else {
+            net.forward(&x)?;
+        }
         device.synchronize()?;
-        Ok(())
+        Ok(parts)
     };
     for _ in 0..args.warmup {
         run_once()?;
     }
     let mut times = Vec::with_capacity(args.runs);
+    let mut part_times: Vec<(&'static str, Vec<f64>)> = Vec::new();
     for _ in 0..args.runs {
         let t = Instant::now();
-        run_once()?;
+        let parts = run_once()?;
         times.push(t.elapsed().as_secs_f64());
+        for (i, (name, seconds)) in parts.into_iter().enumerate() {
+            match part_times.get_mut(i) {
+                Some((_, list)) => list.push(seconds),
+                None => part_times.push((name, vec![seconds])),
+            }
+        }
     }
-    times.sort_by(f64::total_cmp);
-    let median = if times.len() % 2 == 1 {
-        times[times.len() / 2]
-    } else {
-        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
-    };
+    let median = median(&mut times);
+    let profile: Vec<(&str, f64)> = part_times.iter_mut().map(|(name, list)| (*name, self::median(list))).collect();
     let gmac = match arch {
         Architecture::SwinUnetr(cfg) => cfg.macs(size),
         Architecture::AutoProSam(cfg) => cfg.macs(),
@@ -92,6 +122,7 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
         "load_s": load_s,
         "resident_mib": resident,
         "peak_rss_mib": resources::peak_rss_mib(),
+        "profile_median_s": args.profile.then(|| profile.iter().map(|(n, t)| (n.to_string(), serde_json::json!(t))).collect::<serde_json::Map<_, _>>()),
         "prosam_version": env!("CARGO_PKG_VERSION"),
     });
     if args.json {
@@ -115,6 +146,13 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
             resident.unwrap_or(f64::NAN),
             resources::peak_rss_mib().unwrap_or(f64::NAN)
         );
+        if args.profile {
+            let total: f64 = profile.iter().map(|(_, t)| t).sum();
+            println!("{:<12} {:>9} {:>6}", "part", "median s", "share");
+            for (name, t) in &profile {
+                println!("{name:<12} {t:>9.3} {:>5.1}%", 100.0 * t / total);
+            }
+        }
     }
     Ok(())
 }

@@ -1,0 +1,175 @@
+//! Vector building blocks for the f32 CPU kernels, written as plain loops over 8-lane arrays that
+//! LLVM turns into SIMD code. Every helper is `#[inline(always)]` and generic over `FMA`, so that a
+//! kernel compiled inside a `#[target_feature(enable = "avx2,fma")]` function gets 256-bit fused
+//! multiply-adds, and the same kernel compiled for the baseline target gets SSE2 multiply + add
+//! (`f32::mul_add` without hardware FMA would call libm, which is slow).
+//!
+//! [`Isa::detect`] picks the variant once per call; on aarch64 NEON with FMA is the baseline.
+
+/// Lanes per accumulator: one AVX register of f32.
+pub(crate) const LANES: usize = 8;
+
+/// The instruction set a kernel was compiled for, chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// x86-64 with AVX2 and FMA.
+    Avx2Fma,
+    /// The compile target's baseline (SSE2 on x86-64; NEON with FMA on aarch64).
+    Baseline,
+}
+
+impl Isa {
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Baseline
+    }
+}
+
+/// Whether the baseline target has a hardware fused multiply-add.
+pub(crate) const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
+
+/// `a * b + c`, fused where the kernel was compiled with FMA.
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `y += a * x`.
+#[inline(always)]
+pub(crate) fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = madd::<FMA>(a, *x, *y);
+    }
+}
+
+/// `sum(a * b)`, accumulated in 8 lanes (so the result differs from a sequential sum by rounding).
+#[inline(always)]
+pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    let mut acc = [0f32; LANES];
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for l in 0..LANES {
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    let mut total = acc.iter().sum::<f32>();
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        total = madd::<FMA>(*x, *y, total);
+    }
+    total
+}
+
+/// The largest element (negative infinity for an empty slice).
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    rest.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), |m, &v| m.max(v))
+}
+
+/// `e^x` for `x <= 0` (the shifted scores of a softmax), within 2 ulp of the exact value down to
+/// about -87 and flushed to zero below: Cephes' `expf` (range reduction by ln 2 in two parts and a
+/// degree-6 polynomial) with branch-free rounding, so that it vectorises.
+#[inline(always)]
+pub(crate) fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer held in the mantissa's low bits.
+    const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: i32 = 0x4B40_0000;
+    // A comparison, not `f32::max`, so that a NaN stays NaN.
+    let xc = if x < -87.0 { -87.0 } else { x };
+    let t = madd::<FMA>(xc, LOG2E, ROUND);
+    let n = t - ROUND;
+    let r = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, xc));
+    let mut p = 1.987_569_1e-4;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let e = madd::<FMA>(p, r * r, r) + 1.0;
+    let k = (t.to_bits() as i32).wrapping_sub(ROUND_BITS);
+    let scale = f32::from_bits(((k + 127) << 23) as u32);
+    if x < -87.0 { 0.0 } else { e * scale }
+}
+
+/// `x[i] = e^(x[i] - shift)` for `x[i] <= shift`; returns the sum of the new values. A plain map
+/// (which LLVM's loop vectoriser handles) followed by a lane sum.
+#[inline(always)]
+pub(crate) fn exp_shifted_sum<const FMA: bool>(x: &mut [f32], shift: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = exp_nonpositive::<FMA>(*v - shift);
+    }
+    sum(x)
+}
+
+/// The sum of `x`, accumulated in 8 lanes.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_on_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            for fma in [false, true] {
+                let got = if fma { exp_nonpositive::<true>(x) } else { exp_nonpositive::<false>(x) } as f64;
+                let exact = (x as f64).exp();
+                let ulp = (exact as f32).to_bits().abs_diff((got as f32).to_bits());
+                worst = worst.max(ulp as f64);
+            }
+        }
+        assert!(worst <= 2.0, "exp is {worst} ulp off");
+        assert_eq!(exp_nonpositive::<false>(-100.0), 0.0);
+        assert_eq!(exp_nonpositive::<false>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive::<true>(0.0), 1.0);
+        assert!(exp_nonpositive::<true>(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential_sums() {
+        for len in [0, 1, 7, 8, 9, 343] {
+            let a: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.25).collect();
+            let b: Vec<f32> = (0..len).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.5).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot::<false>(&a, &b) as f64 - exact).abs() < 1e-4, "dot of {len}");
+            let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&a), m);
+            let mut e = a.clone();
+            let total = exp_shifted_sum::<false>(&mut e, m);
+            let exact_total: f64 = a.iter().map(|v| ((*v - m) as f64).exp()).sum();
+            assert!((total as f64 - exact_total).abs() < 1e-5 * exact_total.max(1.0), "exp sum of {len}");
+            let mut y = b.clone();
+            axpy::<false>(&mut y, 2.0, &a);
+            assert!(y.iter().zip(a.iter().zip(&b)).all(|(y, (a, b))| *y == 2.0 * a + b));
+        }
+    }
+}
