@@ -8,7 +8,7 @@ use prosam_models::ops::attention::{window_attention_chunked, window_attention_q
 use prosam_models::ops::window::{relative_position_index, roll_spatial, stage_window};
 use prosam_models::ops::{
     channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, depthwise_conv3d, instance_norm,
-    interpolate_linear, max_pool3d, window_partition, window_reverse,
+    instance_norm_act, interpolate_linear, max_pool3d, window_partition, window_reverse,
 };
 use reference::{Arr, Rng};
 
@@ -153,6 +153,33 @@ fn instance_norm_matches_reference() {
     let op = |t: &[Tensor]| instance_norm(&t[0], 1e-5);
     check_against_reference("instance_norm", &[&x], &expected, op);
     check_gradients("instance_norm", &[&rng.arr(&[2, 2, 3, 2, 4], 1.0)], 15, op);
+}
+
+#[test]
+fn instance_norm_with_residual_and_activation_matches_reference() {
+    let mut rng = Rng::new(21);
+    let x = rng.arr(&[2, 3, 5, 4, 6], 2.0);
+    let r = rng.arr(&[2, 3, 5, 4, 6], 1.0);
+    for slope in [0.0, 0.01, 1.0] {
+        let mut normed = reference::instance_norm(&x, 1e-5);
+        normed.data.iter_mut().zip(&r.data).for_each(|(v, r)| *v += r);
+        let expected = reference::leaky_relu(&normed, slope);
+        let op = |t: &[Tensor]| instance_norm_act(&t[0], Some(&t[1]), Some(slope), 1e-5);
+        check_against_reference("instance_norm_act", &[&x, &r], &expected, op);
+        check_gradients(
+            "instance_norm_act",
+            &[&rng.arr(&[1, 2, 3, 2, 4], 1.0), &rng.arr(&[1, 2, 3, 2, 4], 1.0)],
+            22,
+            op,
+        );
+        let plain = |t: &[Tensor]| instance_norm_act(&t[0], None, Some(slope), 1e-5);
+        let expected = reference::leaky_relu(&reference::instance_norm(&x, 1e-5), slope);
+        check_against_reference("instance_norm_act without residual", &[&x], &expected, plain);
+    }
+    let bad = Tensor::zeros((1, 2, 3, 3, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let other = Tensor::zeros((1, 2, 3, 3, 4), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let err = instance_norm_act(&bad, Some(&other), None, 1e-5).unwrap_err().to_string();
+    assert!(err.contains("does not match"), "{err}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::Config;
-use crate::ops::{conv3d, instance_norm, interpolate_linear, max_pool3d};
+use crate::ops::{conv3d, instance_norm_act, interpolate_linear, max_pool3d};
 
 /// InstanceNorm3d's epsilon (PyTorch's default).
 pub const IN_EPS: f64 = 1e-5;
@@ -26,7 +26,7 @@ impl SingleConv {
 
 impl Module for SingleConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        instance_norm(&conv3d(x, &self.weight, None, 1, 1)?, IN_EPS)?.relu()
+        instance_norm_act(&conv3d(x, &self.weight, None, 1, 1)?, None, Some(0.0), IN_EPS)
     }
 }
 

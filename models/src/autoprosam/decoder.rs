@@ -7,11 +7,11 @@ use candle_nn::VarBuilder;
 
 use super::Config;
 use super::apg::IN_EPS;
-use crate::ops::{conv3d, instance_norm, interpolate_linear};
+use crate::ops::{conv3d, instance_norm_act, interpolate_linear};
 
 /// `Conv3d(3, no bias)` -> InstanceNorm -> ReLU.
 fn conv_in_relu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    instance_norm(&conv3d(x, w, None, 1, 1)?, IN_EPS)?.relu()
+    instance_norm_act(&conv3d(x, w, None, 1, 1)?, None, Some(0.0), IN_EPS)
 }
 
 /// Twice the trailing three axes, corners aligned.

@@ -19,7 +19,7 @@ pub mod window;
 pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::conv_transpose3d;
 pub use conv3d::{conv3d, conv3d_weight, depthwise_conv3d};
-pub use norm::{channel_layer_norm, instance_norm};
+pub use norm::{channel_layer_norm, instance_norm, instance_norm_act};
 pub use resample::{interpolate_linear, max_pool3d};
 pub use window::{compute_shift_mask, window_partition, window_reverse};
 

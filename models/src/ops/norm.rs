@@ -1,7 +1,7 @@
 //! Normalisations: instance norm over the spatial axes of a channels-first volume, and layer norm
 //! over the channels of a channels-last tensor, both with PyTorch's biased variance.
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 
 /// `nn.InstanceNorm3d` with its defaults (no affine, no running statistics): each (sample,
@@ -10,12 +10,51 @@ use rayon::prelude::*;
 /// Mean and variance are accumulated in f64: a 96^3 volume sums close to a million values, and
 /// f32 accumulation would move the result by more than the 1e-4 that MONAI parity allows.
 pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let (b, c, d, h, w) = x.dims5()?;
-    if x.device().is_cpu() && !x.track_op() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        // Inference: one pass for the statistics, one to normalise, per plane in parallel,
-        // instead of the eight tensor passes below.
-        return x.contiguous()?.apply_op1_no_bwd(&InstanceNormCpu { eps });
+    instance_norm_act(x, None, None, eps)
+}
+
+/// `act(instance_norm(x) + residual)`, the tail of MONAI's `UnetResBlock` and of the teacher's
+/// convolution blocks: `residual` has `x`'s shape; `act` is LeakyReLU with `leaky_slope` in `[0, 1]`
+/// (0 is ReLU), or the identity for `None`.
+///
+/// At inference on the CPU this is one kernel: a statistics pass and one output pass per plane,
+/// where the composed form reads and writes the volume about ten times.
+pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Option<f64>, eps: f64) -> Result<Tensor> {
+    if let Some(r) = residual
+        && r.dims() != x.dims()
+    {
+        bail!("instance_norm_act: residual {:?} does not match the input {:?}", r.dims(), x.dims());
     }
+    if leaky_slope.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+        bail!("instance_norm_act: the LeakyReLU slope must lie in [0, 1]");
+    }
+    let tracked = x.track_op() || residual.is_some_and(|r| r.track_op());
+    let fusable = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && residual.is_none_or(|r| r.dtype() == x.dtype());
+    if fusable && !tracked {
+        let op = InstanceNormCpu { eps, leaky_slope };
+        let x = x.contiguous()?;
+        return match residual {
+            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
+            None => x.apply_op1_no_bwd(&op),
+        };
+    }
+    let mut y = instance_norm_composed(x, eps)?;
+    if let Some(r) = residual {
+        y = (y + r)?;
+    }
+    match leaky_slope {
+        Some(0.0) => y.relu(),
+        // max(y, slope * y) is LeakyReLU for a slope in [0, 1], in two passes.
+        Some(slope) => y.maximum(&(&y * slope)?),
+        None => Ok(y),
+    }
+}
+
+/// Instance norm from differentiable Candle ops (training, GPUs, half types).
+fn instance_norm_composed(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let (b, c, d, h, w) = x.dims5()?;
     let flat = x.reshape((b, c, d * h * w))?;
     // f64 statistics where the device has f64 (Metal does not; GPUs reduce in trees, which keeps
     // f32 sums accurate enough), never the half types.
@@ -58,23 +97,90 @@ pub fn channel_layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f
     }
 }
 
-/// Forward-only CPU instance norm: each `(sample, channel)` plane in parallel, statistics in f64.
+/// Forward-only CPU instance norm with the optional residual and LeakyReLU of
+/// [`instance_norm_act`]: each `(sample, channel)` plane in parallel, statistics in f64.
 struct InstanceNormCpu {
     eps: f64,
+    leaky_slope: Option<f64>,
 }
 
-fn instance_norm_planes<T: WithDType>(x: &[T], plane: usize, eps: f64) -> Vec<T> {
+/// `sum(f(v))` over `x` in f64, in 4 lanes so that the loop vectorises.
+fn sum_f64<T: WithDType>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..4 {
+            acc[l] += f(c[l].to_f64());
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64())).sum::<f64>()
+}
+
+fn instance_norm_planes<T: WithDType>(
+    x: &[T],
+    residual: Option<&[T]>,
+    plane: usize,
+    eps: f64,
+    leaky_slope: Option<f64>,
+) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(plane).zip(x.par_chunks(plane)).for_each(|(dst, src)| {
+    y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (dst, src))| {
         let n = src.len() as f64;
-        let mean = src.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-        let var = src.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+        let mean = sum_f64(src, |v| v) / n;
+        let var = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
         let inv_std = 1.0 / (var + eps).sqrt();
-        for (o, v) in dst.iter_mut().zip(src) {
-            *o = T::from_f64((v.to_f64() - mean) * inv_std);
+        let slope = leaky_slope.unwrap_or(1.0);
+        let normalise = |v: T| (v.to_f64() - mean) * inv_std;
+        let act = |v: f64| T::from_f64(v.max(slope * v));
+        match residual {
+            Some(r) => {
+                for ((o, v), r) in dst.iter_mut().zip(src).zip(&r[p * plane..(p + 1) * plane]) {
+                    *o = act(normalise(*v) + r.to_f64());
+                }
+            }
+            None => {
+                for (o, v) in dst.iter_mut().zip(src) {
+                    *o = act(normalise(*v));
+                }
+            }
         }
     });
     y
+}
+
+impl InstanceNormCpu {
+    fn run(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let range = |l: &Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("prosam-instance-norm-cpu: inputs must be contiguous".into()))
+        };
+        let (start, end) = range(x.1)?;
+        let plane: usize = x.1.dims().iter().skip(2).product();
+        if plane == 0 {
+            bail!("prosam-instance-norm-cpu: empty spatial extent");
+        }
+        let r_range = residual.map(|(_, l)| range(l)).transpose()?;
+        let (eps, slope) = (self.eps, self.leaky_slope);
+        let out = match (x.0, residual.map(|r| r.0)) {
+            (CpuStorage::F32(v), None) => {
+                CpuStorage::F32(instance_norm_planes(&v[start..end], None, plane, eps, slope))
+            }
+            (CpuStorage::F64(v), None) => {
+                CpuStorage::F64(instance_norm_planes(&v[start..end], None, plane, eps, slope))
+            }
+            (CpuStorage::F32(v), Some(CpuStorage::F32(r))) => {
+                let (r0, r1) = r_range.expect("a residual has a range");
+                CpuStorage::F32(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope))
+            }
+            (CpuStorage::F64(v), Some(CpuStorage::F64(r))) => {
+                let (r0, r1) = r_range.expect("a residual has a range");
+                CpuStorage::F64(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope))
+            }
+            _ => bail!("prosam-instance-norm-cpu: only f32 and f64, one dtype for both inputs"),
+        };
+        Ok((out, x.1.shape().clone()))
+    }
 }
 
 impl CustomOp1 for InstanceNormCpu {
@@ -83,18 +189,16 @@ impl CustomOp1 for InstanceNormCpu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("prosam-instance-norm-cpu: the input must be contiguous");
-        };
-        let plane: usize = layout.dims().iter().skip(2).product();
-        if plane == 0 {
-            bail!("prosam-instance-norm-cpu: empty spatial extent");
-        }
-        let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(instance_norm_planes(&x[start..end], plane, self.eps)),
-            CpuStorage::F64(x) => CpuStorage::F64(instance_norm_planes(&x[start..end], plane, self.eps)),
-            _ => bail!("prosam-instance-norm-cpu: only f32 and f64"),
-        };
-        Ok((out, layout.shape().clone()))
+        self.run((storage, layout), None)
+    }
+}
+
+impl CustomOp2 for InstanceNormCpu {
+    fn name(&self) -> &'static str {
+        "prosam-instance-norm-cpu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), Some((s2, l2)))
     }
 }

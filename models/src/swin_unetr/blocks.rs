@@ -5,15 +5,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::ops::quantized::Weight;
-use crate::ops::{conv_transpose3d, conv3d, conv3d_weight, instance_norm};
+use crate::ops::{conv_transpose3d, conv3d, conv3d_weight, instance_norm, instance_norm_act};
 
 const NORM_EPS: f64 = 1e-5;
 const LEAKY_SLOPE: f64 = 0.01;
-
-/// `max(x, slope * x)`: LeakyReLU for a slope below one, in two passes (Candle's takes five).
-fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    x.maximum(&(x * LEAKY_SLOPE)?)
-}
 
 /// `UnetResBlock(in, out, kernel 3, stride 1)`: two 3x3x3 convolutions with instance norm and a
 /// residual; the residual is a 1x1x1 convolution + instance norm when the channel count changes.
@@ -40,13 +35,14 @@ impl UnetResBlock {
 
 impl Module for UnetResBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let o = leaky_relu(&instance_norm(&conv3d_weight(x, &self.conv1, [3; 3], None, 1)?, NORM_EPS)?)?;
-        let o = instance_norm(&conv3d_weight(&o, &self.conv2, [3; 3], None, 1)?, NORM_EPS)?;
+        let o = conv3d_weight(x, &self.conv1, [3; 3], None, 1)?;
+        let o = instance_norm_act(&o, None, Some(LEAKY_SLOPE), NORM_EPS)?;
+        let o = conv3d_weight(&o, &self.conv2, [3; 3], None, 1)?;
         let residual = match &self.conv3 {
             Some(w) => instance_norm(&conv3d(x, w, None, 0, 1)?, NORM_EPS)?,
             None => x.clone(),
         };
-        leaky_relu(&(o + residual)?)
+        instance_norm_act(&o, Some(&residual), Some(LEAKY_SLOPE), NORM_EPS)
     }
 }
 
