@@ -18,6 +18,8 @@ fn metadata(cfg: &Config) -> Metadata {
 }
 
 fn bench_students(c: &mut Criterion) {
+    // As the CLI does: freed tensors stay in the heap for the next pass.
+    prosam_runtime::resources::retain_freed_memory();
     let dir = std::env::temp_dir().join(format!("prosam-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let x = Tensor::rand(0f32, 1.0, (1, 1, 96, 96, 96), &Device::Cpu).unwrap();

@@ -23,9 +23,8 @@ student_minutes=${STUDENT_MINUTES:-9}
 seeds=${SEEDS:-1 2}
 lambdas=${LAMBDAS:-0.5 0}
 threads=${THREADS:-2}
-# Training allocates and frees tensors of tens of MB every step; glibc's default returns them to
-# the kernel each time (page faults cost a third of the step). Keep them in the heap instead.
-export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1000000000
+# Both binaries keep freed tensors in the heap (`resources::retain_freed_memory`); no allocator
+# variables are needed.
 
 cd "$root"
 cargo build --release -p prosam-runtime -p prosam-distill

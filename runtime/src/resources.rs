@@ -22,3 +22,20 @@ pub fn resident_mib() -> Option<f64> {
 pub fn peak_rss_mib() -> Option<f64> {
     status_mib("VmHWM:")
 }
+
+/// Asks glibc's allocator to keep freed memory for reuse instead of returning it to the kernel.
+///
+/// A forward pass allocates and frees tensors of tens of megabytes (a 96^3 volume of 12 channels
+/// is 42 MB). By default glibc serves each from a fresh `mmap` and unmaps it on free, so every
+/// tensor's pages are faulted in and zeroed again: a quarter of a window's time on the
+/// development machine. With mmap off and a high trim threshold, freed blocks go back to the
+/// heap and are reused; the process keeps its peak footprint instead of shrinking between
+/// windows. Call it once, early; the CLIs do. A no-op on other C libraries.
+pub fn retain_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before heavy allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

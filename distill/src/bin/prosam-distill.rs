@@ -282,6 +282,7 @@ struct TrainTeacher {
 }
 
 fn main() {
+    prosam_runtime::resources::retain_freed_memory();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();

@@ -71,6 +71,7 @@ fn set_threads(threads: usize) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    prosam_runtime::resources::retain_freed_memory();
     let result = (|| {
         if let Some(n) = cli.threads {
             set_threads(n)?;
