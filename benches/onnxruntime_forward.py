@@ -48,6 +48,7 @@ def main() -> None:
         "min_s": round(min(times), 3),
         "max_s": round(max(times), 3),
         "runs": args.runs,
+        "times_s": [round(t, 4) for t in times],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }))
 

@@ -98,6 +98,7 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
             }
         }
     }
+    let runs_s = times.clone();
     let median = median(&mut times);
     let profile: Vec<(&str, f64)> = part_times.iter_mut().map(|(name, list)| (*name, self::median(list))).collect();
     let gmac = match arch {
@@ -117,6 +118,7 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
         "median_s": median,
         "min_s": times[0],
         "max_s": times[times.len() - 1],
+        "times_s": runs_s,
         "gmac": gmac,
         "gmac_per_s": gmac / median,
         "load_s": load_s,
