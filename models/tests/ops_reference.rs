@@ -183,6 +183,14 @@ fn instance_norm_with_residual_and_activation_matches_reference() {
 }
 
 #[test]
+fn gelu_matches_the_erf_formula() {
+    let mut rng = Rng::new(23);
+    let x = rng.arr(&[3, 1000], 3.0);
+    let expected = Arr::new(&x.shape, x.data.iter().map(|&v| reference::gelu(v)).collect());
+    check_against_reference("gelu_erf", &[&x], &expected, |t| prosam_models::ops::gelu_erf(&t[0]));
+}
+
+#[test]
 fn channel_layer_norm_matches_reference() {
     let mut rng = Rng::new(6);
     let x = rng.arr(&[2, 3, 4, 5, 6], 1.5);

@@ -94,7 +94,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear_any(&self.lin2, &linear_any(&self.lin1, x)?.gelu_erf()?)
+        linear_any(&self.lin2, &crate::ops::gelu_erf(&linear_any(&self.lin1, x)?)?)
     }
 }
 

@@ -6,6 +6,7 @@
 //! Layouts follow PyTorch: volumes are `(B, C, D, H, W)`, weights `(out, in, kd, kh, kw)` for
 //! convolutions and `(in, out, kd, kh, kw)` for transposed convolutions.
 
+pub mod activation;
 pub mod attention;
 pub mod conv3d;
 mod conv3d_cpu;
@@ -16,6 +17,7 @@ pub mod resample;
 mod simd;
 pub mod window;
 
+pub use activation::gelu_erf;
 pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::conv_transpose3d;
 pub use conv3d::{conv3d, conv3d_weight, depthwise_conv3d};

@@ -131,6 +131,39 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// `erf(x)` in f32, within a few ulp: the rational approximation of Eigen and XLA (odd degree-13
+/// numerator over a degree-8 even denominator on `[-4, 4]`, where `erf` reaches 1 in f32).
+#[inline(always)]
+pub(crate) fn erf<const FMA: bool>(x: f32) -> f32 {
+    let x = if x > 4.0 {
+        4.0
+    } else if x < -4.0 {
+        -4.0
+    } else {
+        x
+    };
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10;
+    p = madd::<FMA>(p, x2, 2.770_681_4e-8);
+    p = madd::<FMA>(p, x2, -2.101_024e-6);
+    p = madd::<FMA>(p, x2, -5.692_506_4e-5);
+    p = madd::<FMA>(p, x2, -7.349_906_3e-4);
+    p = madd::<FMA>(p, x2, -2.954_600_0e-3);
+    p = madd::<FMA>(p, x2, -1.609_603_3e-2);
+    let mut q = -1.456_607_2e-5;
+    q = madd::<FMA>(q, x2, -2.133_740_6e-4);
+    q = madd::<FMA>(q, x2, -1.682_827e-3);
+    q = madd::<FMA>(q, x2, -7.373_329e-3);
+    q = madd::<FMA>(q, x2, -1.426_473_9e-2);
+    x * p / q
+}
+
+/// `GELU(x) = x / 2 * (1 + erf(x / sqrt 2))`, PyTorch's exact (erf) form.
+#[inline(always)]
+pub(crate) fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +185,47 @@ mod tests {
         assert_eq!(exp_nonpositive::<false>(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_nonpositive::<true>(0.0), 1.0);
         assert!(exp_nonpositive::<true>(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn erf_and_gelu_are_within_a_few_ulp() {
+        // erf by its Maclaurin series, exact to f64 rounding for |x| < 3; above, erfc(x) < 2e-5.
+        let erf64 = |x: f64| -> f64 {
+            if x.abs() >= 3.0 {
+                return x.signum() * (1.0 - libm_erfc_tail(x.abs()));
+            }
+            let (mut term, mut sum) = (x, x);
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        let mut worst_erf = 0f64;
+        let mut worst_gelu = 0f64;
+        for i in -60_000..=60_000 {
+            let x = i as f32 / 10_000.0;
+            let exact = erf64(x as f64);
+            worst_erf = worst_erf.max((erf::<true>(x) as f64 - exact).abs());
+            worst_erf = worst_erf.max((erf::<false>(x) as f64 - exact).abs());
+            let gelu = 0.5 * x as f64 * (1.0 + erf64(x as f64 / 2f64.sqrt()));
+            // Absolute, scaled by |x|: for x << 0 the f32 formula (PyTorch's too) loses the
+            // tiny value to cancellation in 1 + erf.
+            let err = (gelu_erf::<true>(x) as f64 - gelu).abs() / (x as f64).abs().max(1.0);
+            worst_gelu = worst_gelu.max(err);
+        }
+        assert!(worst_erf < 5e-7, "erf off by {worst_erf:e}");
+        assert!(worst_gelu < 5e-7, "gelu off by {worst_gelu:e} (times max(1, |x|))");
+        assert!((erf::<false>(10.0) - 1.0).abs() < 2e-7 && (erf::<false>(-10.0) + 1.0).abs() < 2e-7);
+    }
+
+    /// erfc(x) for x >= 3 by its continued fraction.
+    fn libm_erfc_tail(x: f64) -> f64 {
+        let mut f = 0.0;
+        for n in (1..60).rev() {
+            f = n as f64 / 2.0 / (x + f);
+        }
+        (-x * x).exp() / std::f64::consts::PI.sqrt() / (x + f)
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::blocks::UnetrBasicBlock;
 use super::config::{Config, Downsample};
 use crate::ops::quantized::Linear;
 use crate::ops::window::{compute_shift_mask, padded_dims, relative_position_index, roll_spatial, stage_window};
-use crate::ops::{channel_layer_norm, conv3d, window_attention_qkv, window_partition, window_reverse};
+use crate::ops::{channel_layer_norm, conv3d, gelu_erf, window_attention_qkv, window_partition, window_reverse};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -103,7 +103,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear_tokens(&self.linear2, &linear_tokens(&self.linear1, x)?.gelu_erf()?)
+        linear_tokens(&self.linear2, &gelu_erf(&linear_tokens(&self.linear1, x)?)?)
     }
 }
 
