@@ -107,6 +107,56 @@ fn conv3d_kernel3_padding1() {
     );
 }
 
+/// The CPU kernel's backward pass on an input large enough for several im2col tiles per sample
+/// (and a batch of two, so per-thread weight-gradient accumulators are summed), against the
+/// adjoint of the convolution written as naive f64 loops.
+#[test]
+fn conv3d_backward_over_several_tiles_matches_the_adjoint() {
+    let mut rng = Rng::new(24);
+    let (b, ci, co, dims, p) = (2, 3, 4, [12usize, 12, 40], 1usize);
+    let x = rng.arr(&[b, ci, dims[0], dims[1], dims[2]], 1.0);
+    let w = rng.arr(&[co, ci, 3, 3, 3], 0.3);
+    let r = rng.arr(&[b, co, dims[0], dims[1], dims[2]], 1.0);
+    let mut grad_x = Arr::zeros(&x.shape);
+    let mut grad_w = Arr::zeros(&w.shape);
+    for n in 0..b {
+        for o in 0..co {
+            for z in 0..dims[0] {
+                for y in 0..dims[1] {
+                    for xo in 0..dims[2] {
+                        let ry = r.at(&[n, o, z, y, xo]);
+                        for c in 0..ci {
+                            for t in 0..27 {
+                                let (a, bb, e) = (t / 9, t / 3 % 3, t % 3);
+                                let (zi, yi, xi) =
+                                    ((z + a).wrapping_sub(p), (y + bb).wrapping_sub(p), (xo + e).wrapping_sub(p));
+                                if zi >= dims[0] || yi >= dims[1] || xi >= dims[2] {
+                                    continue;
+                                }
+                                let wi = [o, c, a, bb, e];
+                                let xi5 = [n, c, zi, yi, xi];
+                                grad_w.set(&wi, grad_w.at(&wi) + ry * x.at(&xi5));
+                                grad_x.set(&xi5, grad_x.at(&xi5) + ry * w.at(&wi));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+        let (xv, wv) = (Var::from_tensor(&tensor(&x, dtype)).unwrap(), Var::from_tensor(&tensor(&w, dtype)).unwrap());
+        let y = conv3d(xv.as_tensor(), wv.as_tensor(), None, p, 1).unwrap();
+        let grads = (y * tensor(&r, dtype)).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var, expected) in [("x", &xv, &grad_x), ("w", &wv, &grad_w)] {
+            let got = values(grads.get(var.as_tensor()).unwrap());
+            let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let err = expected.max_abs_diff(&got) / scale;
+            assert!(err <= tol, "conv3d backward, grad {name} {dtype:?}: relative error {err:e}");
+        }
+    }
+}
+
 #[test]
 fn conv3d_kernel1() {
     let mut rng = Rng::new(2);

@@ -5,10 +5,10 @@
 //! - 1x1x1 kernels: a matrix product over channels;
 //! - kernel equal to stride without padding (the patch embedding): a reshape into patches and a
 //!   matrix product;
-//! - stride 1 (the 3x3x3 padding-1 convolutions): on the CPU at inference, a tiled im2col + gemm
-//!   kernel ([`super::conv3d_cpu`]); otherwise (gradients recorded, other devices or dtypes) a sum
-//!   over the kernel's depth taps of Candle's `conv2d` on depth slices folded into the batch,
-//!   which runs on every backend and has a backward pass.
+//! - stride 1 (the 3x3x3 padding-1 convolutions): on the CPU, a tiled im2col + gemm kernel with
+//!   its own backward pass ([`super::conv3d_cpu`]); on other devices and dtypes a sum over the
+//!   kernel's depth taps of Candle's `conv2d` on depth slices folded into the batch, which runs on
+//!   every backend and has a backward pass.
 
 use candle_core::{DType, Result, Tensor, bail};
 
@@ -31,12 +31,10 @@ pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, str
     } else if (kd, kh, kw) == (stride, stride, stride) && padding == 0 {
         patchify(x, w, stride)?
     } else if stride == 1 {
-        let fast_kernel = x.device().is_cpu()
-            && !x.track_op()
-            && !w.track_op()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && x.dtype() == w.dtype();
-        if fast_kernel {
+        let cpu_kernel = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype();
+        if cpu_kernel && (x.track_op() || w.track_op()) && kd == kh && kh == kw && padding < kd {
+            x.contiguous()?.apply_op2(&w.contiguous()?, Conv3dCpu { padding })?
+        } else if cpu_kernel {
             x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Conv3dCpu { padding })?
         } else {
             depth_taps(x, w, padding)?

@@ -3,10 +3,12 @@
 //! channel counts (12-48) because of its per-call layout copies; this kernel writes each tile's
 //! patches once and multiplies them in place into the channels-first output.
 //!
-//! Forward only: [`super::conv3d`] uses it when no gradient is being recorded and falls back to
-//! the differentiable formulation otherwise.
+//! With its backward pass, so that training uses it too: the input's gradient is the same kernel
+//! on the output's gradient with the weight transposed and flipped (padding `k - 1 - p`), the
+//! weight's gradient a gemm of the output's gradient with the same im2col tiles, accumulated in
+//! fixed groups of tiles (so that training stays reproducible).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// Stride-1 convolution with zero padding `padding` on every axis.
@@ -27,6 +29,10 @@ struct Geometry {
     out: [usize; 3],
 }
 
+/// Groups of tiles whose weight gradients are accumulated separately (in parallel) and then summed
+/// in order: enough to keep 16 threads busy, few enough that the sums stay cheap.
+const WEIGHT_GRAD_GROUPS: usize = 32;
+
 /// Patch-matrix elements per tile: about 1 MB of f32, so that a tile stays in L2 while gemm reads it.
 const TILE_ELEMENTS: usize = 1 << 18;
 
@@ -34,6 +40,22 @@ struct SendPtr<T>(*mut T);
 // SAFETY: tiles write disjoint output ranges (see `conv`), so sharing the base pointer is sound.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl Geometry {
+    /// Rows (one (z, y) line of the output each) per tile, so that a tile's patches fill about
+    /// [`TILE_ELEMENTS`].
+    fn rows_per_tile(&self) -> usize {
+        let k_len = self.c_in * self.k.iter().product::<usize>();
+        (TILE_ELEMENTS / (k_len * self.out[2])).max(1)
+    }
+
+    /// Every `(sample, first row)` tile of a batch.
+    fn tiles(&self, batch: usize) -> Vec<(usize, usize)> {
+        let rows = self.out[0] * self.out[1];
+        let step = self.rows_per_tile();
+        (0..batch).flat_map(|b| (0..rows).step_by(step).map(move |r| (b, r))).collect()
+    }
+}
 
 /// Fills `cols` (`K x tile_len`, row-major) with the input patches of output rows
 /// `[row0, row0 + rows)` (a row is one (z, y) line of the output).
@@ -77,14 +99,13 @@ where
     let [od, ho, wo] = g.out;
     let spatial = od * ho * wo;
     let k_len = g.c_in * g.k.iter().product::<usize>();
-    let rows_per_tile = (TILE_ELEMENTS / (k_len * wo)).max(1);
+    let rows_per_tile = g.rows_per_tile();
     let tile_len = rows_per_tile * wo;
     let total_rows = od * ho;
     let mut out = vec![T::default(); batch * g.c_out * spatial];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let in_len = g.c_in * g.d * g.h * g.w;
-    let tiles: Vec<(usize, usize)> =
-        (0..batch).flat_map(|b| (0..total_rows).step_by(rows_per_tile).map(move |r| (b, r))).collect();
+    let tiles = g.tiles(batch);
     tiles.par_iter().for_each_init(
         || vec![T::default(); k_len * tile_len],
         |cols, &(b, row0)| {
@@ -123,6 +144,67 @@ where
     out
 }
 
+/// The weight's gradient, `(c_out, c_in * k^3)` row-major: `sum over voxels of grad_y (c_out x M)
+/// times im2col(x)^T (M x K)`, tile by tile into one accumulator per group of tiles, then summed in order.
+fn weight_grad<T>(x: &[T], grad_y: &[T], batch: usize, g: Geometry) -> Vec<T>
+where
+    T: Copy + Default + Send + Sync + 'static + num_one::One + std::ops::Add<Output = T>,
+{
+    let [od, ho, wo] = g.out;
+    let spatial = od * ho * wo;
+    let k_len = g.c_in * g.k.iter().product::<usize>();
+    let rows_per_tile = g.rows_per_tile();
+    let tile_len = rows_per_tile * wo;
+    let total_rows = od * ho;
+    let in_len = g.c_in * g.d * g.h * g.w;
+    // Tiles are summed in fixed groups, and the groups in order, so that the gradient is the same
+    // bit for bit whatever the thread count or scheduling (training runs are reproducible).
+    let tiles = g.tiles(batch);
+    let group = tiles.len().div_ceil(WEIGHT_GRAD_GROUPS).max(1);
+    let partials: Vec<Vec<T>> = tiles
+        .par_chunks(group)
+        .map(|chunk| {
+            let mut acc = vec![T::default(); g.c_out * k_len];
+            let mut cols = vec![T::default(); k_len * tile_len];
+            for &(b, row0) in chunk {
+                let rows = rows_per_tile.min(total_rows - row0);
+                im2col(&x[b * in_len..(b + 1) * in_len], g, row0, rows, &mut cols, tile_len);
+                let dy = &grad_y[b * g.c_out * spatial + row0 * wo..];
+                // SAFETY: acc is c_out x k_len (row stride k_len); dy is read at o * spatial + m for
+                // m < rows * wo, within the sample's gradient; cols at k * tile_len + m, within the tile.
+                unsafe {
+                    gemm::gemm(
+                        g.c_out,
+                        k_len,
+                        rows * wo,
+                        acc.as_mut_ptr(),
+                        1,
+                        k_len as isize,
+                        true,
+                        dy.as_ptr(),
+                        1,
+                        spatial as isize,
+                        cols.as_ptr(),
+                        tile_len as isize,
+                        1,
+                        T::one(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let first = partials.next().unwrap_or_else(|| vec![T::default(); g.c_out * k_len]);
+    let grad_w = partials.fold(first, |a, b| a.into_iter().zip(b).map(|(u, v)| u + v).collect());
+    grad_w
+}
+
 /// The scalar constants gemm needs, for the two float types this kernel serves.
 mod num_one {
     pub trait One {
@@ -147,32 +229,90 @@ mod num_one {
     }
 }
 
+impl Conv3dCpu {
+    /// The geometry of `x (B, Cin, D, H, W)` convolved with `w (Cout, Cin, kd, kh, kw)`.
+    fn geometry(&self, x: &[usize], w: &[usize]) -> Result<(usize, Geometry)> {
+        let [b, c_in, d, h, wd] = x else { bail!("prosam-conv3d-cpu: the input must be 5D, got {x:?}") };
+        let [c_out, w_in, kd, kh, kw] = w else { bail!("prosam-conv3d-cpu: the weight must be 5D, got {w:?}") };
+        if w_in != c_in {
+            bail!("prosam-conv3d-cpu: {c_in} input channels, weight expects {w_in}");
+        }
+        let p = self.padding;
+        if d + 2 * p < *kd || h + 2 * p < *kh || wd + 2 * p < *kw {
+            bail!("prosam-conv3d-cpu: kernel larger than the padded input");
+        }
+        let out = [d + 2 * p + 1 - kd, h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw];
+        Ok((*b, Geometry { c_in: *c_in, c_out: *c_out, d: *d, h: *h, w: *wd, k: [*kd, *kh, *kw], pad: p, out }))
+    }
+}
+
+fn contiguous_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("prosam-conv3d-cpu: {what} must be contiguous")))
+}
+
 impl CustomOp2 for Conv3dCpu {
     fn name(&self) -> &'static str {
         "prosam-conv3d-cpu"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            bail!("prosam-conv3d-cpu: inputs must be contiguous");
-        };
-        let (b, c_in, d, h, w) = l1.shape().dims5()?;
-        let (c_out, w_in, kd, kh, kw) = l2.shape().dims5()?;
-        if w_in != c_in {
-            bail!("prosam-conv3d-cpu: {c_in} input channels, weight expects {w_in}");
-        }
-        let p = self.padding;
-        if d + 2 * p < kd || h + 2 * p < kh || w + 2 * p < kw {
-            bail!("prosam-conv3d-cpu: kernel larger than the padded input");
-        }
-        let out = [d + 2 * p + 1 - kd, h + 2 * p + 1 - kh, w + 2 * p + 1 - kw];
-        let g = Geometry { c_in, c_out, d, h, w, k: [kd, kh, kw], pad: p, out };
-        let shape = Shape::from((b, c_out, out[0], out[1], out[2]));
+        let ((x0, x1), (w0, w1)) = (contiguous_range(l1, "the input")?, contiguous_range(l2, "the weight")?);
+        let (b, g) = self.geometry(l1.dims(), l2.dims())?;
+        let shape = Shape::from((b, g.c_out, g.out[0], g.out[1], g.out[2]));
         let storage = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(wt)) => CpuStorage::F32(conv(&x[x0..x1], &wt[w0..w1], b, g)),
             (CpuStorage::F64(x), CpuStorage::F64(wt)) => CpuStorage::F64(conv(&x[x0..x1], &wt[w0..w1], b, g)),
             _ => bail!("prosam-conv3d-cpu: only f32 and f64 inputs of one dtype"),
         };
         Ok((storage, shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, g) = self.geometry(x.dims(), w.dims())?;
+        let [kd, kh, kw] = g.k;
+        if kd != kh || kh != kw || self.padding >= kd {
+            bail!("prosam-conv3d-cpu: the backward pass needs a cubic kernel larger than the padding");
+        }
+        let grad_y = grad_y.contiguous()?;
+        // dL/dx: the output's gradient convolved with the weight transposed (in <-> out) and
+        // flipped on every spatial axis, with the complementary padding.
+        let flip = Tensor::from_vec((0..kd as u32).rev().collect::<Vec<_>>(), kd, w.device())?;
+        let mut w_t = w.transpose(0, 1)?.contiguous()?;
+        for axis in 2..5 {
+            w_t = w_t.index_select(&flip, axis)?.contiguous()?;
+        }
+        let grad_x = grad_y.apply_op2_no_bwd(&w_t, &Conv3dCpu { padding: kd - 1 - self.padding })?;
+        let grad_w = x.contiguous()?.apply_op2_no_bwd(&grad_y, &Conv3dWeightGrad { conv: self, kernel: g.k })?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// The weight's gradient of a [`Conv3dCpu`]: `(x, grad_y)` to `(Cout, Cin, kd, kh, kw)`.
+struct Conv3dWeightGrad<'a> {
+    conv: &'a Conv3dCpu,
+    kernel: [usize; 3],
+}
+
+impl CustomOp2 for Conv3dWeightGrad<'_> {
+    fn name(&self) -> &'static str {
+        "prosam-conv3d-cpu-weight-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let ((x0, x1), (y0, y1)) = (contiguous_range(l1, "the input")?, contiguous_range(l2, "the gradient")?);
+        let x_dims = l1.dims();
+        let [kd, kh, kw] = self.kernel;
+        let c_out = l2.dims()[1];
+        let (b, g) = self.conv.geometry(x_dims, &[c_out, x_dims[1], kd, kh, kw])?;
+        if l2.dims() != [b, c_out, g.out[0], g.out[1], g.out[2]] {
+            bail!("prosam-conv3d-cpu: output gradient {:?} does not match the convolution", l2.dims());
+        }
+        let storage = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(weight_grad(&x[x0..x1], &dy[y0..y1], b, g)),
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(weight_grad(&x[x0..x1], &dy[y0..y1], b, g)),
+            _ => bail!("prosam-conv3d-cpu: only f32 and f64 inputs of one dtype"),
+        };
+        Ok((storage, Shape::from((c_out, g.c_in, kd, kh, kw))))
     }
 }

@@ -1,8 +1,9 @@
 //! The 3D operations SwinUNETR and the AutoProSAM teacher need and Candle 0.11 lacks.
 //!
-//! Every op is composed from Candle primitives that have a backward pass, so gradients flow through
-//! them (the training crate relies on it). Where Candle has a faster fused kernel without a backward
-//! pass, the op uses it only when no gradient graph is being recorded (`Tensor::track_op`).
+//! Every op has a backward pass (the training crate relies on it): composed from Candle primitives,
+//! or, for the stride-1 convolution on the CPU, a custom op with its own. Fused inference kernels
+//! without a backward pass (attention, norms, GELU) are used only when no gradient graph is being
+//! recorded (`Tensor::track_op`).
 //! Layouts follow PyTorch: volumes are `(B, C, D, H, W)`, weights `(out, in, kd, kh, kw)` for
 //! convolutions and `(in, out, kd, kh, kw)` for transposed convolutions.
 
