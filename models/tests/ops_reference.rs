@@ -238,6 +238,16 @@ fn gelu_matches_the_erf_formula() {
     let x = rng.arr(&[3, 1000], 3.0);
     let expected = Arr::new(&x.shape, x.data.iter().map(|&v| reference::gelu(v)).collect());
     check_against_reference("gelu_erf", &[&x], &expected, |t| prosam_models::ops::gelu_erf(&t[0]));
+    // The f32 kernel's backward pass (f64 runs Candle's), against central differences of the
+    // f64 reference.
+    let xv = Var::from_tensor(&tensor(&x, DType::F32)).unwrap();
+    let grads = prosam_models::ops::gelu_erf(xv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let got = values(grads.get(xv.as_tensor()).unwrap());
+    for (g, &v) in got.iter().zip(&x.data) {
+        let h = 1e-6;
+        let exact = (reference::gelu(v + h) - reference::gelu(v - h)) / (2.0 * h);
+        assert!((g - exact).abs() < 1e-5, "gelu'({v}) = {g}, expected {exact}");
+    }
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! GELU in PyTorch's exact (erf) form, with a vectorised f32 CPU kernel at inference: Candle's
-//! calls libm's scalar `erff` per element, a tenth of a Swin stage's time at 96^3.
+//! GELU in PyTorch's exact (erf) form, with a vectorised f32 CPU kernel: Candle's calls libm's
+//! scalar `erff` per element, a tenth of a Swin stage's time at 96^3. The kernel serves training
+//! too (its backward pass is the analytic derivative), so that a forward pass gives the same bits
+//! with and without a gradient graph, which the teacher's block checkpointing relies on.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -8,8 +10,9 @@ use super::simd;
 
 /// `x / 2 * (1 + erf(x / sqrt 2))`, element-wise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
-        return x.contiguous()?.apply_op1_no_bwd(&GeluCpu);
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let x = x.contiguous()?;
+        return if x.track_op() { x.apply_op1(GeluCpu) } else { x.apply_op1_no_bwd(&GeluCpu) };
     }
     x.gelu_erf()
 }
@@ -51,5 +54,12 @@ impl CustomOp1 for GeluCpu {
             _ => gelu_slice::<{ simd::BASELINE_FMA }>(src, dst),
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// `d GELU / dx = Phi(x) + x phi(x)`, from Candle's ops.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+        let pdf = (x.sqr()? * -0.5)?.exp()? * (2.0 * std::f64::consts::PI).sqrt().recip();
+        Ok(Some(grad_y.mul(&(cdf? + x.mul(&pdf?)?)?)?))
     }
 }
