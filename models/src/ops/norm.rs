@@ -17,8 +17,9 @@ pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// convolution blocks: `residual` has `x`'s shape; `act` is LeakyReLU with `leaky_slope` in `[0, 1]`
 /// (0 is ReLU), or the identity for `None`.
 ///
-/// At inference on the CPU this is one kernel: a statistics pass and one output pass per plane,
-/// where the composed form reads and writes the volume about ten times.
+/// On the CPU this is one kernel with its own backward pass: a statistics pass and one output pass
+/// per plane, where the composed form (other devices, half types) reads and writes the volume about
+/// ten times forward and twenty backward.
 pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Option<f64>, eps: f64) -> Result<Tensor> {
     if let Some(r) = residual
         && r.dims() != x.dims()
@@ -32,12 +33,14 @@ pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Opt
     let fusable = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && residual.is_none_or(|r| r.dtype() == x.dtype());
-    if fusable && !tracked {
+    if fusable {
         let op = InstanceNormCpu { eps, leaky_slope };
         let x = x.contiguous()?;
-        return match residual {
-            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
-            None => x.apply_op1_no_bwd(&op),
+        return match (residual, tracked) {
+            (Some(r), true) => x.apply_op2(&r.contiguous()?, op),
+            (Some(r), false) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
+            (None, true) => x.apply_op1(op),
+            (None, false) => x.apply_op1_no_bwd(&op),
         };
     }
     let mut y = instance_norm_composed(x, eps)?;
@@ -97,8 +100,7 @@ pub fn channel_layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f
     }
 }
 
-/// Forward-only CPU instance norm with the optional residual and LeakyReLU of
-/// [`instance_norm_act`]: each `(sample, channel)` plane in parallel, statistics in f64.
+/// The CPU instance norm with the optional residual and LeakyReLU of [`instance_norm_act`]: each `(sample, channel)` plane in parallel, statistics in f64.
 struct InstanceNormCpu {
     eps: f64,
     leaky_slope: Option<f64>,
@@ -117,6 +119,14 @@ fn sum_f64<T: WithDType>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64())).sum::<f64>()
 }
 
+/// A plane's mean and `1 / sqrt(var + eps)`, in f64.
+fn plane_statistics<T: WithDType>(src: &[T], eps: f64) -> (f64, f64) {
+    let n = src.len() as f64;
+    let mean = sum_f64(src, |v| v) / n;
+    let var = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 fn instance_norm_planes<T: WithDType>(
     x: &[T],
     residual: Option<&[T]>,
@@ -126,10 +136,7 @@ fn instance_norm_planes<T: WithDType>(
 ) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (dst, src))| {
-        let n = src.len() as f64;
-        let mean = sum_f64(src, |v| v) / n;
-        let var = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
-        let inv_std = 1.0 / (var + eps).sqrt();
+        let (mean, inv_std) = plane_statistics(src, eps);
         let slope = leaky_slope.unwrap_or(1.0);
         let normalise = |v: T| (v.to_f64() - mean) * inv_std;
         let act = |v: f64| T::from_f64(v.max(slope * v));
@@ -183,6 +190,15 @@ impl InstanceNormCpu {
     }
 }
 
+impl InstanceNormCpu {
+    /// The gradient of the input (`want_input`) or of the residual, from the input `x`, the output
+    /// `y` and the output's gradient.
+    fn grad(&self, x: &Tensor, y: &Tensor, grad_y: &Tensor, want_input: bool) -> Result<Tensor> {
+        let op = InstanceNormBackward { eps: self.eps, leaky_slope: self.leaky_slope, want_input };
+        x.contiguous()?.apply_op3_no_bwd(&y.contiguous()?, &grad_y.contiguous()?, &op)
+    }
+}
+
 impl CustomOp1 for InstanceNormCpu {
     fn name(&self) -> &'static str {
         "prosam-instance-norm-cpu"
@@ -190,6 +206,10 @@ impl CustomOp1 for InstanceNormCpu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run((storage, layout), None)
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad(x, y, grad_y, true)?))
     }
 }
 
@@ -200,5 +220,98 @@ impl CustomOp2 for InstanceNormCpu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run((s1, l1), Some((s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _residual: &Tensor,
+        y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.grad(x, y, grad_y, true)?), Some(self.grad(x, y, grad_y, false)?)))
+    }
+}
+
+/// The backward pass of [`InstanceNormCpu`]: `(x, y, dy)` to the input's or the residual's
+/// gradient. With `dz = dy * act'(z)` (1 where `y > 0`, the slope elsewhere), the residual's is
+/// `dz` and the input's `inv_std * (dz - mean(dz) - x_hat * mean(dz * x_hat))` per plane.
+struct InstanceNormBackward {
+    eps: f64,
+    leaky_slope: Option<f64>,
+    want_input: bool,
+}
+
+fn instance_norm_backward_planes<T: WithDType>(
+    x: &[T],
+    y: &[T],
+    grad_y: &[T],
+    plane: usize,
+    op: &InstanceNormBackward,
+) -> Vec<T> {
+    let slope = op.leaky_slope.unwrap_or(1.0);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(plane).enumerate().for_each(|(p, dst)| {
+        let range = p * plane..(p + 1) * plane;
+        let (x, y, dy) = (&x[range.clone()], &y[range.clone()], &grad_y[range]);
+        let dz = |i: usize| {
+            let d = dy[i].to_f64();
+            if y[i].to_f64() > 0.0 { d } else { d * slope }
+        };
+        if !op.want_input {
+            dst.iter_mut().enumerate().for_each(|(i, o)| *o = T::from_f64(dz(i)));
+            return;
+        }
+        let (mean, inv_std) = plane_statistics(x, op.eps);
+        let n = plane as f64;
+        let (mut sum_dz, mut sum_dz_xhat) = (0.0, 0.0);
+        for (i, v) in x.iter().enumerate() {
+            let d = dz(i);
+            sum_dz += d;
+            sum_dz_xhat += d * (v.to_f64() - mean) * inv_std;
+        }
+        let (mean_dz, mean_dz_xhat) = (sum_dz / n, sum_dz_xhat / n);
+        for (i, (o, v)) in dst.iter_mut().zip(x).enumerate() {
+            let x_hat = (v.to_f64() - mean) * inv_std;
+            *o = T::from_f64(inv_std * (dz(i) - mean_dz - x_hat * mean_dz_xhat));
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp3 for InstanceNormBackward {
+    fn name(&self) -> &'static str {
+        "prosam-instance-norm-cpu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let range = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("prosam-instance-norm-cpu-backward: inputs must be contiguous".into())
+            })
+        };
+        if l1.dims() != l2.dims() || l1.dims() != l3.dims() {
+            bail!("prosam-instance-norm-cpu-backward: x, y and dy must share a shape");
+        }
+        let plane: usize = l1.dims().iter().skip(2).product();
+        let ((a0, a1), (b0, b1), (c0, c1)) = (range(l1)?, range(l2)?, range(l3)?);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(instance_norm_backward_planes(&x[a0..a1], &y[b0..b1], &dy[c0..c1], plane, self))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(instance_norm_backward_planes(&x[a0..a1], &y[b0..b1], &dy[c0..c1], plane, self))
+            }
+            _ => bail!("prosam-instance-norm-cpu-backward: only f32 and f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
