@@ -118,75 +118,66 @@ fn bounds(labels: &[u8], dims: [usize; 3], label: u8) -> Option<[[usize; 2]; 3]>
     any.then_some(b)
 }
 
-/// A box of the volume, with flat indexing inside it.
-struct Region {
-    lo: [usize; 3],
-    size: [usize; 3],
-    dims: [usize; 3],
+/// Runs along x of a box of the volume: row `r` of the box (local `j + sy * k`) holds runs
+/// `starts[r]..starts[r + 1]`, each `[x0, x1)` in local x. Connected components are unions of
+/// runs, so their memory follows the number of runs, not of voxels.
+struct Runs {
+    runs: Vec<[u32; 2]>,
+    starts: Vec<usize>,
 }
 
-impl Region {
-    fn len(&self) -> usize {
-        self.size.iter().product()
+impl Runs {
+    /// The runs of local voxels where `inside(row, x)` holds, in a box of `size`.
+    fn collect(size: [usize; 3], mut row_runs: impl FnMut(usize, &mut Vec<[u32; 2]>)) -> Runs {
+        let rows = size[1] * size[2];
+        let mut runs = Vec::new();
+        let mut starts = Vec::with_capacity(rows + 1);
+        for r in 0..rows {
+            starts.push(runs.len());
+            row_runs(r, &mut runs);
+        }
+        starts.push(runs.len());
+        Runs { runs, starts }
     }
 
-    /// Index into the volume of local index `p`.
-    fn global(&self, p: usize) -> usize {
-        let [sx, sy, _] = self.size;
-        let (i, j, k) = (p % sx, p / sx % sy, p / (sx * sy));
-        (self.lo[0] + i) + self.dims[0] * ((self.lo[1] + j) + self.dims[1] * (self.lo[2] + k))
+    fn row(&self, r: usize) -> std::ops::Range<usize> {
+        self.starts[r]..self.starts[r + 1]
     }
 
-    /// The up to six face neighbours of local index `p`.
-    fn neighbours(&self, p: usize, out: &mut Vec<usize>) {
-        out.clear();
-        let [sx, sy, sz] = self.size;
-        let (i, j, k) = (p % sx, p / sx % sy, p / (sx * sy));
-        if i > 0 {
-            out.push(p - 1);
+    /// Union-find over face-connected runs (6-connectivity: runs of neighbouring rows that share
+    /// an x); returns each run's root.
+    fn components(&self, size: [usize; 3]) -> Vec<u32> {
+        let mut parent: Vec<u32> = (0..self.runs.len() as u32).collect();
+        fn find(parent: &mut [u32], mut a: u32) -> u32 {
+            while parent[a as usize] != a {
+                parent[a as usize] = parent[parent[a as usize] as usize];
+                a = parent[a as usize];
+            }
+            a
         }
-        if i + 1 < sx {
-            out.push(p + 1);
-        }
-        if j > 0 {
-            out.push(p - sx);
-        }
-        if j + 1 < sy {
-            out.push(p + sx);
-        }
-        if k > 0 {
-            out.push(p - sx * sy);
-        }
-        if k + 1 < sz {
-            out.push(p + sx * sy);
-        }
-    }
-
-    fn on_face(&self, p: usize) -> bool {
-        let [sx, sy, sz] = self.size;
-        let (i, j, k) = (p % sx, p / sx % sy, p / (sx * sy));
-        i == 0 || j == 0 || k == 0 || i + 1 == sx || j + 1 == sy || k + 1 == sz
-    }
-}
-
-/// Flood fill from `seeds` over local voxels where `inside` holds; marks them in `seen` with `mark`
-/// and returns how many it reached.
-fn flood(region: &Region, seeds: &[usize], inside: &dyn Fn(usize) -> bool, seen: &mut [u32], mark: u32) -> usize {
-    let mut stack: Vec<usize> = seeds.iter().copied().filter(|&p| seen[p] == 0 && inside(p)).collect();
-    stack.iter().for_each(|&p| seen[p] = mark);
-    let mut count = stack.len();
-    let mut next = Vec::with_capacity(6);
-    while let Some(p) = stack.pop() {
-        region.neighbours(p, &mut next);
-        for &q in &next {
-            if seen[q] == 0 && inside(q) {
-                seen[q] = mark;
-                count += 1;
-                stack.push(q);
+        let [_, sy, sz] = size;
+        for k in 0..sz {
+            for j in 0..sy {
+                let r = j + sy * k;
+                let neighbours = [(j > 0).then(|| r - 1), (k > 0).then(|| r - sy)];
+                for q in neighbours.into_iter().flatten() {
+                    let (mut a, mut b) = (self.row(r).start, self.row(q).start);
+                    let (a_end, b_end) = (self.row(r).end, self.row(q).end);
+                    while a < a_end && b < b_end {
+                        let (ra, rb) = (self.runs[a], self.runs[b]);
+                        if ra[0] < rb[1] && rb[0] < ra[1] {
+                            let (x, y) = (find(&mut parent, a as u32), find(&mut parent, b as u32));
+                            if x != y {
+                                parent[x.max(y) as usize] = x.min(y);
+                            }
+                        }
+                        if ra[1] < rb[1] { a += 1 } else { b += 1 }
+                    }
+                }
             }
         }
+        (0..parent.len() as u32).map(|a| find(&mut parent, a)).collect()
     }
-    count
 }
 
 /// What [`clean`] changed for one label.
@@ -203,45 +194,90 @@ pub struct CleanReport {
 
 /// Keeps the largest connected component of `label` (all of those tied for the largest) and fills
 /// its holes: background voxels that no path of non-organ voxels joins to the volume's border
-/// become the organ. Voxels of other organs are never changed.
+/// become the organ. Voxels of other organs are never changed. Works on runs along x inside the
+/// organ's bounding box (a few bytes per run, where a voxel-wise flood fill needed about 14 per
+/// voxel of the box, 1.4 GB for a 512 x 512 x 400 map).
 pub fn clean(labels: &mut [u8], dims: [usize; 3], label: u8) -> CleanReport {
     let mut report = CleanReport { label, ..Default::default() };
     let Some(b) = bounds(labels, dims, label) else { return report };
-    let region = Region { lo: [b[0][0], b[1][0], b[2][0]], size: [0, 1, 2].map(|a| b[a][1] - b[a][0] + 1), dims };
-    let n = region.len();
-    let local: Vec<u8> = (0..n).map(|p| labels[region.global(p)]).collect();
+    let lo = [b[0][0], b[1][0], b[2][0]];
+    let size = [0, 1, 2].map(|a| b[a][1] - b[a][0] + 1);
+    let [sx, sy, _] = size;
+    // The volume's offset of local row r's first voxel.
+    let row_base = |r: usize| lo[0] + dims[0] * ((lo[1] + r % sy) + dims[1] * (lo[2] + r / sy));
 
-    let mut component = vec![0u32; n];
-    let mut sizes = vec![0usize];
-    for p in 0..n {
-        if local[p] == label && component[p] == 0 {
-            let mark = sizes.len() as u32;
-            sizes.push(flood(&region, &[p], &|q| local[q] == label, &mut component, mark));
+    let organ = Runs::collect(size, |r, out| {
+        let row = &labels[row_base(r)..row_base(r) + sx];
+        let mut x = 0;
+        while x < sx {
+            if row[x] == label {
+                let x0 = x;
+                while x < sx && row[x] == label {
+                    x += 1;
+                }
+                out.push([x0 as u32, x as u32]);
+            } else {
+                x += 1;
+            }
         }
+    });
+    let roots = organ.components(size);
+    let mut sizes = vec![0usize; organ.runs.len()];
+    for (run, &root) in organ.runs.iter().zip(&roots) {
+        sizes[root as usize] += (run[1] - run[0]) as usize;
     }
-    report.components = sizes.len() - 1;
+    report.components = roots.iter().enumerate().filter(|&(i, &r)| i == r as usize).count();
     // Components tied for the largest all stay: any one choice would depend on the storage order,
     // and the labels must not depend on how the scan's axes are stored.
     let largest = sizes.iter().copied().max().unwrap_or(0);
-    let mut organ: Vec<bool> = component.iter().map(|&c| c != 0 && sizes[c as usize] == largest).collect();
-    for p in 0..n {
-        if local[p] == label && !organ[p] {
-            labels[region.global(p)] = 0;
-            report.removed_voxels += 1;
+    let kept: Vec<bool> = roots.iter().map(|&r| sizes[r as usize] == largest).collect();
+    for r in 0..sy * size[2] {
+        for i in organ.row(r) {
+            if !kept[i] {
+                let [x0, x1] = organ.runs[i];
+                labels[row_base(r) + x0 as usize..row_base(r) + x1 as usize].fill(0);
+                report.removed_voxels += (x1 - x0) as usize;
+            }
         }
     }
 
-    // Outside the box is all non-organ and joins the border, so the box's faces seed the outside.
-    let mut outside = vec![0u32; n];
-    let seeds: Vec<usize> = (0..n).filter(|&p| region.on_face(p)).collect();
-    flood(&region, &seeds, &|q| !organ[q], &mut outside, 1);
-    for p in 0..n {
-        if !organ[p] && outside[p] == 0 {
-            let g = region.global(p);
-            if labels[g] == 0 {
-                labels[g] = label;
-                organ[p] = true;
-                report.filled_voxels += 1;
+    // The rest of the box, as runs between the kept organ's runs. Outside the box is all
+    // non-organ and joins the border, so runs on the box's faces are outside.
+    let rest = Runs::collect(size, |r, out| {
+        let mut x = 0u32;
+        for i in organ.row(r).filter(|&i| kept[i]) {
+            let [x0, x1] = organ.runs[i];
+            if x0 > x {
+                out.push([x, x0]);
+            }
+            x = x1;
+        }
+        if (x as usize) < sx {
+            out.push([x, sx as u32]);
+        }
+    });
+    let rest_roots = rest.components(size);
+    let mut outside = vec![false; rest.runs.len()];
+    for r in 0..sy * size[2] {
+        let (j, k) = (r % sy, r / sy);
+        let face_row = j == 0 || k == 0 || j + 1 == sy || k + 1 == size[2];
+        for i in rest.row(r) {
+            let [x0, x1] = rest.runs[i];
+            if face_row || x0 == 0 || x1 as usize == sx {
+                outside[rest_roots[i] as usize] = true;
+            }
+        }
+    }
+    for r in 0..sy * size[2] {
+        for i in rest.row(r) {
+            if !outside[rest_roots[i] as usize] {
+                let [x0, x1] = rest.runs[i];
+                for v in &mut labels[row_base(r) + x0 as usize..row_base(r) + x1 as usize] {
+                    if *v == 0 {
+                        *v = label;
+                        report.filled_voxels += 1;
+                    }
+                }
             }
         }
     }
@@ -333,6 +369,158 @@ pub fn label_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The voxel-wise flood fill that `clean` replaced, kept as the reference it must equal.
+    /// A box of the volume, with flat indexing inside it.
+    struct Region {
+        lo: [usize; 3],
+        size: [usize; 3],
+        dims: [usize; 3],
+    }
+
+    impl Region {
+        fn len(&self) -> usize {
+            self.size.iter().product()
+        }
+
+        /// Index into the volume of local index `p`.
+        fn global(&self, p: usize) -> usize {
+            let [sx, sy, _] = self.size;
+            let (i, j, k) = (p % sx, p / sx % sy, p / (sx * sy));
+            (self.lo[0] + i) + self.dims[0] * ((self.lo[1] + j) + self.dims[1] * (self.lo[2] + k))
+        }
+
+        /// The up to six face neighbours of local index `p`.
+        fn neighbours(&self, p: usize, out: &mut Vec<usize>) {
+            out.clear();
+            let [sx, sy, sz] = self.size;
+            let (i, j, k) = (p % sx, p / sx % sy, p / (sx * sy));
+            if i > 0 {
+                out.push(p - 1);
+            }
+            if i + 1 < sx {
+                out.push(p + 1);
+            }
+            if j > 0 {
+                out.push(p - sx);
+            }
+            if j + 1 < sy {
+                out.push(p + sx);
+            }
+            if k > 0 {
+                out.push(p - sx * sy);
+            }
+            if k + 1 < sz {
+                out.push(p + sx * sy);
+            }
+        }
+
+        fn on_face(&self, p: usize) -> bool {
+            let [sx, sy, sz] = self.size;
+            let (i, j, k) = (p % sx, p / sx % sy, p / (sx * sy));
+            i == 0 || j == 0 || k == 0 || i + 1 == sx || j + 1 == sy || k + 1 == sz
+        }
+    }
+
+    /// Flood fill from `seeds` over local voxels where `inside` holds; marks them in `seen` with `mark`
+    /// and returns how many it reached.
+    fn flood(region: &Region, seeds: &[usize], inside: &dyn Fn(usize) -> bool, seen: &mut [u32], mark: u32) -> usize {
+        let mut stack: Vec<usize> = seeds.iter().copied().filter(|&p| seen[p] == 0 && inside(p)).collect();
+        stack.iter().for_each(|&p| seen[p] = mark);
+        let mut count = stack.len();
+        let mut next = Vec::with_capacity(6);
+        while let Some(p) = stack.pop() {
+            region.neighbours(p, &mut next);
+            for &q in &next {
+                if seen[q] == 0 && inside(q) {
+                    seen[q] = mark;
+                    count += 1;
+                    stack.push(q);
+                }
+            }
+        }
+        count
+    }
+
+    fn voxelwise_clean(labels: &mut [u8], dims: [usize; 3], label: u8) -> CleanReport {
+        let mut report = CleanReport { label, ..Default::default() };
+        let Some(b) = bounds(labels, dims, label) else { return report };
+        let region = Region { lo: [b[0][0], b[1][0], b[2][0]], size: [0, 1, 2].map(|a| b[a][1] - b[a][0] + 1), dims };
+        let n = region.len();
+        let local: Vec<u8> = (0..n).map(|p| labels[region.global(p)]).collect();
+
+        let mut component = vec![0u32; n];
+        let mut sizes = vec![0usize];
+        for p in 0..n {
+            if local[p] == label && component[p] == 0 {
+                let mark = sizes.len() as u32;
+                sizes.push(flood(&region, &[p], &|q| local[q] == label, &mut component, mark));
+            }
+        }
+        report.components = sizes.len() - 1;
+        // Components tied for the largest all stay: any one choice would depend on the storage order,
+        // and the labels must not depend on how the scan's axes are stored.
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let mut organ: Vec<bool> = component.iter().map(|&c| c != 0 && sizes[c as usize] == largest).collect();
+        for p in 0..n {
+            if local[p] == label && !organ[p] {
+                labels[region.global(p)] = 0;
+                report.removed_voxels += 1;
+            }
+        }
+
+        // Outside the box is all non-organ and joins the border, so the box's faces seed the outside.
+        let mut outside = vec![0u32; n];
+        let seeds: Vec<usize> = (0..n).filter(|&p| region.on_face(p)).collect();
+        flood(&region, &seeds, &|q| !organ[q], &mut outside, 1);
+        for p in 0..n {
+            if !organ[p] && outside[p] == 0 {
+                let g = region.global(p);
+                if labels[g] == 0 {
+                    labels[g] = label;
+                    organ[p] = true;
+                    report.filled_voxels += 1;
+                }
+            }
+        }
+        report
+    }
+
+    /// Random label maps (salt-and-pepper of three labels, and blobs with holes), cleaned by runs
+    /// and by the voxel-wise reference: the same labels and the same reports.
+    #[test]
+    fn runs_clean_exactly_as_a_voxelwise_flood_fill() {
+        let mut rng = crate::rng::Rng::new(5);
+        for case in 0..40 {
+            let dims = [3 + rng.below(20), 1 + rng.below(15), 1 + rng.below(12)];
+            let n: usize = dims.iter().product();
+            let labels: Vec<u8> = if case % 2 == 0 {
+                (0..n).map(|_| [0u8, 0, 1, 1, 2][rng.below(5)]).collect()
+            } else {
+                let c = dims.map(|d| rng.below(d) as f64);
+                (0..n)
+                    .map(|p| {
+                        let (i, j, k) = (p % dims[0], p / dims[0] % dims[1], p / (dims[0] * dims[1]));
+                        let r2 = (i as f64 - c[0]).powi(2) + (j as f64 - c[1]).powi(2) + (k as f64 - c[2]).powi(2);
+                        if rng.below(10) == 0 {
+                            2
+                        } else if r2 < 20.0 && r2 > 2.0 {
+                            1
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            };
+            for label in [1u8, 2] {
+                let (mut a, mut b) = (labels.clone(), labels.clone());
+                let ra = clean(&mut a, dims, label);
+                let rb = voxelwise_clean(&mut b, dims, label);
+                assert_eq!(ra, rb, "case {case}, label {label}, dims {dims:?}");
+                assert!(a == b, "case {case}, label {label}, dims {dims:?}: the maps differ");
+            }
+        }
+    }
 
     fn idx(dims: [usize; 3], i: usize, j: usize, k: usize) -> usize {
         i + dims[0] * (j + dims[1] * k)
