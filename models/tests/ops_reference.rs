@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use prosam_models::ops::attention::{window_attention_chunked, window_attention_qkv};
 use prosam_models::ops::window::{relative_position_index, roll_spatial, stage_window};
 use prosam_models::ops::{
-    channel_layer_norm, compute_shift_mask, conv_transpose3d, conv3d, depthwise_conv3d, instance_norm,
-    instance_norm_act, interpolate_linear, max_pool3d, window_partition, window_reverse,
+    channel_layer_norm, compute_shift_mask, conv_transpose3d, conv_transpose3d_cat, conv3d, depthwise_conv3d,
+    instance_norm, instance_norm_act, interpolate_linear, max_pool3d, window_partition, window_reverse,
 };
 use reference::{Arr, Rng};
 
@@ -191,6 +191,25 @@ fn conv_transpose3d_kernel2_stride2() {
     let op = |t: &[Tensor]| conv_transpose3d(&t[0], &t[1], Some(&t[2]), 2);
     check_against_reference("conv_transpose3d", &[&x, &w, &b], &expected, op);
     check_gradients("conv_transpose3d", &[&x, &w, &b], 14, op);
+    // With the skip channels appended (UNETR's up-sampling step): the up-sampled channels, then
+    // the skip's, batch by batch.
+    let skip = rng.arr(&[x.shape[0], 3, 2 * x.shape[2], 2 * x.shape[3], 2 * x.shape[4]], 1.0);
+    let up = reference::conv_transpose3d(&x, &w, None, 2);
+    let c_up = up.shape[1];
+    let mut expected = Arr::zeros(&[up.shape[0], c_up + 3, up.shape[2], up.shape[3], up.shape[4]]);
+    let plane: usize = up.shape[2..].iter().product();
+    for n in 0..up.shape[0] {
+        for c in 0..c_up + 3 {
+            let src = if c < c_up {
+                &up.data[(n * c_up + c) * plane..][..plane]
+            } else {
+                &skip.data[(n * 3 + c - c_up) * plane..][..plane]
+            };
+            expected.data[(n * (c_up + 3) + c) * plane..][..plane].copy_from_slice(src);
+        }
+    }
+    let cat = |t: &[Tensor]| conv_transpose3d_cat(&t[0], &t[1], &t[2]);
+    check_against_reference("conv_transpose3d_cat", &[&x, &w, &skip], &expected, cat);
 }
 
 #[test]

@@ -20,7 +20,7 @@ pub mod window;
 
 pub use activation::gelu_erf;
 pub use attention::{window_attention, window_attention_qkv};
-pub use conv_transpose3d::conv_transpose3d;
+pub use conv_transpose3d::{conv_transpose3d, conv_transpose3d_cat};
 pub use conv3d::{conv3d, conv3d_weight, depthwise_conv3d};
 pub use norm::{channel_layer_norm, instance_norm, instance_norm_act};
 pub use resample::{interpolate_linear, max_pool3d};

@@ -45,35 +45,21 @@ pub(crate) fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Independent accumulators per reduction: a chain of dependent additions waits 4 cycles per step,
-/// so four 8-lane accumulators keep the vector unit busy (one would make a 343-key dot product
-/// latency-bound, about 4x slower).
-const ACCUMULATORS: usize = 4;
-
-/// `sum(a * b)`, accumulated in 4 x 8 lanes (so the result differs from a sequential sum by rounding).
+/// `sum(a * b)`, accumulated in 8 lanes (so the result differs from a sequential sum by rounding).
 #[inline(always)]
 pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let len = a.len().min(b.len());
     let (a, b) = (&a[..len], &b[..len]);
-    let mut acc = [[0f32; LANES]; ACCUMULATORS];
-    let (a32, b32) = (a.chunks_exact(LANES * ACCUMULATORS), b.chunks_exact(LANES * ACCUMULATORS));
-    let (a_rest, b_rest) = (a32.remainder(), b32.remainder());
-    for (x, y) in a32.zip(b32) {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            for l in 0..LANES {
-                acc[l] = madd::<FMA>(x[k * LANES + l], y[k * LANES + l], acc[l]);
-            }
-        }
-    }
-    let (a8, b8) = (a_rest.chunks_exact(LANES), b_rest.chunks_exact(LANES));
-    let (a_tail, b_tail) = (a8.remainder(), b8.remainder());
-    for (k, (x, y)) in a8.zip(b8).enumerate() {
+    let mut acc = [0f32; LANES];
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
         for l in 0..LANES {
-            acc[k][l] = madd::<FMA>(x[l], y[l], acc[k][l]);
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
         }
     }
-    let mut total = reduce(&acc);
-    for (x, y) in a_tail.iter().zip(b_tail) {
+    let mut total = acc.iter().sum::<f32>();
+    for (x, y) in a_rest.iter().zip(b_rest) {
         total = madd::<FMA>(*x, *y, total);
     }
     total
@@ -82,19 +68,15 @@ pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// The largest element (negative infinity for an empty slice).
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
-    let mut acc = [[f32::NEG_INFINITY; LANES]; ACCUMULATORS];
-    let chunks = x.chunks_exact(LANES * ACCUMULATORS);
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            for l in 0..LANES {
-                let v = c[k * LANES + l];
-                acc[l] = if v > acc[l] { v } else { acc[l] };
-            }
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
         }
     }
-    let m = acc.iter().flatten().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    rest.iter().fold(m, |m, &v| m.max(v))
+    rest.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), |m, &v| m.max(v))
 }
 
 /// `e^x` for `x <= 0` (the shifted scores of a softmax), within 2 ulp of the exact value down to
@@ -135,29 +117,18 @@ pub(crate) fn exp_shifted_sum<const FMA: bool>(x: &mut [f32], shift: f32) -> f32
     sum(x)
 }
 
-/// The sum of `x`, accumulated in 4 x 8 lanes.
+/// The sum of `x`, accumulated in 8 lanes.
 #[inline(always)]
 pub(crate) fn sum(x: &[f32]) -> f32 {
-    let mut acc = [[0f32; LANES]; ACCUMULATORS];
-    let chunks = x.chunks_exact(LANES * ACCUMULATORS);
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            for l in 0..LANES {
-                acc[l] += c[k * LANES + l];
-            }
+        for l in 0..LANES {
+            acc[l] += c[l];
         }
     }
-    reduce(&acc) + rest.iter().sum::<f32>()
-}
-
-/// The sum of all lanes of the accumulators: lane-wise vector additions, then a tree over the 8
-/// lanes (a sequential sum of 32 values would be a 32-step dependency chain).
-#[inline(always)]
-fn reduce(acc: &[[f32; LANES]; ACCUMULATORS]) -> f32 {
-    let v: [f32; LANES] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-    let h: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
-    (h[0] + h[2]) + (h[1] + h[3])
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
 /// `erf(x)` in f32, within a few ulp: the rational approximation of Eigen and XLA (odd degree-13

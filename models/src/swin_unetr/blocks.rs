@@ -5,7 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::ops::quantized::Weight;
-use crate::ops::{conv_transpose3d, conv3d, conv3d_weight, instance_norm, instance_norm_act};
+use crate::ops::{conv_transpose3d_cat, conv3d, conv3d_weight, instance_norm, instance_norm_act};
 
 const NORM_EPS: f64 = 1e-5;
 const LEAKY_SLOPE: f64 = 0.01;
@@ -80,8 +80,7 @@ impl UnetrUpBlock {
     }
 
     pub fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
-        let up = conv_transpose3d(x, &self.transp_conv, None, 2)?;
-        self.conv_block.forward(&Tensor::cat(&[&up, skip], 1)?)
+        self.conv_block.forward(&conv_transpose3d_cat(x, &self.transp_conv, skip)?)
     }
 }
 
