@@ -82,6 +82,8 @@ fn instance_norm_composed(x: &Tensor, eps: f64) -> Result<Tensor> {
 ///
 /// Written as two passes (mean, then centred variance) rather than with Candle's fused kernel, which
 /// has no backward pass and computes E[x^2] - E[x]^2 in f32, losing digits when the mean is large.
+/// At inference on the CPU, one kernel does both passes per token (statistics in f64), where the
+/// composed form makes nine passes over the tensor.
 pub fn channel_layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
     if matches!(x.dtype(), DType::F16 | DType::BF16) {
         // Statistics in f32, as PyTorch's autocast keeps layer norm, then back to the half type.
@@ -89,6 +91,17 @@ pub fn channel_layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f
         let wide = wide.transpose()?;
         let y = channel_layer_norm(&x.to_dtype(DType::F32)?, wide.as_ref().map(|(w, b)| (w, b)), eps)?;
         return y.to_dtype(x.dtype());
+    }
+    let tracked = x.track_op() || affine.is_some_and(|(w, b)| w.track_op() || b.track_op());
+    let c = x.dim(D::Minus1)?;
+    let affine_ok = affine
+        .is_none_or(|(w, b)| w.dims() == [c] && b.dims() == [c] && w.dtype() == x.dtype() && b.dtype() == x.dtype());
+    if x.device().is_cpu() && !tracked && matches!(x.dtype(), DType::F32 | DType::F64) && affine_ok {
+        let x = x.contiguous()?;
+        return match affine {
+            Some((w, b)) => x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &LayerNormCpu { eps }),
+            None => x.apply_op1_no_bwd(&LayerNormCpu { eps }),
+        };
     }
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
@@ -313,5 +326,103 @@ impl candle_core::CustomOp3 for InstanceNormBackward {
             _ => bail!("prosam-instance-norm-cpu-backward: only f32 and f64 of one dtype"),
         };
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Forward-only CPU layer norm over the last axis, optionally with `(weight, bias)`.
+struct LayerNormCpu {
+    eps: f64,
+}
+
+fn layer_norm_rows<T: WithDType>(x: &[T], c: usize, affine: Option<(&[T], &[T])>, eps: f64) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    // Rows in groups, so that a task is worth scheduling even for 12 channels.
+    let group = (4096 / c.max(1)).max(1) * c;
+    y.par_chunks_mut(group).zip(x.par_chunks(group)).for_each(|(dst, src)| {
+        for (o, v) in dst.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
+            let n = c as f64;
+            let mean = v.iter().map(|a| a.to_f64()).sum::<f64>() / n;
+            let var = v.iter().map(|a| (a.to_f64() - mean).powi(2)).sum::<f64>() / n;
+            let inv_std = 1.0 / (var + eps).sqrt();
+            match affine {
+                Some((w, b)) => {
+                    for (i, (o, a)) in o.iter_mut().zip(v).enumerate() {
+                        *o = T::from_f64((a.to_f64() - mean) * inv_std * w[i].to_f64() + b[i].to_f64());
+                    }
+                }
+                None => {
+                    for (o, a) in o.iter_mut().zip(v) {
+                        *o = T::from_f64((a.to_f64() - mean) * inv_std);
+                    }
+                }
+            }
+        }
+    });
+    y
+}
+
+impl LayerNormCpu {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        affine: Option<((&CpuStorage, &Layout), (&CpuStorage, &Layout))>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let range = |l: &Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("prosam-layer-norm-cpu: inputs must be contiguous".into()))
+        };
+        let c = *x.1.dims().last().unwrap_or(&0);
+        if c == 0 {
+            bail!("prosam-layer-norm-cpu: no channels");
+        }
+        let (x0, x1) = range(x.1)?;
+        macro_rules! go {
+            ($variant:ident) => {{
+                let CpuStorage::$variant(xs) = x.0 else { bail!("prosam-layer-norm-cpu: inputs of one dtype") };
+                let affine = match affine {
+                    Some(((CpuStorage::$variant(w), lw), (CpuStorage::$variant(b), lb))) => {
+                        let ((w0, w1), (b0, b1)) = (range(lw)?, range(lb)?);
+                        Some((&w[w0..w1], &b[b0..b1]))
+                    }
+                    None => None,
+                    _ => bail!("prosam-layer-norm-cpu: inputs of one dtype"),
+                };
+                CpuStorage::$variant(layer_norm_rows(&xs[x0..x1], c, affine, self.eps))
+            }};
+        }
+        let storage = match x.0 {
+            CpuStorage::F32(_) => go!(F32),
+            CpuStorage::F64(_) => go!(F64),
+            _ => bail!("prosam-layer-norm-cpu: only f32 and f64"),
+        };
+        Ok((storage, x.1.shape().clone()))
+    }
+}
+
+impl CustomOp1 for LayerNormCpu {
+    fn name(&self) -> &'static str {
+        "prosam-layer-norm-cpu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((s, l), None)
+    }
+}
+
+impl candle_core::CustomOp3 for LayerNormCpu {
+    fn name(&self) -> &'static str {
+        "prosam-layer-norm-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), Some(((s2, l2), (s3, l3))))
     }
 }
