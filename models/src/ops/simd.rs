@@ -37,14 +37,6 @@ pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// `y += a * x`.
-#[inline(always)]
-pub(crate) fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = madd::<FMA>(a, *x, *y);
-    }
-}
-
 /// `sum(a * b)`, accumulated in 8 lanes (so the result differs from a sequential sum by rounding).
 #[inline(always)]
 pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
@@ -63,20 +55,6 @@ pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         total = madd::<FMA>(*x, *y, total);
     }
     total
-}
-
-/// The largest element (negative infinity for an empty slice).
-#[inline(always)]
-pub(crate) fn max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-        }
-    }
-    rest.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), |m, &v| m.max(v))
 }
 
 /// `e^x` for `x <= 0` (the shifted scores of a softmax), within 2 ulp of the exact value down to
@@ -236,14 +214,10 @@ mod tests {
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot::<false>(&a, &b) as f64 - exact).abs() < 1e-4, "dot of {len}");
             let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert_eq!(max(&a), m);
             let mut e = a.clone();
             let total = exp_shifted_sum::<false>(&mut e, m);
             let exact_total: f64 = a.iter().map(|v| ((*v - m) as f64).exp()).sum();
             assert!((total as f64 - exact_total).abs() < 1e-5 * exact_total.max(1.0), "exp sum of {len}");
-            let mut y = b.clone();
-            axpy::<false>(&mut y, 2.0, &a);
-            assert!(y.iter().zip(a.iter().zip(&b)).all(|(y, (a, b))| *y == 2.0 * a + b));
         }
     }
 }
