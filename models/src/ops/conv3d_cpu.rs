@@ -201,8 +201,7 @@ where
         .collect();
     let mut partials = partials.into_iter();
     let first = partials.next().unwrap_or_else(|| vec![T::default(); g.c_out * k_len]);
-    let grad_w = partials.fold(first, |a, b| a.into_iter().zip(b).map(|(u, v)| u + v).collect());
-    grad_w
+    partials.fold(first, |a, b| a.into_iter().zip(b).map(|(u, v)| u + v).collect())
 }
 
 /// The scalar constants gemm needs, for the two float types this kernel serves.

@@ -329,6 +329,9 @@ impl candle_core::CustomOp3 for InstanceNormBackward {
     }
 }
 
+/// One input of a custom op: its storage and layout.
+type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
 /// Forward-only CPU layer norm over the last axis, optionally with `(weight, bias)`.
 struct LayerNormCpu {
     eps: f64,
@@ -362,11 +365,7 @@ fn layer_norm_rows<T: WithDType>(x: &[T], c: usize, affine: Option<(&[T], &[T])>
 }
 
 impl LayerNormCpu {
-    fn run(
-        &self,
-        x: (&CpuStorage, &Layout),
-        affine: Option<((&CpuStorage, &Layout), (&CpuStorage, &Layout))>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, x: (&CpuStorage, &Layout), affine: Option<(Operand, Operand)>) -> Result<(CpuStorage, Shape)> {
         let range = |l: &Layout| {
             l.contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("prosam-layer-norm-cpu: inputs must be contiguous".into()))

@@ -13,6 +13,7 @@ pub(crate) const LANES: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
     /// x86-64 with AVX2 and FMA.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx2Fma,
     /// The compile target's baseline (SSE2 on x86-64; NEON with FMA on aarch64).
     Baseline,
@@ -78,7 +79,7 @@ pub(crate) fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
     p = madd::<FMA>(p, r, 8.333_452e-3);
     p = madd::<FMA>(p, r, 4.166_579_6e-2);
     p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    p = madd::<FMA>(p, r, 0.5);
     let e = madd::<FMA>(p, r * r, r) + 1.0;
     let k = (t.to_bits() as i32).wrapping_sub(ROUND_BITS);
     let scale = f32::from_bits(((k + 127) << 23) as u32);
@@ -113,20 +114,14 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
 /// numerator over a degree-8 even denominator on `[-4, 4]`, where `erf` reaches 1 in f32).
 #[inline(always)]
 pub(crate) fn erf<const FMA: bool>(x: f32) -> f32 {
-    let x = if x > 4.0 {
-        4.0
-    } else if x < -4.0 {
-        -4.0
-    } else {
-        x
-    };
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10;
     p = madd::<FMA>(p, x2, 2.770_681_4e-8);
     p = madd::<FMA>(p, x2, -2.101_024e-6);
     p = madd::<FMA>(p, x2, -5.692_506_4e-5);
     p = madd::<FMA>(p, x2, -7.349_906_3e-4);
-    p = madd::<FMA>(p, x2, -2.954_600_0e-3);
+    p = madd::<FMA>(p, x2, -2.954_6e-3);
     p = madd::<FMA>(p, x2, -1.609_603_3e-2);
     let mut q = -1.456_607_2e-5;
     q = madd::<FMA>(q, x2, -2.133_740_6e-4);
