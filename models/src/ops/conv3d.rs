@@ -32,10 +32,13 @@ pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, str
         patchify(x, w, stride)?
     } else if stride == 1 {
         let cpu_kernel = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype();
-        if cpu_kernel && (x.track_op() || w.track_op()) && kd == kh && kh == kw && padding < kd {
-            x.contiguous()?.apply_op2(&w.contiguous()?, Conv3dCpu { padding })?
-        } else if cpu_kernel {
+        let tracked = x.track_op() || w.track_op();
+        // The kernel's backward pass needs a cubic kernel larger than the padding.
+        let has_backward = kd == kh && kh == kw && padding < kd;
+        if cpu_kernel && !tracked {
             x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Conv3dCpu { padding })?
+        } else if cpu_kernel && has_backward {
+            x.contiguous()?.apply_op2(&w.contiguous()?, Conv3dCpu { padding })?
         } else {
             depth_taps(x, w, padding)?
         }
