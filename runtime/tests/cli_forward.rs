@@ -147,3 +147,59 @@ fn teacher_convert_and_forward_match_the_reference_code() {
     );
     assert!(!dir.join("t.safetensors").exists());
 }
+
+/// `prosam bench --profile --json`: every run listed, and a median for each part of the network
+/// (the twelve SwinUNETR parts), adding up to about one run.
+#[test]
+fn bench_profiles_each_part_of_the_network() {
+    let dir = common::scratch_dir("cli_bench_profile");
+    let model = common::coarse_model(&dir);
+    let out = prosam(&[
+        "--threads",
+        "2",
+        "bench",
+        "-m",
+        path_str(&model),
+        "--size",
+        "64,32,32",
+        "--runs",
+        "3",
+        "--warmup",
+        "0",
+        "--profile",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let times: Vec<f64> = report["times_s"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    assert_eq!(times.len(), 3, "{report}");
+    let parts = report["profile_median_s"].as_object().expect("a profile");
+    let expected = [
+        "patch_embed",
+        "swin_stage1",
+        "swin_stage2",
+        "swin_stage3",
+        "swin_stage4",
+        "encoders",
+        "decoder5",
+        "decoder4",
+        "decoder3",
+        "decoder2",
+        "decoder1",
+        "out",
+    ];
+    let mut names: Vec<&str> = parts.keys().map(String::as_str).collect();
+    names.sort();
+    let mut sorted = expected.to_vec();
+    sorted.sort();
+    assert_eq!(names, sorted, "{report}");
+    let total: f64 = parts.values().map(|t| t.as_f64().unwrap()).sum();
+    assert!(parts.values().all(|t| t.as_f64().unwrap() >= 0.0));
+    let (lo, hi) = (times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max));
+    assert!(total >= 0.5 * lo && total <= 1.5 * hi, "parts add up to {total} s, runs took {lo}..{hi} s");
+    // Without --profile there is no profile.
+    let out =
+        prosam(&["bench", "-m", path_str(&model), "--size", "64,32,32", "--runs", "1", "--warmup", "0", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(report["profile_median_s"].is_null(), "{report}");
+}
