@@ -183,8 +183,8 @@ impl Segmenter {
         let restore = f32s(model).saturating_mul(classes + 1).saturating_add(stored);
         // Cleaning works on runs along x: about 21 bytes per run of the organ and 13 per run of
         // the rest of its box, besides the labels. Counted as a run every 7 voxels over the whole
-        // volume, which even an untrained network's speckled output stays below (a checkerboard
-        // would need 17 bytes per voxel; no network output is one).
+        // volume (an organ has a few runs per row of its box); this is not a bound: a checkerboard
+        // label map would need about 17 bytes per voxel.
         let postprocess = stored.saturating_mul(1 + 5);
         let stages =
             [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes.saturating_add(stored)];

@@ -355,10 +355,7 @@ impl FusedWindowAttention {
             }
             None => 1,
         };
-        let slice = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("fused window attention: inputs must be contiguous".into()))
-        };
+        let slice = |l: &Layout| super::contiguous_range(l, "fused window attention");
         let (q0, q1) = slice(qkv.1)?;
         let (b0, b1) = slice(bias.1)?;
         let mask_range = mask.map(|(_, l)| slice(l)).transpose()?;

@@ -245,18 +245,14 @@ impl Conv3dCpu {
     }
 }
 
-fn contiguous_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("prosam-conv3d-cpu: {what} must be contiguous")))
-}
-
 impl CustomOp2 for Conv3dCpu {
     fn name(&self) -> &'static str {
         "prosam-conv3d-cpu"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let ((x0, x1), (w0, w1)) = (contiguous_range(l1, "the input")?, contiguous_range(l2, "the weight")?);
+        let ((x0, x1), (w0, w1)) =
+            (super::contiguous_range(l1, "prosam-conv3d-cpu")?, super::contiguous_range(l2, "prosam-conv3d-cpu")?);
         let (b, g) = self.geometry(l1.dims(), l2.dims())?;
         let shape = Shape::from((b, g.c_out, g.out[0], g.out[1], g.out[2]));
         let storage = match (s1, s2) {
@@ -299,7 +295,8 @@ impl CustomOp2 for Conv3dWeightGrad<'_> {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let ((x0, x1), (y0, y1)) = (contiguous_range(l1, "the input")?, contiguous_range(l2, "the gradient")?);
+        let ((x0, x1), (y0, y1)) =
+            (super::contiguous_range(l1, "prosam-conv3d-cpu")?, super::contiguous_range(l2, "prosam-conv3d-cpu")?);
         let x_dims = l1.dims();
         let [kd, kh, kw] = self.kernel;
         let c_out = l2.dims()[1];

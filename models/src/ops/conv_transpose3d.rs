@@ -148,10 +148,7 @@ impl UpsampleCpu {
         w: (&CpuStorage, &Layout),
         skip: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let range = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("prosam-upsample-cpu: inputs must be contiguous".into()))
-        };
+        let range = |l: &Layout| super::contiguous_range(l, "prosam-upsample-cpu");
         let (b, c_in, d, h, wd) = x.1.shape().dims5()?;
         let (w_in, c_out, k, _, _) = w.1.shape().dims5()?;
         if w_in != c_in {

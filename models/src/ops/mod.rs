@@ -30,3 +30,9 @@ pub use window::{compute_shift_mask, window_partition, window_reverse};
 pub(crate) fn softmax_last_dim(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     if x.track_op() { candle_nn::ops::softmax(x, candle_core::D::Minus1) } else { candle_nn::ops::softmax_last_dim(x) }
 }
+
+/// The `[start, end)` element range of a custom op's contiguous input; an error naming the op
+/// otherwise (the CPU kernels index storage slices directly).
+pub(crate) fn contiguous_range(l: &candle_core::Layout, op: &str) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: inputs must be contiguous")))
+}

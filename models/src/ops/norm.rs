@@ -171,10 +171,7 @@ fn instance_norm_planes<T: WithDType>(
 
 impl InstanceNormCpu {
     fn run(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
-        let range = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("prosam-instance-norm-cpu: inputs must be contiguous".into()))
-        };
+        let range = |l: &Layout| super::contiguous_range(l, "prosam-instance-norm-cpu");
         let (start, end) = range(x.1)?;
         let plane: usize = x.1.dims().iter().skip(2).product();
         if plane == 0 {
@@ -306,11 +303,7 @@ impl candle_core::CustomOp3 for InstanceNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let range = |l: &Layout| {
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("prosam-instance-norm-cpu-backward: inputs must be contiguous".into())
-            })
-        };
+        let range = |l: &Layout| super::contiguous_range(l, "prosam-instance-norm-cpu-backward");
         if l1.dims() != l2.dims() || l1.dims() != l3.dims() {
             bail!("prosam-instance-norm-cpu-backward: x, y and dy must share a shape");
         }
@@ -366,10 +359,7 @@ fn layer_norm_rows<T: WithDType>(x: &[T], c: usize, affine: Option<(&[T], &[T])>
 
 impl LayerNormCpu {
     fn run(&self, x: (&CpuStorage, &Layout), affine: Option<(Operand, Operand)>) -> Result<(CpuStorage, Shape)> {
-        let range = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("prosam-layer-norm-cpu: inputs must be contiguous".into()))
-        };
+        let range = |l: &Layout| super::contiguous_range(l, "prosam-layer-norm-cpu");
         let c = *x.1.dims().last().unwrap_or(&0);
         if c == 0 {
             bail!("prosam-layer-norm-cpu: no channels");

@@ -31,7 +31,7 @@ pub struct Args {
 }
 
 /// The median of a non-empty list (sorted in place).
-fn median(times: &mut [f64]) -> f64 {
+fn median_of(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
     let n = times.len();
     if n % 2 == 1 { times[n / 2] } else { (times[n / 2 - 1] + times[n / 2]) / 2.0 }
@@ -99,8 +99,8 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
         }
     }
     let runs_s = times.clone();
-    let median = median(&mut times);
-    let profile: Vec<(&str, f64)> = part_times.iter_mut().map(|(name, list)| (*name, self::median(list))).collect();
+    let median = median_of(&mut times);
+    let profile: Vec<(&str, f64)> = part_times.iter_mut().map(|(name, list)| (*name, median_of(list))).collect();
     let gmac = match arch {
         Architecture::SwinUnetr(cfg) => cfg.macs(size),
         Architecture::AutoProSam(cfg) => cfg.macs(),
