@@ -15,7 +15,7 @@ use crate::device::{DeviceChoice, compute_dtype};
 use crate::memory::{self, VolumeShape};
 use crate::pipeline::sliding_window::{Accumulator, softmax_classes};
 use crate::pipeline::{Blend, WindowPlan, intensity};
-use crate::volume::resample::{labels_from_probabilities, resample_view, resampled_size};
+use crate::volume::resample::{LabelRestore, MAX_HELD_PLANES, resample_view, resampled_size};
 use crate::volume::{Affine, Orientation, Volume};
 use crate::{Error, Result};
 
@@ -161,13 +161,10 @@ impl Segmenter {
         let roi = self.metadata.roi_size.map(|r| r as u64);
         let stored = shape.voxels();
         let model: u64 = model_dims.iter().fold(1, |a, &d| a.saturating_mul(d));
-        let padded: u64 = (0..3).map(|a| model_dims[a].max(roi[a])).fold(1, u64::saturating_mul);
         let classes = self.metadata.labels.len() as u64;
         let f32s = |n: u64| memory::bytes_of(n, 4);
         let roi_voxels: u64 = roi.iter().product::<u64>() * self.options.batch as u64;
         let preprocess = f32s(stored).saturating_add(f32s(model));
-        // The grid, its padded copy, the class accumulator with its weight sums, and one batch of
-        // windows through the network.
         let network = match &self.metadata.architecture {
             // Its logits twice (tensor and copy) and the activations, measured at 20 + 8 *
             // feature_size float32 ROI volumes (fs 12: 114, fs 24: 208) and counted as 24 + 10 *
@@ -178,16 +175,20 @@ impl Segmenter {
                 f32s(roi_voxels * 2 * classes).saturating_add(f32s(teacher_activation_floats(config)))
             }
         };
-        let infer = f32s(model).saturating_add(f32s(padded).saturating_mul(classes + 2)).saturating_add(network);
-        // Probabilities and the grid while the labels are filled in.
-        let restore = f32s(model).saturating_mul(classes + 1).saturating_add(stored);
-        // Cleaning works on runs along x: about 21 bytes per run of the organ and 13 per run of
-        // the rest of its box, besides the labels. Counted as a run every 7 voxels over the whole
-        // volume (an organ has a few runs per row of its box); this is not a bound: a checkerboard
-        // label map would need about 17 bytes per voxel.
+        // While the windows run: the grid (and its padded copy where the grid is smaller than the
+        // ROI), the accumulator's planes (class and weight sums over one ROI's depth of the
+        // working grid), the model planes the label restore holds, the labels and one batch of
+        // windows through the network.
+        let working: [u64; 3] = [0, 1, 2].map(|a| model_dims[a].max(roi[a]));
+        let product = |v: [u64; 3]| v.into_iter().fold(1, u64::saturating_mul);
+        let padded_copy = if working == model_dims { 0 } else { product(working) };
+        let slab = product([classes + 1, roi[0].min(working[0]), working[1].saturating_mul(working[2])]);
+        let restore_planes = product([classes, MAX_HELD_PLANES as u64, model_dims[1].saturating_mul(model_dims[2])]);
+        let infer = f32s(model.saturating_add(padded_copy).saturating_add(slab).saturating_add(restore_planes))
+            .saturating_add(stored)
+            .saturating_add(network);
         let postprocess = stored.saturating_mul(1 + 5);
-        let stages =
-            [shape.read_bytes, preprocess, infer, restore, postprocess, shape.read_bytes.saturating_add(stored)];
+        let stages = [shape.read_bytes, preprocess, infer, postprocess, shape.read_bytes.saturating_add(stored)];
         let peak = stages.into_iter().max().unwrap_or(0);
         peak.saturating_add(self.weights_bytes).saturating_add(PROCESS_OVERHEAD_BYTES)
     }
@@ -204,43 +205,65 @@ impl Segmenter {
     /// after every batch; returning `false` cancels the run with [`Error::Cancelled`].
     pub fn probabilities(&self, grid: &ModelGrid, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<f32>> {
         let forward = |x: &Tensor| -> Result<Tensor> { Ok(self.net.forward_checked(x)?) };
-        let classes = self.metadata.labels.len();
-        let window = WindowInference { roi: self.metadata.roi_size, classes, options: self.options };
-        window.probabilities(&forward, &grid.data, grid.dims, &self.device, self.dtype, progress)
+        self.window_inference().probabilities(&forward, &grid.data, grid.dims, &self.device, self.dtype, progress)
     }
 
-    /// Labels on the stored grid from model-grid probabilities.
-    pub fn restore(&self, grid: &ModelGrid, probs: &[f32]) -> Vec<u8> {
-        let classes = self.metadata.labels.len();
+    /// The same probabilities handed to `plane(x, values)` one model plane (first axis) at a
+    /// time, in order, as the sliding window finishes them; see
+    /// [`WindowInference::probability_planes`].
+    pub fn probability_planes(
+        &self,
+        grid: &ModelGrid,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        plane: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<()> {
+        let forward = |x: &Tensor| -> Result<Tensor> { Ok(self.net.forward_checked(x)?) };
+        let window = self.window_inference();
+        window.probability_planes(&forward, &grid.data, grid.dims, &self.device, self.dtype, progress, plane)
+    }
+
+    /// A restore of `grid`'s model planes into `labels` (the stored grid, x fastest).
+    pub fn label_restore<'a>(&self, grid: &ModelGrid, labels: &'a mut [u8]) -> LabelRestore<'a> {
         let stored = grid.stored_dims;
         let oriented_dims = grid.orientation.oriented_dims(stored);
         let (base, strides) = grid.orientation.view(stored, [1, stored[0], stored[0] * stored[1]]);
-        let mut labels = vec![0u8; stored.iter().product()];
-        labels_from_probabilities(
-            probs,
-            classes,
-            grid.dims,
-            oriented_dims,
-            grid.oriented_over_model,
-            &mut labels,
-            base,
-            strides,
-        );
+        let classes = self.metadata.labels.len();
+        LabelRestore::new(classes, grid.dims, oriented_dims, grid.oriented_over_model, labels, base, strides)
+    }
+
+    fn window_inference(&self) -> WindowInference {
+        WindowInference { roi: self.metadata.roi_size, classes: self.metadata.labels.len(), options: self.options }
+    }
+
+    /// Labels on the stored grid from model-grid probabilities held whole.
+    pub fn restore(&self, grid: &ModelGrid, probs: &[f32]) -> Vec<u8> {
+        let mut labels = vec![0u8; grid.stored_dims.iter().product()];
+        self.label_restore(grid, &mut labels).restore_all(probs);
         labels
     }
 
-    /// The whole pipeline. The volume is consumed so that its voxels are freed once resampled.
+    /// The whole pipeline. The volume is consumed so that its voxels are freed once resampled;
+    /// labels are filled in as the sliding window finishes model planes, so the class
+    /// probabilities of the whole grid are never held.
     pub fn segment(&self, volume: Volume, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Segmentation> {
         let t0 = Instant::now();
         let dims = volume.dims;
         let grid = self.preprocess(&volume)?;
         drop(volume);
         let t1 = Instant::now();
-        let probs = self.probabilities(&grid, progress)?;
+        let mut labels = vec![0u8; dims.iter().product()];
+        let mut restore = self.label_restore(&grid, &mut labels);
+        let mut restoring = Duration::ZERO;
+        self.probability_planes(&grid, progress, &mut |x, p| {
+            let t = Instant::now();
+            restore.push(x, p);
+            restoring += t.elapsed();
+        })?;
+        let t = Instant::now();
+        restore.finish();
+        restoring += t.elapsed();
         let windows = WindowPlan::new(grid.dims, self.metadata.roi_size, self.options.overlap).starts.len();
-        let t2 = Instant::now();
-        let labels = self.restore(&grid, &probs);
-        let times = StageTimes { preprocess: t1 - t0, infer: t2 - t1, restore: t2.elapsed() };
+        let times = StageTimes { preprocess: t1 - t0, infer: t1.elapsed() - restoring, restore: restoring };
         Ok(Segmentation { labels, dims, windows, times })
     }
 }
@@ -341,11 +364,40 @@ impl WindowInference {
         dtype: DType,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<f32>> {
+        let voxels: usize = dims.iter().product();
+        let plane_len = dims[1] * dims[2];
+        let mut probs = vec![0f32; self.classes * voxels];
+        self.probability_planes(forward, data, dims, device, dtype, progress, &mut |x, plane| {
+            for (c, values) in plane.chunks_exact(plane_len).enumerate() {
+                probs[c * voxels + x * plane_len..c * voxels + (x + 1) * plane_len].copy_from_slice(values);
+            }
+        })?;
+        Ok(probs)
+    }
+
+    /// The same probabilities plane by plane along the first axis, in order, as the windows
+    /// finish them: `plane(x, values)` gets `classes x dims[1] x dims[2]` values. Only the planes
+    /// that windows still to come can touch are held (see [`Accumulator`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn probability_planes(
+        &self,
+        forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+        data: &[f32],
+        dims: [usize; 3],
+        device: &Device,
+        dtype: DType,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        plane: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<()> {
         let (roi, classes, batch_size) = (self.roi, self.classes, self.options.batch);
         let plan = WindowPlan::new(dims, roi, self.options.overlap);
         let padded = plan.pad(data);
         let starts = plan.starts.clone();
         let mut acc = Accumulator::new(plan.clone(), classes, self.options.blend);
+        let mut done = |x: usize, mut values: Vec<f32>| {
+            softmax_classes(&mut values, classes);
+            plane(x, values);
+        };
         let roi_len: usize = roi.iter().product();
         if !progress(0, starts.len()) {
             return Err(Error::Cancelled);
@@ -357,15 +409,14 @@ impl WindowInference {
             }
             let x = Tensor::from_vec(input, (batch.len(), 1, roi[0], roi[1], roi[2]), device)?.to_dtype(dtype)?;
             let logits = forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            for (w, &s) in batch.iter().enumerate() {
-                acc.add(s, &logits[w * classes * roi_len..(w + 1) * classes * roi_len]);
+            for window in logits.chunks_exact(classes * roi_len) {
+                acc.add(window, &mut done);
             }
             if !progress((b * batch_size + batch.len()).min(starts.len()), starts.len()) {
                 return Err(Error::Cancelled);
             }
         }
-        let mut probs = acc.finish();
-        softmax_classes(&mut probs, classes);
-        Ok(probs)
+        acc.finish(&mut done);
+        Ok(())
     }
 }

@@ -227,13 +227,18 @@ proptest! {
         let roi_len: usize = roi.iter().product();
         let mut acc = Accumulator::new(plan.clone(), 2, blend);
         let logits: Vec<f32> = std::iter::repeat_n(1.5f32, roi_len).chain(std::iter::repeat_n(-2.0, roi_len)).collect();
-        for s in &plan.starts {
-            acc.add(*s, &logits);
+        let mut planes = Vec::new();
+        let mut take = |x: usize, values: Vec<f32>| planes.push((x, values));
+        for _ in &plan.starts {
+            acc.add(&logits, &mut take);
         }
-        let out = acc.finish();
-        let voxels: usize = size.iter().product();
-        prop_assert_eq!(out.len(), 2 * voxels);
-        prop_assert!(out[..voxels].iter().all(|&v| (v - 1.5).abs() < 1e-4));
-        prop_assert!(out[voxels..].iter().all(|&v| (v + 2.0).abs() < 1e-4));
+        acc.finish(&mut take);
+        let plane_len = size[1] * size[2];
+        prop_assert_eq!(planes.iter().map(|p| p.0).collect::<Vec<_>>(), (0..size[0]).collect::<Vec<_>>());
+        for (_, values) in &planes {
+            prop_assert_eq!(values.len(), 2 * plane_len);
+            prop_assert!(values[..plane_len].iter().all(|&v| (v - 1.5).abs() < 1e-4));
+            prop_assert!(values[plane_len..].iter().all(|&v| (v + 2.0).abs() < 1e-4));
+        }
     }
 }

@@ -41,9 +41,21 @@ fn model_grid_input_and_labels_match_monai() {
     eprintln!("model grid input: max |diff| {max_diff:e}");
     assert!(max_diff <= 1e-4, "model-grid input differs by {max_diff}");
 
-    let probs = segmenter.probabilities(&grid, &mut |_, _| true).unwrap();
-    let classes = 14;
-    let voxels: usize = grid.dims.iter().product();
+    // As `segment` runs: labels restored plane by plane while the windows finish them; the
+    // planes are also kept whole to compare on the model grid.
+    let (classes, voxels, plane_len) = (14, grid.dims.iter().product::<usize>(), grid.dims[1] * grid.dims[2]);
+    let mut probs = vec![0f32; classes * voxels];
+    let mut labels = vec![0u8; input.volume.dims.iter().product()];
+    let mut restore = segmenter.label_restore(&grid, &mut labels);
+    segmenter
+        .probability_planes(&grid, &mut |_, _| true, &mut |x, plane| {
+            for (c, values) in plane.chunks_exact(plane_len).enumerate() {
+                probs[c * voxels + x * plane_len..c * voxels + (x + 1) * plane_len].copy_from_slice(values);
+            }
+            restore.push(x, plane);
+        })
+        .unwrap();
+    restore.finish();
     let expected_labels = fixture["model_grid_labels"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let agree = (0..voxels)
         .filter(|&v| {
@@ -57,7 +69,7 @@ fn model_grid_input_and_labels_match_monai() {
     eprintln!("model grid labels: {:.4}% agree", rate * 100.0);
     assert!(rate >= 0.999, "model-grid labels agree on {:.4}% < 99.9%", rate * 100.0);
 
-    let labels = segmenter.restore(&grid, &probs);
+    assert!(labels == segmenter.restore(&grid, &probs), "restoring plane by plane differs from restoring whole");
     let (Some(final_fixture),) = (common::shared_file("fixtures/monai/ct_sm_fs12_labels.nii.gz"),) else { return };
     let expected = nifti::read(&final_fixture).unwrap();
     assert_eq!(expected.volume.dims, input.volume.dims);

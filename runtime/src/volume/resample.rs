@@ -61,12 +61,162 @@ pub fn resample_view(
 /// Oriented rows processed between two scatters into the stored-order labels.
 const ROWS_PER_CHUNK: usize = 16;
 
-/// The label map on the CT's own grid: for every oriented voxel, the class probabilities
-/// `probs` (`classes x model_dims`, C order) interpolated trilinearly at model coordinate
-/// `i * ratio` (border), then the first class of highest probability. Each label is written to
-/// `labels[base + sum_k i_k * strides[k]]`, undoing the orientation on the fly.
+/// Model planes held before the ready rows are written even if they are fewer than a chunk (a
+/// CT coarser than the model grid along the first axis has several planes per row).
+pub const MAX_HELD_PLANES: usize = 8;
+
+/// The label map on the CT's own grid, built as model-grid planes of class probabilities
+/// arrive: for every oriented voxel, the probabilities interpolated trilinearly at model
+/// coordinate `i * ratio` (border), then the first class of highest probability. Each label is
+/// written to `labels[base + sum_k i_k * strides[k]]`, undoing the orientation on the fly.
 ///
-/// Separable and slab by slab: the full-resolution probabilities never exist at once.
+/// An oriented row needs only the two model planes around it, so planes are dropped once the
+/// rows past them are done: with [`crate::pipeline::sliding_window::Accumulator`] handing planes
+/// on, the class probabilities of the whole model grid never exist at once.
+pub struct LabelRestore<'a> {
+    classes: usize,
+    model_dims: [usize; 3],
+    oriented_dims: [usize; 3],
+    taps: [Vec<(usize, usize, f64)>; 3],
+    labels: &'a mut [u8],
+    base: usize,
+    strides: [isize; 3],
+    /// Model plane of `planes[0]`; each plane is `classes x model_dims[1] x model_dims[2]`.
+    first: usize,
+    planes: Vec<Vec<f32>>,
+    /// Oriented rows below this one are written.
+    next_row: usize,
+}
+
+impl<'a> LabelRestore<'a> {
+    pub fn new(
+        classes: usize,
+        model_dims: [usize; 3],
+        oriented_dims: [usize; 3],
+        ratio: [f64; 3],
+        labels: &'a mut [u8],
+        base: usize,
+        strides: [isize; 3],
+    ) -> Self {
+        let taps = [0, 1, 2].map(|a| taps(oriented_dims[a], model_dims[a], ratio[a]));
+        LabelRestore {
+            classes,
+            model_dims,
+            oriented_dims,
+            taps,
+            labels,
+            base,
+            strides,
+            first: 0,
+            planes: Vec::new(),
+            next_row: 0,
+        }
+    }
+
+    /// Takes model plane `plane` (they come in order, from 0) and writes the rows it completes,
+    /// a chunk at a time.
+    pub fn push(&mut self, plane: usize, probs: Vec<f32>) {
+        assert_eq!(plane, self.first + self.planes.len(), "model planes out of order");
+        debug_assert_eq!(probs.len(), self.classes * self.model_dims[1] * self.model_dims[2]);
+        self.planes.push(probs);
+        self.write_ready_rows(false);
+    }
+
+    /// Restores from probabilities held whole (`classes x model_dims`, C order).
+    pub fn restore_all(mut self, probs: &[f32]) {
+        let [mx, my, mz] = self.model_dims;
+        for x in 0..mx {
+            let plane = (0..self.classes).flat_map(|c| &probs[(c * mx + x) * my * mz..(c * mx + x + 1) * my * mz]);
+            self.push(x, plane.copied().collect());
+        }
+        self.finish();
+    }
+
+    /// Writes the remaining rows once every plane has come.
+    pub fn finish(mut self) {
+        assert_eq!(self.first + self.planes.len(), self.model_dims[0], "finished before the last model plane");
+        self.write_ready_rows(true);
+        debug_assert_eq!(self.next_row, self.oriented_dims[0]);
+    }
+
+    fn write_ready_rows(&mut self, last: bool) {
+        let have = self.first + self.planes.len();
+        let n0 = self.oriented_dims[0];
+        let mut end = self.next_row;
+        while end < n0 && self.taps[0][end].1 < have {
+            end += 1;
+        }
+        while self.next_row < end
+            && (last || end - self.next_row >= ROWS_PER_CHUNK || self.planes.len() >= MAX_HELD_PLANES)
+        {
+            let rows = self.next_row..(self.next_row + ROWS_PER_CHUNK).min(end);
+            let chunk: Vec<Vec<u8>> = rows.clone().into_par_iter().map(|r| self.row_labels(r)).collect();
+            let [_, n1, n2] = self.oriented_dims;
+            for (r, row_labels) in rows.clone().zip(chunk) {
+                let row_base = self.base as isize + r as isize * self.strides[0];
+                for j in 0..n1 {
+                    let line = row_base + j as isize * self.strides[1];
+                    for (k, &l) in row_labels[j * n2..(j + 1) * n2].iter().enumerate() {
+                        self.labels[(line + k as isize * self.strides[2]) as usize] = l;
+                    }
+                }
+            }
+            self.next_row = rows.end;
+        }
+        let keep_from = if self.next_row < n0 { self.taps[0][self.next_row].0 } else { have };
+        let drop = keep_from.saturating_sub(self.first).min(self.planes.len());
+        self.planes.drain(..drop);
+        self.first += drop;
+    }
+
+    /// The labels of oriented row `r` (`n1 x n2`): separable, along x, then y, then z.
+    fn row_labels(&self, r: usize) -> Vec<u8> {
+        let [_, my, mz] = self.model_dims;
+        let [_, n1, n2] = self.oriented_dims;
+        let (classes, plane) = (self.classes, my * mz);
+        let (x0, x1, tx) = self.taps[0][r];
+        let (tx, sx) = (tx as f32, 1.0 - tx as f32);
+        let (p0, p1) = (&self.planes[x0 - self.first], &self.planes[x1 - self.first]);
+        // Along x: classes x (my x mz).
+        let mut along_x = vec![0f32; classes * plane];
+        for ((o, va), vb) in along_x.iter_mut().zip(p0).zip(p1) {
+            *o = va * sx + vb * tx;
+        }
+        // Along y: classes x (n1 x mz).
+        let mut along_y = vec![0f32; classes * n1 * mz];
+        for c in 0..classes {
+            let src = &along_x[c * plane..(c + 1) * plane];
+            for (j, dst) in along_y[c * n1 * mz..(c + 1) * n1 * mz].chunks_exact_mut(mz).enumerate() {
+                let (y0, y1, ty) = self.taps[1][j];
+                let (ty, sy) = (ty as f32, 1.0 - ty as f32);
+                let (a, b) = (&src[y0 * mz..(y0 + 1) * mz], &src[y1 * mz..(y1 + 1) * mz]);
+                for ((o, va), vb) in dst.iter_mut().zip(a).zip(b) {
+                    *o = va * sy + vb * ty;
+                }
+            }
+        }
+        // Along z, then the first class of highest probability.
+        let mut out = vec![0u8; n1 * n2];
+        for j in 0..n1 {
+            for (k, label) in out[j * n2..(j + 1) * n2].iter_mut().enumerate() {
+                let (z0, z1, tz) = self.taps[2][k];
+                let (tz, sz) = (tz as f32, 1.0 - tz as f32);
+                let mut best = f32::NEG_INFINITY;
+                for c in 0..classes {
+                    let row = &along_y[(c * n1 + j) * mz..(c * n1 + j + 1) * mz];
+                    let v = row[z0] * sz + row[z1] * tz;
+                    if v > best {
+                        best = v;
+                        *label = c as u8;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// [`LabelRestore`] over probabilities held whole (`classes x model_dims`, C order).
 #[allow(clippy::too_many_arguments)]
 pub fn labels_from_probabilities(
     probs: &[f32],
@@ -78,69 +228,7 @@ pub fn labels_from_probabilities(
     base: usize,
     strides: [isize; 3],
 ) {
-    let [mx, my, mz] = model_dims;
-    let [n0, n1, n2] = oriented_dims;
-    let t = [0, 1, 2].map(|a| taps(oriented_dims[a], model_dims[a], ratio[a]));
-    let plane = my * mz;
-    for chunk_start in (0..n0).step_by(ROWS_PER_CHUNK) {
-        let rows: Vec<usize> = (chunk_start..(chunk_start + ROWS_PER_CHUNK).min(n0)).collect();
-        let chunk: Vec<Vec<u8>> = rows
-            .par_iter()
-            .map(|&r| {
-                let (x0, x1, tx) = t[0][r];
-                let (tx, sx) = (tx as f32, 1.0 - tx as f32);
-                // Along x: classes x (my x mz).
-                let mut along_x = vec![0f32; classes * plane];
-                for c in 0..classes {
-                    let p = &probs[c * mx * plane..(c + 1) * mx * plane];
-                    let (a, b) = (&p[x0 * plane..(x0 + 1) * plane], &p[x1 * plane..(x1 + 1) * plane]);
-                    for ((o, va), vb) in along_x[c * plane..(c + 1) * plane].iter_mut().zip(a).zip(b) {
-                        *o = va * sx + vb * tx;
-                    }
-                }
-                // Along y: classes x (n1 x mz).
-                let mut along_y = vec![0f32; classes * n1 * mz];
-                for c in 0..classes {
-                    let src = &along_x[c * plane..(c + 1) * plane];
-                    for (j, dst) in along_y[c * n1 * mz..(c + 1) * n1 * mz].chunks_exact_mut(mz).enumerate() {
-                        let (y0, y1, ty) = t[1][j];
-                        let (ty, sy) = (ty as f32, 1.0 - ty as f32);
-                        let (a, b) = (&src[y0 * mz..(y0 + 1) * mz], &src[y1 * mz..(y1 + 1) * mz]);
-                        for ((o, va), vb) in dst.iter_mut().zip(a).zip(b) {
-                            *o = va * sy + vb * ty;
-                        }
-                    }
-                }
-                // Along z, then the first class of highest probability.
-                let mut out = vec![0u8; n1 * n2];
-                for j in 0..n1 {
-                    for (k, label) in out[j * n2..(j + 1) * n2].iter_mut().enumerate() {
-                        let (z0, z1, tz) = t[2][k];
-                        let (tz, sz) = (tz as f32, 1.0 - tz as f32);
-                        let mut best = f32::NEG_INFINITY;
-                        for c in 0..classes {
-                            let row = &along_y[(c * n1 + j) * mz..(c * n1 + j + 1) * mz];
-                            let v = row[z0] * sz + row[z1] * tz;
-                            if v > best {
-                                best = v;
-                                *label = c as u8;
-                            }
-                        }
-                    }
-                }
-                out
-            })
-            .collect();
-        for (&r, row_labels) in rows.iter().zip(chunk) {
-            let row_base = base as isize + r as isize * strides[0];
-            for j in 0..n1 {
-                let line = row_base + j as isize * strides[1];
-                for (k, &l) in row_labels[j * n2..(j + 1) * n2].iter().enumerate() {
-                    labels[(line + k as isize * strides[2]) as usize] = l;
-                }
-            }
-        }
-    }
+    LabelRestore::new(classes, model_dims, oriented_dims, ratio, labels, base, strides).restore_all(probs);
 }
 
 #[cfg(test)]
@@ -188,38 +276,45 @@ mod tests {
 
     #[test]
     fn labels_are_the_argmax_of_interpolated_probabilities() {
-        // Three classes on a 4x3x5 model grid, mapped onto a 7x5x9 grid stored with axis 0 reversed.
-        let (classes, md, od) = (3, [4, 3, 5], [7, 5, 9]);
-        let n: usize = md.iter().product();
-        let probs: Vec<f32> = (0..classes * n).map(|v| ((v * 7919) % 101) as f32 / 101.0).collect();
-        let ratio = [0.5, 0.5, 0.5];
-        let mut labels = vec![255u8; 7 * 5 * 9];
-        // Stored x-fastest, axis 0 flipped: oriented (i, j, k) -> stored (6 - i) + 7 j + 35 k.
-        labels_from_probabilities(&probs, classes, md, od, ratio, &mut labels, 6, [-1, 7, 35]);
-        let interp = |c: usize, p: [f64; 3]| {
-            let mut v = 0.0;
-            for corner in 0..8 {
-                let mut w = 1.0;
-                let mut idx = [0; 3];
-                for a in 0..3 {
-                    let x = p[a].min((md[a] - 1) as f64);
-                    let f = x.floor() as usize;
-                    let up = corner >> a & 1 == 1;
-                    idx[a] = if up { (f + 1).min(md[a] - 1) } else { f };
-                    w *= if up { x - f as f64 } else { 1.0 - (x - f as f64) };
+        // Three classes on a model grid mapped onto a 7x5x9 grid stored with axis 0 reversed: a
+        // model grid coarser than the CT (two rows a plane), and one finer along the first axis
+        // (about 4.5 planes a row, more than the restore holds before writing).
+        for (md, ratio) in [([4, 3, 5], [0.5, 0.5, 0.5]), ([29, 3, 5], [4.5, 0.5, 0.5])] {
+            let (classes, od) = (3, [7, 5, 9]);
+            let n: usize = md.iter().product();
+            let probs: Vec<f32> = (0..classes * n).map(|v| ((v * 7919) % 101) as f32 / 101.0).collect();
+            let mut labels = vec![255u8; 7 * 5 * 9];
+            // Stored x-fastest, axis 0 flipped: oriented (i, j, k) -> stored (6 - i) + 7 j + 35 k.
+            labels_from_probabilities(&probs, classes, md, od, ratio, &mut labels, 6, [-1, 7, 35]);
+            let interp = |c: usize, p: [f64; 3]| {
+                let mut v = 0.0;
+                for corner in 0..8 {
+                    let mut w = 1.0;
+                    let mut idx = [0; 3];
+                    for a in 0..3 {
+                        let x = p[a].min((md[a] - 1) as f64);
+                        let f = x.floor() as usize;
+                        let up = corner >> a & 1 == 1;
+                        idx[a] = if up { (f + 1).min(md[a] - 1) } else { f };
+                        w *= if up { x - f as f64 } else { 1.0 - (x - f as f64) };
+                    }
+                    v += w * probs[c * n + (idx[0] * md[1] + idx[1]) * md[2] + idx[2]] as f64;
                 }
-                v += w * probs[c * n + (idx[0] * md[1] + idx[1]) * md[2] + idx[2]] as f64;
-            }
-            v
-        };
-        for i in 0..7 {
-            for j in 0..5 {
-                for k in 0..9 {
-                    let p = [i as f64 * 0.5, j as f64 * 0.5, k as f64 * 0.5];
-                    let vals: Vec<f64> = (0..classes).map(|c| interp(c, p)).collect();
-                    let best = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let got = labels[(6 - i) + 7 * j + 35 * k] as usize;
-                    assert!(vals[got] >= best - 1e-5, "({i},{j},{k}): label {got} with {} < {best}", vals[got]);
+                v
+            };
+            for i in 0..7 {
+                for j in 0..5 {
+                    for k in 0..9 {
+                        let p = [i as f64 * ratio[0], j as f64 * ratio[1], k as f64 * ratio[2]];
+                        let vals: Vec<f64> = (0..classes).map(|c| interp(c, p)).collect();
+                        let best = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let got = labels[(6 - i) + 7 * j + 35 * k] as usize;
+                        assert!(
+                            vals[got] >= best - 1e-5,
+                            "{md:?} ({i},{j},{k}): label {got} with {} < {best}",
+                            vals[got]
+                        );
+                    }
                 }
             }
         }
