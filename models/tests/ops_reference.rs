@@ -386,8 +386,12 @@ fn window_attention_from_qkv_case(seed: u64, heads: usize, n: usize, d: usize) {
     let windows = images * nw;
     let qkv = rng.arr(&[windows, n, 3 * c], 1.0);
     let bias = rng.arr(&[heads, n, n], 1.0);
-    let mut mask = Arr::zeros(&[nw, n, n]);
-    mask.data.iter_mut().for_each(|m| *m = if rng.uniform() > 0.3 { 0.0 } else { -100.0 });
+    // Shift regions: window 0 of one region (no mask at all), the others of up to three.
+    let regions: Vec<u32> =
+        (0..nw * n).map(|i| if i < n { 1 } else { (rng.uniform() * 3.0).min(2.0) as u32 }).collect();
+    let masked_score = |win: usize, i: usize, j: usize| {
+        if regions[(win % nw) * n + i] == regions[(win % nw) * n + j] { 0.0 } else { -100.0 }
+    };
     let scale = (d as f64).powf(-0.5);
     for masked in [false, true] {
         let mut expected = Arr::zeros(&[windows, n, c]);
@@ -397,7 +401,7 @@ fn window_attention_from_qkv_case(seed: u64, heads: usize, n: usize, d: usize) {
                     (0..n).map(|t| (0..d).map(|e| qkv.at(&[win, t, p * c + h * d + e]) * s).collect()).collect()
                 };
                 let o = reference::attention_head(&part(0, scale), &part(1, 1.0), &part(2, 1.0), |i, j| {
-                    bias.at(&[h, i, j]) + if masked { mask.at(&[win % nw, i, j]) } else { 0.0 }
+                    bias.at(&[h, i, j]) + if masked { masked_score(win, i, j) } else { 0.0 }
                 });
                 for i in 0..n {
                     for e in 0..d {
@@ -406,12 +410,12 @@ fn window_attention_from_qkv_case(seed: u64, heads: usize, n: usize, d: usize) {
                 }
             }
         }
-        let mask_for = |dtype: DType| masked.then(|| tensor(&mask, dtype));
+        let regions = masked.then(|| Tensor::from_vec(regions.clone(), (nw, n), &Device::Cpu).unwrap());
         check_against_reference("window_attention_qkv", &[&qkv, &bias], &expected, |t| {
-            window_attention_qkv(&t[0], heads, scale, &t[1], mask_for(t[0].dtype()).as_ref())
+            window_attention_qkv(&t[0], heads, scale, &t[1], regions.as_ref())
         });
         check_gradients("window_attention_qkv", &[&qkv, &bias], 20, |t| {
-            window_attention_qkv(&t[0], heads, scale, &t[1], mask_for(DType::F64).as_ref())
+            window_attention_qkv(&t[0], heads, scale, &t[1], regions.as_ref())
         });
     }
 }

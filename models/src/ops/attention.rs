@@ -64,38 +64,66 @@ pub fn window_attention_chunked(
 
 /// Window attention straight from the qkv projection: `qkv (B * nW, n, 3C)` as MONAI lays it out
 /// (q, k, v, each split into `heads` of `C / heads`), `q` scaled by `scale`; returns the heads
-/// concatenated, `(B * nW, n, C)`, ready for the output projection.
+/// concatenated, `(B * nW, n, C)`, ready for the output projection. `regions (nW, n)` u32 (from
+/// [`super::window::compute_shift_regions`]) masks shifted windows: tokens of different regions
+/// get -100 added to their score, as MONAI's mask does.
 ///
 /// At inference on the CPU this is one fused kernel per window: scores, bias, mask, softmax and
-/// the product with v for one query at a time, without the `(windows, heads, n, n)` score tensor.
-/// While gradients are recorded it is [`window_attention`] on the split heads.
+/// the product with v for one query at a time, without the `(windows, heads, n, n)` score tensor
+/// and without the `(nW, n, n)` mask (161 MB at stage 1 of a 96^3 window): a window whose tokens
+/// share one region needs none, the others build theirs in a per-thread buffer. While gradients
+/// are recorded it is [`window_attention`] on the split heads with the dense mask.
 pub fn window_attention_qkv(
     qkv: &Tensor,
     heads: usize,
     scale: f64,
     bias: &Tensor,
-    mask: Option<&Tensor>,
+    regions: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (windows, n, c3) = qkv.dims3()?;
     if c3 % (3 * heads) != 0 {
         bail!("window_attention_qkv: {c3} qkv channels do not split into 3 x {heads} heads");
     }
+    if let Some(r) = regions {
+        if r.dims().len() != 2 || r.dim(1)? != n || windows % r.dim(0)? != 0 || r.dtype() != DType::U32 {
+            bail!(
+                "window_attention_qkv: regions {:?} {:?} do not fit {windows} windows of {n} tokens",
+                r.dims(),
+                r.dtype()
+            );
+        }
+    }
     let c = c3 / 3;
-    let tracked = qkv.track_op() || bias.track_op() || mask.is_some_and(|m| m.track_op());
+    let tracked = qkv.track_op() || bias.track_op();
     let fusable = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
     if fusable && !tracked {
         let op = FusedWindowAttention { heads, scale };
         let qkv = qkv.contiguous()?;
         let bias = bias.to_dtype(qkv.dtype())?.contiguous()?;
-        return match mask {
-            Some(m) => qkv.apply_op3_no_bwd(&bias, &m.to_dtype(qkv.dtype())?.contiguous()?, &op),
+        return match regions {
+            Some(r) => qkv.apply_op3_no_bwd(&bias, &r.contiguous()?, &op),
             None => qkv.apply_op2_no_bwd(&bias, &op),
         };
     }
+    let mask = regions.map(|r| super::window::shift_mask_from_regions(r)?.to_dtype(qkv.dtype())).transpose()?;
     let parts = qkv.reshape((windows, n, 3, heads, c / heads))?.permute((2, 0, 3, 1, 4))?;
     let q = (parts.get(0)? * scale)?;
-    let o = window_attention(&q, &parts.get(1)?, &parts.get(2)?, bias, mask)?;
+    let o = window_attention(&q, &parts.get(1)?, &parts.get(2)?, bias, mask.as_ref())?;
     o.transpose(1, 2)?.reshape((windows, n, c))
+}
+
+/// One window's additive shift mask (`n x n`) from its tokens' regions, written to `mask`; `None`
+/// when every token shares one region, where the mask would add only zeros.
+fn window_mask<'a, T: Copy + From<i8>>(regions: &[u32], mask: &'a mut Vec<T>) -> Option<&'a [T]> {
+    let first = *regions.first()?;
+    if regions.iter().all(|&r| r == first) {
+        return None;
+    }
+    let n = regions.len();
+    mask.clear();
+    mask.extend(regions.iter().flat_map(|&a| regions.iter().map(move |&b| T::from(if a == b { 0 } else { -100 }))));
+    debug_assert_eq!(mask.len(), n * n);
+    Some(mask)
 }
 
 /// The fused CPU kernel of [`window_attention_qkv`] (forward only).
@@ -113,7 +141,7 @@ fn fused_attention_f64(
     heads: usize,
     scale: f64,
     bias: &[f64],
-    mask: Option<(&[f64], usize)>,
+    regions: Option<(&[u32], usize)>,
 ) -> Vec<f64> {
     let c = qkv.len() / (windows * n * 3);
     let d = c / heads;
@@ -121,7 +149,8 @@ fn fused_attention_f64(
     out.par_chunks_mut(n * c).enumerate().for_each(|(win, out_w)| {
         let rows = &qkv[win * n * 3 * c..(win + 1) * n * 3 * c];
         let mut scores = vec![0.0; n];
-        let mask_w = mask.map(|(m, nw)| &m[(win % nw) * n * n..(win % nw + 1) * n * n]);
+        let mut mask = Vec::new();
+        let mask_w = regions.and_then(|(r, nw)| window_mask(&r[(win % nw) * n..(win % nw + 1) * n], &mut mask));
         for h in 0..heads {
             let bias_h = &bias[h * n * n..(h + 1) * n * n];
             for i in 0..n {
@@ -315,14 +344,15 @@ fn fused_attention_f32(
     heads: usize,
     scale: f32,
     bias: &[f32],
-    mask: Option<(&[f32], usize)>,
+    regions: Option<(&[u32], usize)>,
 ) -> Vec<f32> {
     let c = qkv.len() / (windows * n * 3);
     let isa = simd::Isa::detect();
     let mut out = vec![0f32; windows * n * c];
-    out.par_chunks_mut(n * c).enumerate().for_each_init(HeadScratch::default, |buf, (win, out_w)| {
+    let scratch = || (HeadScratch::default(), Vec::new());
+    out.par_chunks_mut(n * c).enumerate().for_each_init(scratch, |(buf, mask), (win, out_w)| {
         let rows = &qkv[win * n * 3 * c..(win + 1) * n * 3 * c];
-        let mask_w = mask.map(|(m, nw)| &m[(win % nw) * n * n..(win % nw + 1) * n * n]);
+        let mask_w = regions.and_then(|(r, nw)| window_mask(&r[(win % nw) * n..(win % nw + 1) * n], mask));
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
@@ -338,52 +368,47 @@ impl FusedWindowAttention {
         &self,
         qkv: (&CpuStorage, &Layout),
         bias: (&CpuStorage, &Layout),
-        mask: Option<(&CpuStorage, &Layout)>,
+        regions: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (windows, n, c3) = qkv.1.shape().dims3()?;
         let c = c3 / 3;
         if bias.1.dims() != [self.heads, n, n] {
             bail!("fused window attention: bias {:?} does not match {} heads of {n} tokens", bias.1.dims(), self.heads);
         }
-        let nw = match mask {
-            Some((_, l)) => {
-                let nw = l.dims()[0];
-                if l.dims() != [nw, n, n] || windows % nw != 0 {
-                    bail!("fused window attention: mask {:?} does not fit {windows} windows of {n} tokens", l.dims());
-                }
-                nw
-            }
-            None => 1,
-        };
         let slice = |l: &Layout| super::contiguous_range(l, "fused window attention");
+        let regions = match regions {
+            Some((CpuStorage::U32(r), l)) => {
+                let nw = l.dims()[0];
+                if l.dims() != [nw, n] || windows % nw != 0 {
+                    bail!("fused window attention: regions {:?} do not fit {windows} windows of {n} tokens", l.dims());
+                }
+                let (r0, r1) = slice(l)?;
+                Some((&r[r0..r1], nw))
+            }
+            Some(_) => bail!("fused window attention: regions must be u32"),
+            None => None,
+        };
         let (q0, q1) = slice(qkv.1)?;
         let (b0, b1) = slice(bias.1)?;
-        let mask_range = mask.map(|(_, l)| slice(l)).transpose()?;
         let storage = match (qkv.0, bias.0) {
-            (CpuStorage::F32(q), CpuStorage::F32(b)) => {
-                let m = match (mask, mask_range) {
-                    (Some((CpuStorage::F32(m), _)), Some((m0, m1))) => Some((&m[m0..m1], nw)),
-                    (None, _) => None,
-                    _ => bail!("fused window attention: mask dtype differs"),
-                };
-                CpuStorage::F32(fused_attention_f32(
-                    &q[q0..q1],
-                    windows,
-                    n,
-                    self.heads,
-                    self.scale as f32,
-                    &b[b0..b1],
-                    m,
-                ))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(b)) => {
-                let m = match (mask, mask_range) {
-                    (Some((CpuStorage::F64(m), _)), Some((m0, m1))) => Some((&m[m0..m1], nw)),
-                    (None, _) => None,
-                    _ => bail!("fused window attention: mask dtype differs"),
-                };
-                CpuStorage::F64(fused_attention_f64(&q[q0..q1], windows, n, self.heads, self.scale, &b[b0..b1], m))
-            }
+            (CpuStorage::F32(q), CpuStorage::F32(b)) => CpuStorage::F32(fused_attention_f32(
+                &q[q0..q1],
+                windows,
+                n,
+                self.heads,
+                self.scale as f32,
+                &b[b0..b1],
+                regions,
+            )),
+            (CpuStorage::F64(q), CpuStorage::F64(b)) => CpuStorage::F64(fused_attention_f64(
+                &q[q0..q1],
+                windows,
+                n,
+                self.heads,
+                self.scale,
+                &b[b0..b1],
+                regions,
+            )),
             _ => bail!("fused window attention: only f32 and f64 of one dtype"),
         };
         Ok((storage, Shape::from((windows, n, c))))

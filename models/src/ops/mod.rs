@@ -24,7 +24,7 @@ pub use conv_transpose3d::{conv_transpose3d, conv_transpose3d_cat};
 pub use conv3d::{conv3d, conv3d_weight, depthwise_conv3d};
 pub use norm::{channel_layer_norm, instance_norm, instance_norm_act};
 pub use resample::{interpolate_linear, max_pool3d};
-pub use window::{compute_shift_mask, window_partition, window_reverse};
+pub use window::{compute_shift_mask, compute_shift_regions, window_partition, window_reverse};
 
 /// Softmax over the last axis: the fused kernel for inference, the differentiable one while training.
 pub(crate) fn softmax_last_dim(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {

@@ -5,7 +5,7 @@
 //! Tensors here are channels-last, `(B, D, H, W, C)`. Windows are ordered batch-major, then by
 //! window index (d, h, w) with w fastest; tokens inside a window are ordered the same way.
 
-use candle_core::{Device, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
 
 /// Window edge and shift per axis for a stage of spatial size `dims`: MONAI's `get_window_size`
 /// clamps an axis no longer than the window to the axis itself and disables its shift.
@@ -66,12 +66,14 @@ pub fn roll_spatial(x: &Tensor, shifts: [i32; 3]) -> Result<Tensor> {
     Ok(x)
 }
 
-/// The attention mask of shifted windows, `(nW, n, n)`: 0 where two tokens of a window belong to
-/// the same region of the shifted grid, -100 elsewhere (MONAI's `compute_mask`).
+/// The regions of shifted windows, `(nW, n)` u32: for every token of every window, the region of
+/// the shifted grid it comes from (MONAI's `compute_mask` before its pairwise comparison). Two
+/// tokens may attend to each other only within one region; [`shift_mask_from_regions`] makes the
+/// additive mask, and the fused CPU attention compares regions itself.
 ///
 /// `padded` is the padded stage size. The regions follow Python's slicing exactly, including
 /// a zero shift on an axis, where `slice(-0, None)` is the whole axis.
-pub fn compute_shift_mask(padded: [usize; 3], ws: [usize; 3], shift: [usize; 3], device: &Device) -> Result<Tensor> {
+pub fn compute_shift_regions(padded: [usize; 3], ws: [usize; 3], shift: [usize; 3], device: &Device) -> Result<Tensor> {
     let [d, h, w] = padded;
     let mut region = vec![0u32; d * h * w];
     let ranges = |axis: usize| -> [std::ops::Range<usize>; 3] {
@@ -96,23 +98,28 @@ pub fn compute_shift_mask(padded: [usize; 3], ws: [usize; 3], shift: [usize; 3],
     }
     let n = ws[0] * ws[1] * ws[2];
     let (nd, nh, nw) = (d / ws[0], h / ws[1], w / ws[2]);
-    let mut mask = vec![0f32; nd * nh * nw * n * n];
-    let mut labels = vec![0u32; n];
-    for (win, block) in mask.chunks_exact_mut(n * n).enumerate() {
+    let mut labels = vec![0u32; nd * nh * nw * n];
+    for (win, window) in labels.chunks_exact_mut(n).enumerate() {
         let (wd, wh, ww) = (win / (nh * nw), (win / nw) % nh, win % nw);
-        for (t, l) in labels.iter_mut().enumerate() {
+        for (t, l) in window.iter_mut().enumerate() {
             let (td, th, tw) = (t / (ws[1] * ws[2]), (t / ws[2]) % ws[1], t % ws[2]);
             *l = region[((wd * ws[0] + td) * h + wh * ws[1] + th) * w + ww * ws[2] + tw];
         }
-        for i in 0..n {
-            for j in 0..n {
-                if labels[i] != labels[j] {
-                    block[i * n + j] = -100.0;
-                }
-            }
-        }
     }
-    Tensor::from_vec(mask, (nd * nh * nw, n, n), device)
+    Tensor::from_vec(labels, (nd * nh * nw, n), device)
+}
+
+/// The additive mask of `regions (nW, n)`, `(nW, n, n)` f32: 0 where two tokens of a window share
+/// a region, -100 elsewhere (MONAI's value).
+pub fn shift_mask_from_regions(regions: &Tensor) -> Result<Tensor> {
+    let differ = regions.unsqueeze(2)?.broadcast_ne(&regions.unsqueeze(1)?)?;
+    differ.to_dtype(DType::F32)? * -100.0
+}
+
+/// The attention mask of shifted windows, `(nW, n, n)`: 0 where two tokens of a window belong to
+/// the same region of the shifted grid, -100 elsewhere (MONAI's `compute_mask`).
+pub fn compute_shift_mask(padded: [usize; 3], ws: [usize; 3], shift: [usize; 3], device: &Device) -> Result<Tensor> {
+    shift_mask_from_regions(&compute_shift_regions(padded, ws, shift, device)?)
 }
 
 /// The range Python's `x[start:stop]` selects on an axis of length `len` (step 1).

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::blocks::UnetrBasicBlock;
 use super::config::{Config, Downsample};
 use crate::ops::quantized::Linear;
-use crate::ops::window::{compute_shift_mask, padded_dims, relative_position_index, roll_spatial, stage_window};
+use crate::ops::window::{compute_shift_regions, padded_dims, relative_position_index, roll_spatial, stage_window};
 use crate::ops::{channel_layer_norm, conv3d, gelu_erf, window_attention_qkv, window_partition, window_reverse};
 
 const LN_EPS: f64 = 1e-5;
@@ -75,12 +75,13 @@ impl WindowAttention {
             .contiguous()
     }
 
-    /// `x (B * nW, n, C)`, `mask (nW, n, n)` for shifted windows.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x (B * nW, n, C)`; for shifted windows, `regions (nW, n)` (see
+    /// [`compute_shift_regions`]).
+    pub fn forward(&self, x: &Tensor, regions: Option<&Tensor>) -> Result<Tensor> {
         let (_, n, c) = x.dims3()?;
         let scale = ((c / self.heads) as f64).powf(-0.5);
         let qkv = linear_tokens(&self.qkv, x)?;
-        let o = window_attention_qkv(&qkv, self.heads, scale, &self.bias(n)?, mask)?;
+        let o = window_attention_qkv(&qkv, self.heads, scale, &self.bias(n)?, regions)?;
         linear_tokens(&self.proj, &o)
     }
 }
@@ -114,8 +115,8 @@ struct StageGeometry {
     window: [usize; 3],
     shift: [usize; 3],
     padded: [usize; 3],
-    /// The shift mask, when the stage's shifted blocks shift at all.
-    mask: Option<Tensor>,
+    /// The shift regions, when the stage's shifted blocks shift at all.
+    regions: Option<Tensor>,
 }
 
 /// One Swin block: (shifted) window attention and an MLP, each with a pre-norm and a residual.
@@ -150,14 +151,14 @@ impl SwinTransformerBlock {
             }
         }
         let shift = if self.shifted { g.shift.map(|s| s as i32) } else { [0; 3] };
-        let mask = if shift != [0; 3] { g.mask.as_ref() } else { None };
-        if mask.is_some() {
+        let regions = if shift != [0; 3] { g.regions.as_ref() } else { None };
+        if regions.is_some() {
             y = roll_spatial(&y, shift.map(|s| -s))?;
         }
         let windows = window_partition(&y, g.window)?;
-        let attended = self.attn.forward(&windows, mask)?;
+        let attended = self.attn.forward(&windows, regions)?;
         let mut y = window_reverse(&attended, g.window, g.padded)?;
-        if mask.is_some() {
+        if regions.is_some() {
             y = roll_spatial(&y, shift)?;
         }
         let y = y.narrow(1, 0, d)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
@@ -244,13 +245,9 @@ impl Module for BasicLayer {
         let dims = [d, h, w];
         let (window, shift) = stage_window(dims, self.window_size, self.window_size / 2);
         let padded = padded_dims(dims, window);
-        let needs_mask = self.blocks.len() > 1 && shift.iter().any(|&s| s > 0);
-        let mask = if needs_mask {
-            Some(compute_shift_mask(padded, window, shift, x.device())?.to_dtype(x.dtype())?)
-        } else {
-            None
-        };
-        let geometry = StageGeometry { dims, window, shift, padded, mask };
+        let shifts = self.blocks.len() > 1 && shift.iter().any(|&s| s > 0);
+        let regions = if shifts { Some(compute_shift_regions(padded, window, shift, x.device())?) } else { None };
+        let geometry = StageGeometry { dims, window, shift, padded, regions };
         let mut y = x.permute((0, 2, 3, 4, 1))?.contiguous()?;
         for block in &self.blocks {
             y = block.forward(&y, &geometry)?;
