@@ -84,14 +84,14 @@ pub fn window_attention_qkv(
     if c3 % (3 * heads) != 0 {
         bail!("window_attention_qkv: {c3} qkv channels do not split into 3 x {heads} heads");
     }
-    if let Some(r) = regions {
-        if r.dims().len() != 2 || r.dim(1)? != n || windows % r.dim(0)? != 0 || r.dtype() != DType::U32 {
-            bail!(
-                "window_attention_qkv: regions {:?} {:?} do not fit {windows} windows of {n} tokens",
-                r.dims(),
-                r.dtype()
-            );
-        }
+    if let Some(r) = regions
+        && (r.dtype() != DType::U32 || !matches!(*r.dims(), [nw, rn] if rn == n && nw > 0 && windows % nw == 0))
+    {
+        bail!(
+            "window_attention_qkv: regions {:?} {:?} do not fit {windows} windows of {n} tokens",
+            r.dims(),
+            r.dtype()
+        );
     }
     let c = c3 / 3;
     let tracked = qkv.track_op() || bias.track_op();
@@ -379,7 +379,7 @@ impl FusedWindowAttention {
         let regions = match regions {
             Some((CpuStorage::U32(r), l)) => {
                 let nw = l.dims()[0];
-                if l.dims() != [nw, n] || windows % nw != 0 {
+                if l.dims() != [nw, n] || nw == 0 || windows % nw != 0 {
                     bail!("fused window attention: regions {:?} do not fit {windows} windows of {n} tokens", l.dims());
                 }
                 let (r0, r1) = slice(l)?;
