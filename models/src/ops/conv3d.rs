@@ -13,6 +13,7 @@
 use candle_core::{DType, Result, Tensor, bail};
 
 use super::conv3d_cpu::Conv3dCpu;
+use super::conv3d_int8::{self, Conv3dQ8};
 use super::quantized::Weight;
 
 /// `conv3d(x, w, bias, padding, stride)`: `x (B, Cin, D, H, W)`, `w (Cout, Cin, kd, kh, kw)`,
@@ -142,10 +143,11 @@ pub fn depthwise_conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: 
 /// [`conv3d`] with a weight that may be int8 (see [`super::quantized`]): `kernel` is the weight's
 /// spatial size, which an int8 matrix no longer carries.
 ///
-/// int8 convolutions are weight-only: the weight is widened to the input's dtype on each call (a
-/// few hundred thousand values at most, next to millions of activations) and computed by the
-/// float kernel. On x86 CPUs without VNNI, the Q8_0 block dot product per voxel this replaced
-/// was three times slower than the f32 tiled gemm, for less accuracy.
+/// On CPUs with AVX-512 VNNI an f32 input without a gradient graph takes the int8 x int8 kernel
+/// ([`super::conv3d_int8`]). Elsewhere int8 convolutions are weight-only: the weight is widened to
+/// the input's dtype on each call (a few hundred thousand values at most, next to millions of
+/// activations) and computed by the float kernel; with AVX2 alone, a Q8_0 block dot product per
+/// voxel was three times slower than the f32 tiled gemm.
 pub fn conv3d_weight(
     x: &Tensor,
     w: &Weight,
@@ -159,6 +161,15 @@ pub fn conv3d_weight(
             let taps: usize = kernel.iter().product();
             if taps == 0 || q.cols() % taps != 0 {
                 bail!("int8 conv3d: {} weight columns do not hold {kernel:?} kernels", q.cols());
+            }
+            let int8_kernel = x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() && taps > 1;
+            if int8_kernel && conv3d_int8::available() {
+                let op = Conv3dQ8 { weight: q.clone(), kernel, padding };
+                let y = x.contiguous()?.apply_op1_no_bwd(&op)?;
+                return match bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, q.rows(), 1, 1, 1))?),
+                    None => Ok(y),
+                };
             }
             let shape = (q.rows(), q.cols() / taps, kernel[0], kernel[1], kernel[2]);
             let w = Tensor::from_vec(q.dequantize(), shape, x.device())?.to_dtype(x.dtype())?;

@@ -18,15 +18,15 @@ pub(crate) struct Conv3dCpu {
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy)]
-struct Geometry {
-    c_in: usize,
-    c_out: usize,
-    d: usize,
-    h: usize,
-    w: usize,
-    k: [usize; 3],
-    pad: usize,
-    out: [usize; 3],
+pub(super) struct Geometry {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub d: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: [usize; 3],
+    pub pad: usize,
+    pub out: [usize; 3],
 }
 
 /// Groups of tiles whose weight gradients are accumulated separately (in parallel) and then summed
@@ -36,21 +36,37 @@ const WEIGHT_GRAD_GROUPS: usize = 32;
 /// Patch-matrix elements per tile: about 1 MB of f32, so that a tile stays in L2 while gemm reads it.
 const TILE_ELEMENTS: usize = 1 << 18;
 
-struct SendPtr<T>(*mut T);
+pub(super) struct SendPtr<T>(pub *mut T);
 // SAFETY: tiles write disjoint output ranges (see `conv`), so sharing the base pointer is sound.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl Geometry {
+    /// The geometry of `x (B, Cin, D, H, W)` convolved with `w (Cout, Cin, kd, kh, kw)`, stride 1
+    /// and `padding` on every axis; also the batch size.
+    pub fn of(x: &[usize], w: &[usize], padding: usize) -> Result<(usize, Geometry)> {
+        let [b, c_in, d, h, wd] = x else { bail!("prosam-conv3d-cpu: the input must be 5D, got {x:?}") };
+        let [c_out, w_in, kd, kh, kw] = w else { bail!("prosam-conv3d-cpu: the weight must be 5D, got {w:?}") };
+        if w_in != c_in {
+            bail!("prosam-conv3d-cpu: {c_in} input channels, weight expects {w_in}");
+        }
+        let p = padding;
+        if d + 2 * p < *kd || h + 2 * p < *kh || wd + 2 * p < *kw {
+            bail!("prosam-conv3d-cpu: kernel larger than the padded input");
+        }
+        let out = [d + 2 * p + 1 - kd, h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw];
+        Ok((*b, Geometry { c_in: *c_in, c_out: *c_out, d: *d, h: *h, w: *wd, k: [*kd, *kh, *kw], pad: p, out }))
+    }
+
     /// Rows (one (z, y) line of the output each) per tile, so that a tile's patches fill about
     /// [`TILE_ELEMENTS`].
-    fn rows_per_tile(&self) -> usize {
+    pub fn rows_per_tile(&self) -> usize {
         let k_len = self.c_in * self.k.iter().product::<usize>();
         (TILE_ELEMENTS / (k_len * self.out[2])).max(1)
     }
 
     /// Every `(sample, first row)` tile of a batch.
-    fn tiles(&self, batch: usize) -> Vec<(usize, usize)> {
+    pub fn tiles(&self, batch: usize) -> Vec<(usize, usize)> {
         let rows = self.out[0] * self.out[1];
         let step = self.rows_per_tile();
         (0..batch).flat_map(|b| (0..rows).step_by(step).map(move |r| (b, r))).collect()
@@ -59,7 +75,14 @@ impl Geometry {
 
 /// Fills `cols` (`K x tile_len`, row-major) with the input patches of output rows
 /// `[row0, row0 + rows)` (a row is one (z, y) line of the output).
-fn im2col<T: Copy + Default>(x: &[T], g: Geometry, row0: usize, rows: usize, cols: &mut [T], tile_len: usize) {
+pub(super) fn im2col<T: Copy + Default>(
+    x: &[T],
+    g: Geometry,
+    row0: usize,
+    rows: usize,
+    cols: &mut [T],
+    tile_len: usize,
+) {
     let [kd, kh, kw] = g.k;
     let [_, ho, wo] = g.out;
     let zero = T::default();
@@ -228,23 +251,6 @@ mod num_one {
     }
 }
 
-impl Conv3dCpu {
-    /// The geometry of `x (B, Cin, D, H, W)` convolved with `w (Cout, Cin, kd, kh, kw)`.
-    fn geometry(&self, x: &[usize], w: &[usize]) -> Result<(usize, Geometry)> {
-        let [b, c_in, d, h, wd] = x else { bail!("prosam-conv3d-cpu: the input must be 5D, got {x:?}") };
-        let [c_out, w_in, kd, kh, kw] = w else { bail!("prosam-conv3d-cpu: the weight must be 5D, got {w:?}") };
-        if w_in != c_in {
-            bail!("prosam-conv3d-cpu: {c_in} input channels, weight expects {w_in}");
-        }
-        let p = self.padding;
-        if d + 2 * p < *kd || h + 2 * p < *kh || wd + 2 * p < *kw {
-            bail!("prosam-conv3d-cpu: kernel larger than the padded input");
-        }
-        let out = [d + 2 * p + 1 - kd, h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw];
-        Ok((*b, Geometry { c_in: *c_in, c_out: *c_out, d: *d, h: *h, w: *wd, k: [*kd, *kh, *kw], pad: p, out }))
-    }
-}
-
 impl CustomOp2 for Conv3dCpu {
     fn name(&self) -> &'static str {
         "prosam-conv3d-cpu"
@@ -253,7 +259,7 @@ impl CustomOp2 for Conv3dCpu {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let ((x0, x1), (w0, w1)) =
             (super::contiguous_range(l1, "prosam-conv3d-cpu")?, super::contiguous_range(l2, "prosam-conv3d-cpu")?);
-        let (b, g) = self.geometry(l1.dims(), l2.dims())?;
+        let (b, g) = Geometry::of(l1.dims(), l2.dims(), self.padding)?;
         let shape = Shape::from((b, g.c_out, g.out[0], g.out[1], g.out[2]));
         let storage = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(wt)) => CpuStorage::F32(conv(&x[x0..x1], &wt[w0..w1], b, g)),
@@ -264,7 +270,7 @@ impl CustomOp2 for Conv3dCpu {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, g) = self.geometry(x.dims(), w.dims())?;
+        let (_, g) = Geometry::of(x.dims(), w.dims(), self.padding)?;
         let [kd, kh, kw] = g.k;
         if kd != kh || kh != kw || self.padding >= kd {
             bail!("prosam-conv3d-cpu: the backward pass needs a cubic kernel larger than the padding");
@@ -300,7 +306,7 @@ impl CustomOp2 for Conv3dWeightGrad<'_> {
         let x_dims = l1.dims();
         let [kd, kh, kw] = self.kernel;
         let c_out = l2.dims()[1];
-        let (b, g) = self.conv.geometry(x_dims, &[c_out, x_dims[1], kd, kh, kw])?;
+        let (b, g) = Geometry::of(x_dims, &[c_out, x_dims[1], kd, kh, kw], self.conv.padding)?;
         if l2.dims() != [b, c_out, g.out[0], g.out[1], g.out[2]] {
             bail!("prosam-conv3d-cpu: output gradient {:?} does not match the convolution", l2.dims());
         }

@@ -11,6 +11,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv3d;
 mod conv3d_cpu;
+mod conv3d_int8;
 pub mod conv_transpose3d;
 pub mod norm;
 pub mod quantized;

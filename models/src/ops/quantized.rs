@@ -6,13 +6,15 @@
 //! Layers load a [`Weight`]: dense (any float dtype, computed in the model's dtype) or int8. A
 //! quantized weight `X.weight` is stored as the raw block bytes under `X.weight.q8_0`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
+
+use super::conv3d_int8::PackedQ8;
 
 /// Values per Q8_0 block.
 pub const Q8_BLOCK: usize = 32;
@@ -29,6 +31,21 @@ pub struct Q8Matrix {
     rows: usize,
     cols: usize,
     padded_cols: usize,
+    /// The layout of the int8 convolution kernel, made on its first use.
+    conv_pack: OnceLock<PackedQ8>,
+}
+
+/// A block's scale and values (Candle keeps the fields to itself).
+pub(crate) fn block_parts(block: &BlockQ8_0) -> (f32, [i8; Q8_BLOCK]) {
+    let mut values = [0i8; Q8_BLOCK];
+    // SAFETY: BlockQ8_0 is repr(C) { d: f16, qs: [i8; 32] }, 34 bytes without padding (Candle
+    // asserts the size), so the scale is its first two bytes and the values the next 32.
+    let scale = unsafe {
+        let p = block as *const BlockQ8_0 as *const u8;
+        std::ptr::copy_nonoverlapping(p.add(2) as *const i8, values.as_mut_ptr(), Q8_BLOCK);
+        half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)]))
+    };
+    (scale.to_f32(), values)
 }
 
 /// Quantizes `xs` (a multiple of 32 values) into Q8_0 blocks as GGML does (scale = max|x| / 127,
@@ -82,7 +99,7 @@ impl Q8Matrix {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let bytes = q.data()?.into_owned();
         let blocks = blocks_from_bytes(&bytes);
-        Ok((Q8Matrix { blocks, rows, cols, padded_cols: padded }, bytes))
+        Ok((Q8Matrix { blocks, rows, cols, padded_cols: padded, conv_pack: OnceLock::new() }, bytes))
     }
 
     /// Rebuilds a matrix from its stored block bytes.
@@ -95,7 +112,7 @@ impl Q8Matrix {
         if !device.is_cpu() {
             bail!("int8 matrices compute on the CPU; on other devices load them with Weight::load, which widens them");
         }
-        Ok(Q8Matrix { blocks: blocks_from_bytes(bytes), rows, cols, padded_cols: padded })
+        Ok(Q8Matrix { blocks: blocks_from_bytes(bytes), rows, cols, padded_cols: padded, conv_pack: OnceLock::new() })
     }
 
     /// The matrix in f32, `(rows, cols)` row-major, without the padding: what GPUs compute with.
@@ -141,6 +158,11 @@ impl Q8Matrix {
     pub fn row_blocks(&self, r: usize) -> &[BlockQ8_0] {
         let per_row = self.padded_cols / Q8_BLOCK;
         &self.blocks[r * per_row..(r + 1) * per_row]
+    }
+
+    /// The weight in the int8 convolution kernel's layout.
+    pub(crate) fn conv_pack(&self) -> &PackedQ8 {
+        self.conv_pack.get_or_init(|| PackedQ8::new(self))
     }
 
     pub fn padded_cols(&self) -> usize {
