@@ -198,3 +198,21 @@ fn import_names_missing_and_misshaped_tensors() {
     let imported = from_state_dict(renamed, MonaiOptions::default(), &ckpt).unwrap();
     assert_eq!(imported.config, Config::tiny());
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    // `prosam info ... | head -0`: the reader is gone before prosam writes (it reads the model
+    // first), so the write fails with a broken pipe, which must not panic.
+    let dir = common::scratch_dir("cli_closed_pipe");
+    let model = random_model(&dir, "model.safetensors", |_| {});
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prosam"))
+        .args(["info", "-m", s(&model)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run prosam");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for prosam");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
+}

@@ -128,9 +128,9 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
         "prosam_version": env!("CARGO_PKG_VERSION"),
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        outln!(
             "{} ({}, {}, {} threads, {}x{}x{}): median {:.3} s (min {:.3}, max {:.3}, {} runs), {:.1} GMAC/s; load {:.3} s, resident {:.0} MiB, peak RSS {:.0} MiB",
             meta.name,
             meta.precision,
@@ -147,12 +147,12 @@ pub fn run(args: Args, device_choice: DeviceChoice) -> anyhow::Result<()> {
             load_s,
             resident.unwrap_or(f64::NAN),
             resources::peak_rss_mib().unwrap_or(f64::NAN)
-        );
+        )?;
         if args.profile {
             let total: f64 = profile.iter().map(|(_, t)| t).sum();
-            println!("{:<12} {:>9} {:>6}", "part", "median s", "share");
+            outln!("{:<12} {:>9} {:>6}", "part", "median s", "share")?;
             for (name, t) in &profile {
-                println!("{name:<12} {t:>9.3} {:>5.1}%", 100.0 * t / total);
+                outln!("{name:<12} {t:>9.3} {:>5.1}%", 100.0 * t / total)?;
             }
         }
     }

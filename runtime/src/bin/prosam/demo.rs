@@ -88,9 +88,9 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         report["phase"] = serde_json::json!(phantom.phase);
         report["files"] = serde_json::json!({"ct": ct, "truth": truth, "segmentation": seg});
         report["seconds"] = serde_json::json!({"phantom": t_made, "segment": result.times.preprocess.as_secs_f64() + result.times.infer.as_secs_f64() + result.times.restore.as_secs_f64(), "total": seconds});
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        crate::eval::print_table(&metrics, 2.0);
+        crate::eval::print_table(&metrics, 2.0)?;
     }
     if !quiet {
         eprintln!(

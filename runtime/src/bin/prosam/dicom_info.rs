@@ -64,37 +64,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "series": reports,
             "ignored": scan.ignored,
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
-    println!("{}: {} image series, {} other file(s)", args.folder.display(), scan.series.len(), scan.ignored.len());
+    outln!("{}: {} image series, {} other file(s)", args.folder.display(), scan.series.len(), scan.ignored.len())?;
     for ((series, r), (checks, syntaxes)) in scan.series.iter().zip(&reports).zip(&checked) {
-        println!("\n{}. {}", r["number"], series.label());
+        outln!("\n{}. {}", r["number"], series.label())?;
         let first = &series.slices[0];
-        println!("   {} x {} pixels, pixel spacing {:?} mm", first.columns, first.rows, first.pixel_spacing);
-        println!("   orientation {:?} ({})", first.orientation, r["plane"].as_str().unwrap_or_default());
-        println!("   transfer syntax: {}", syntaxes.iter().cloned().collect::<Vec<_>>().join(", "));
+        outln!("   {} x {} pixels, pixel spacing {:?} mm", first.columns, first.rows, first.pixel_spacing)?;
+        outln!("   orientation {:?} ({})", first.orientation, r["plane"].as_str().unwrap_or_default())?;
+        outln!("   transfer syntax: {}", syntaxes.iter().cloned().collect::<Vec<_>>().join(", "))?;
         match checks {
             Ok(g) => {
-                println!(
+                outln!(
                     "   volume {} x {} x {}, spacing {:.4} x {:.4} x {:.4} mm",
-                    g.dims[0], g.dims[1], g.dims[2], g.spacing[0], g.spacing[1], g.spacing[2]
-                );
-                println!("   ready to segment");
+                    g.dims[0],
+                    g.dims[1],
+                    g.dims[2],
+                    g.spacing[0],
+                    g.spacing[1],
+                    g.spacing[2]
+                )?;
+                outln!("   ready to segment")?;
             }
             Err(problems) => {
-                println!("   cannot be segmented:");
-                problems.iter().for_each(|p| println!("   - {p}"));
+                outln!("   cannot be segmented:")?;
+                for p in problems {
+                    outln!("   - {p}")?;
+                }
             }
         }
     }
     if !scan.ignored.is_empty() {
-        println!("\nignored:");
+        outln!("\nignored:")?;
         for i in scan.ignored.iter().take(10) {
-            println!("   {}: {}", i.path.display(), i.reason);
+            outln!("   {}: {}", i.path.display(), i.reason)?;
         }
         if scan.ignored.len() > 10 {
-            println!("   ... and {} more", scan.ignored.len() - 10);
+            outln!("   ... and {} more", scan.ignored.len() - 10)?;
         }
     }
     Ok(())

@@ -88,7 +88,7 @@ pub(crate) fn report(metrics: &[ClassMetrics], tolerance_mm: f64) -> serde_json:
     })
 }
 
-pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) {
+pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) -> std::io::Result<()> {
     let f = |v: f64, digits: usize| {
         if v.is_nan() {
             "-".to_string()
@@ -98,7 +98,7 @@ pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) {
             format!("{v:.digits$}")
         }
     };
-    println!(
+    outln!(
         "{:<26} {:>7} {:>7} {:>10} {:>10} {:>10}",
         "organ",
         "Dice",
@@ -106,9 +106,9 @@ pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) {
         "HD95 mm",
         "predicted",
         "truth"
-    );
+    )?;
     for m in metrics {
-        println!(
+        outln!(
             "{:<26} {:>7} {:>7} {:>10} {:>10} {:>10}",
             class_name(m.label),
             f(m.dice, 4),
@@ -116,15 +116,15 @@ pub(crate) fn print_table(metrics: &[ClassMetrics], tolerance_mm: f64) {
             f(m.hd95, 2),
             m.pred_voxels,
             m.truth_voxels
-        );
+        )?;
     }
-    println!(
+    outln!(
         "{:<26} {:>7} {:>7} {:>10}",
         "mean",
         f(mean_finite(metrics.iter().map(|m| m.dice)), 4),
         f(mean_finite(metrics.iter().map(|m| m.nsd)), 4),
         f(mean_finite(metrics.iter().map(|m| m.hd95)), 2)
-    );
+    )
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -143,9 +143,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut r = report(&metrics, args.tolerance_mm);
         r["pred"] = serde_json::json!(args.pred);
         r["truth"] = serde_json::json!(args.truth);
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?)?;
     } else {
-        print_table(&metrics, args.tolerance_mm);
+        print_table(&metrics, args.tolerance_mm)?;
     }
     Ok(())
 }

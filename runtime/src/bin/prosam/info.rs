@@ -28,23 +28,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "precision": meta.precision,
             "metadata": meta,
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
-    println!("model        {}", meta.name);
-    println!(
+    outln!("model        {}", meta.name)?;
+    outln!(
         "file         {} ({:.1} MiB, format version {})",
         args.model.display(),
         file.file_size() as f64 / 1048576.0,
         meta.format_version
-    );
+    )?;
     match &meta.architecture {
-        Architecture::SwinUnetr(cfg) => println!(
+        Architecture::SwinUnetr(cfg) => outln!(
             "architecture SwinUNETR feature_size {}, depths {:?}, heads {:?}, window {}, use_v2 {}, downsample {}, normalize {}",
-            cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.use_v2, cfg.downsample, cfg.normalize
-        ),
+            cfg.feature_size,
+            cfg.depths,
+            cfg.num_heads,
+            cfg.window_size,
+            cfg.use_v2,
+            cfg.downsample,
+            cfg.normalize
+        )?,
         Architecture::AutoProSam(cfg) => {
-            println!(
+            outln!(
                 "architecture AutoProSAM teacher: ViT {} dim, {} blocks, {} heads, crop {}^3 -> {}^3 tokens in windows of {}, taps after blocks {:?}",
                 cfg.embed_dim,
                 cfg.depth,
@@ -53,34 +59,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cfg.token_grid(),
                 cfg.cubic_window,
                 cfg.taps
-            );
-            println!(
+            )?;
+            outln!(
                 "             necks {}, APG base {} (scales {:?}) on {:?}, decoder {}",
-                cfg.out_chans, cfg.apg_base, cfg.apg_scales, cfg.apg_input, cfg.decoder_channels
-            );
-            println!(
+                cfg.out_chans,
+                cfg.apg_base,
+                cfg.apg_scales,
+                cfg.apg_input,
+                cfg.decoder_channels
+            )?;
+            outln!(
                 "trainable    stage 1: {} parameters; stage 2: {}; the rest frozen (SAM)",
                 cfg.trainable_count(1),
                 cfg.trainable_count(2)
-            );
+            )?;
         }
     }
-    println!("channels     {} in, {} out", meta.architecture.in_channels(), meta.architecture.out_channels());
-    println!("parameters   {parameters} in {} tensors", tensors.len());
-    println!("precision    {}", meta.precision);
-    println!("spacing      {:?} mm, axes {}", meta.spacing, meta.axis_codes);
-    println!("roi          {:?}", meta.roi_size);
-    println!("intensity    {}", meta.intensity);
-    println!(
+    outln!("channels     {} in, {} out", meta.architecture.in_channels(), meta.architecture.out_channels())?;
+    outln!("parameters   {parameters} in {} tensors", tensors.len())?;
+    outln!("precision    {}", meta.precision)?;
+    outln!("spacing      {:?} mm, axes {}", meta.spacing, meta.axis_codes)?;
+    outln!("roi          {:?}", meta.roi_size)?;
+    outln!("intensity    {}", meta.intensity)?;
+    outln!(
         "labels       {}",
         meta.labels.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect::<Vec<_>>().join(" ")
-    );
-    println!("checksum     {} (verified)", meta.checksum);
+    )?;
+    outln!("checksum     {} (verified)", meta.checksum)?;
     if let Some(source) = &meta.source {
-        println!(
+        outln!(
             "source       {source}{}",
             meta.writer.as_deref().map(|w| format!(", converted by {w}")).unwrap_or_default()
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,5 +1,14 @@
 //! `prosam`: the device CLI.
 
+/// `println!` that returns the write's error instead of panicking, so that a closed pipe
+/// (`prosam eval ... | head`) ends the command quietly (see `main`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod bench;
 mod convert;
 mod demo;
@@ -93,6 +102,14 @@ fn main() -> std::process::ExitCode {
     })();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of stdout has gone (`| head`): nothing left to tell it.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

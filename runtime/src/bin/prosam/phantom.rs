@@ -68,7 +68,7 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&written)?);
+        outln!("{}", serde_json::to_string_pretty(&written)?)?;
     }
     if !quiet {
         eprintln!(

@@ -252,7 +252,7 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
             "memory_estimate_mib": estimate.get() as f64 / (1u64 << 20) as f64,
             "organs": stats,
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?)?;
     }
     if !quiet {
         eprintln!(
