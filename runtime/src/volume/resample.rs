@@ -78,6 +78,9 @@ pub struct LabelRestore<'a> {
     model_dims: [usize; 3],
     oriented_dims: [usize; 3],
     taps: [Vec<(usize, usize, f64)>; 3],
+    /// The last axis's taps apart (lower index, upper index, weight of the upper), for the
+    /// vectorised inner loop.
+    z_taps: (Vec<usize>, Vec<usize>, Vec<f32>),
     labels: &'a mut [u8],
     base: usize,
     strides: [isize; 3],
@@ -99,11 +102,15 @@ impl<'a> LabelRestore<'a> {
         strides: [isize; 3],
     ) -> Self {
         let taps = [0, 1, 2].map(|a| taps(oriented_dims[a], model_dims[a], ratio[a]));
+        let z = &taps[2];
+        let z_taps =
+            (z.iter().map(|t| t.0).collect(), z.iter().map(|t| t.1).collect(), z.iter().map(|t| t.2 as f32).collect());
         LabelRestore {
             classes,
             model_dims,
             oriented_dims,
             taps,
+            z_taps,
             labels,
             base,
             strides,
@@ -195,19 +202,23 @@ impl<'a> LabelRestore<'a> {
                 }
             }
         }
-        // Along z, then the first class of highest probability.
+        // Along z, class by class over the row, then the first class of highest probability
+        // (the comparisons run along the row, so they vectorize).
+        let (z_lo, z_hi, z_t) = &self.z_taps;
         let mut out = vec![0u8; n1 * n2];
-        for j in 0..n1 {
-            for (k, label) in out[j * n2..(j + 1) * n2].iter_mut().enumerate() {
-                let (z0, z1, tz) = self.taps[2][k];
-                let (tz, sz) = (tz as f32, 1.0 - tz as f32);
-                let mut best = f32::NEG_INFINITY;
-                for c in 0..classes {
-                    let row = &along_y[(c * n1 + j) * mz..(c * n1 + j + 1) * mz];
-                    let v = row[z0] * sz + row[z1] * tz;
-                    if v > best {
-                        best = v;
-                        *label = c as u8;
+        let (mut best, mut value) = (vec![0f32; n2], vec![0f32; n2]);
+        for (j, labels) in out.chunks_exact_mut(n2).enumerate() {
+            best.fill(f32::NEG_INFINITY);
+            for c in 0..classes {
+                let row = &along_y[(c * n1 + j) * mz..(c * n1 + j + 1) * mz];
+                for (k, v) in value.iter_mut().enumerate() {
+                    let tz = z_t[k];
+                    *v = row[z_lo[k]] * (1.0 - tz) + row[z_hi[k]] * tz;
+                }
+                for ((b, l), &v) in best.iter_mut().zip(labels.iter_mut()).zip(&value) {
+                    if v > *b {
+                        *b = v;
+                        *l = c as u8;
                     }
                 }
             }
