@@ -255,10 +255,16 @@ fn checkpointed_blocks_give_the_whole_graph_gradients() {
     let (image, labels) = noisy_crop(12);
     // Before training, and after two (checkpointed) steps: the graph-free forward pass must follow
     // the weights the optimizer updates.
+    let mut losses = Vec::new();
     for round in 0..2 {
         let (loss_a, plain) = t.gradients(&image, &labels, [16; 3], false).unwrap();
         let (loss_b, checkpointed) = t.gradients(&image, &labels, [16; 3], true).unwrap();
-        assert_eq!(loss_a, loss_b, "round {round}");
+        // The graph-free blocks take the inference kernels (layer norm with f64 statistics), the
+        // recorded ones Candle's composed ops: the losses may differ in the last bits, where stale
+        // weights would move them by orders of magnitude more (checked below).
+        eprintln!("round {round}: loss {loss_a} plain, {loss_b} checkpointed");
+        assert!((loss_a - loss_b).abs() <= 1e-6 * loss_a.abs(), "round {round}: {loss_a} vs {loss_b}");
+        losses.push(loss_a);
         let mut compared = 0;
         for group in t.optimizer_groups() {
             for (name, var) in group {
@@ -276,6 +282,8 @@ fn checkpointed_blocks_give_the_whole_graph_gradients() {
             t.step(&image, &labels, [16; 3]).unwrap();
         }
     }
+    // Two steps move the loss far beyond the tolerance above, so a stale copy would be caught.
+    assert!((losses[0] - losses[1]).abs() > 1e-3 * losses[0].abs(), "{losses:?}");
 }
 
 #[test]
