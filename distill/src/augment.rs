@@ -1,6 +1,6 @@
 //! Training crops as the reference recipe draws them: MONAI's `RandCropByPosNegLabeld(pos=2,
-//! neg=1, num_samples=1)`, then `RandFlipd` on each axis and `RandRotate90d` in the plane of
-//! axes 0 and 1, each with probability 0.1.
+//! neg=1, num_samples=1)` (or, as an option, `RandCropByLabelClassesd`), then `RandFlipd` on each
+//! axis and `RandRotate90d` in the plane of axes 0 and 1, each with probability 0.1.
 
 use prosam_models::format::Intensity;
 use prosam_runtime::pipeline::intensity;
@@ -9,10 +9,37 @@ use serde::{Deserialize, Serialize};
 use crate::data::Case;
 use crate::rng::Rng;
 
+/// How a crop's centre voxel is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CropSampling {
+    /// MONAI's `RandCropByPosNegLabeld`: a foreground voxel with weight `pos`, a background one
+    /// with weight `neg` (the reference recipe). Big organs own most foreground voxels, so most
+    /// crops centre on them.
+    #[default]
+    PosNeg,
+    /// MONAI's `RandCropByLabelClassesd` with equal ratios: one of the classes present in the case
+    /// (background included) uniformly, then one of its voxels. A vessel or an adrenal gland is a
+    /// crop's centre as often as the liver, as nnU-Net's foreground oversampling does it.
+    Classes,
+}
+
+impl std::str::FromStr for CropSampling {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "pos_neg" | "posneg" => Ok(CropSampling::PosNeg),
+            "classes" => Ok(CropSampling::Classes),
+            _ => Err(format!("crop sampling must be pos_neg or classes, got `{s}`")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CropOptions {
     pub size: [usize; 3],
-    /// Relative weights of crops centred on foreground and on background voxels.
+    pub sampling: CropSampling,
+    /// Relative weights of crops centred on foreground and on background voxels (`PosNeg`).
     pub pos: f64,
     pub neg: f64,
     /// Probability of a flip, per axis.
@@ -23,7 +50,55 @@ pub struct CropOptions {
 
 impl CropOptions {
     pub fn reference(size: [usize; 3]) -> Self {
-        Self { size, pos: 2.0, neg: 1.0, flip_p: 0.1, rot90_p: 0.1 }
+        Self { size, sampling: CropSampling::PosNeg, pos: 2.0, neg: 1.0, flip_p: 0.1, rot90_p: 0.1 }
+    }
+
+    pub fn with_sampling(self, sampling: CropSampling) -> Self {
+        Self { sampling, ..self }
+    }
+}
+
+/// A case's candidate crop centres, grouped as `sampling` draws them: `[foreground, background]`
+/// for `PosNeg`, one group per class present for `Classes`. Built once per case and epoch.
+#[derive(Debug, Clone)]
+pub struct Centres {
+    sampling: CropSampling,
+    groups: Vec<Vec<u32>>,
+}
+
+impl Centres {
+    pub fn new(case: &Case, sampling: CropSampling) -> Self {
+        let groups = match sampling {
+            CropSampling::PosNeg => {
+                let (mut fg, mut bg) = (Vec::new(), Vec::new());
+                for (i, &l) in case.labels.iter().enumerate() {
+                    if l > 0 { fg.push(i as u32) } else { bg.push(i as u32) }
+                }
+                vec![fg, bg]
+            }
+            CropSampling::Classes => {
+                let mut by_class = vec![Vec::new(); 256];
+                for (i, &l) in case.labels.iter().enumerate() {
+                    by_class[l as usize].push(i as u32);
+                }
+                by_class.retain(|g| !g.is_empty());
+                by_class
+            }
+        };
+        Self { sampling, groups }
+    }
+
+    /// The flat index of the next crop's centre.
+    fn draw(&self, o: &CropOptions, rng: &mut Rng) -> usize {
+        let group = match self.sampling {
+            CropSampling::PosNeg => {
+                let (fg, bg) = (&self.groups[0], &self.groups[1]);
+                let positive = !fg.is_empty() && (bg.is_empty() || rng.chance(o.pos / (o.pos + o.neg)));
+                if positive { fg } else { bg }
+            }
+            CropSampling::Classes => &self.groups[rng.below(self.groups.len())],
+        };
+        group[rng.below(group.len())] as usize
     }
 }
 
@@ -37,21 +112,12 @@ pub struct Crop {
     pub size: [usize; 3],
 }
 
-/// Draws one crop of `case`. `fg`/`bg` are the case's foreground and background voxel indices
-/// ([`Case::split_indices`]); the crop's HU are normalised with each of `intensities` after
-/// cropping, one image each.
-pub fn random_crop(
-    case: &Case,
-    fg: &[u32],
-    bg: &[u32],
-    intensities: &[&Intensity],
-    o: &CropOptions,
-    rng: &mut Rng,
-) -> Crop {
+/// Draws one crop of `case` centred on one of `centres` (built for `case` with `o.sampling`);
+/// the crop's HU are normalised with each of `intensities` after cropping, one image each.
+pub fn random_crop(case: &Case, centres: &Centres, intensities: &[&Intensity], o: &CropOptions, rng: &mut Rng) -> Crop {
+    debug_assert_eq!(centres.sampling, o.sampling);
     let dims = case.dims;
-    let positive = !fg.is_empty() && (bg.is_empty() || rng.chance(o.pos / (o.pos + o.neg)));
-    let pool = if positive { fg } else { bg };
-    let centre = pool[rng.below(pool.len())] as usize;
+    let centre = centres.draw(o, rng);
     let centre = [centre / (dims[1] * dims[2]), (centre / dims[2]) % dims[1], centre % dims[2]];
     // MONAI's `correct_crop_centers`: the crop stays inside the volume where it fits.
     let start = [0, 1, 2].map(|a| centre[a].saturating_sub(o.size[a] / 2).min(dims[a].saturating_sub(o.size[a])));
@@ -177,14 +243,56 @@ mod tests {
     #[test]
     fn positive_crops_contain_the_foreground_and_pad_with_zero() {
         let case = case();
-        let (fg, bg) = case.split_indices();
-        let o = CropOptions { size: [2, 2, 4], pos: 1.0, neg: 0.0, flip_p: 0.0, rot90_p: 0.0 };
+        let o = CropOptions {
+            size: [2, 2, 4],
+            sampling: CropSampling::PosNeg,
+            pos: 1.0,
+            neg: 0.0,
+            flip_p: 0.0,
+            rot90_p: 0.0,
+        };
+        let centres = Centres::new(&case, o.sampling);
         let mut rng = Rng::new(1);
         for _ in 0..10 {
-            let crop = random_crop(&case, &fg, &bg, &[&IDENTITY], &o, &mut rng);
+            let crop = random_crop(&case, &centres, &[&IDENTITY], &o, &mut rng);
             assert_eq!(crop.labels.iter().filter(|&&l| l == 1).count(), 1, "{crop:?}");
             // Axis 2 has 2 voxels, the crop 4: the last two are padding.
             assert!(crop.images[0].chunks(4).all(|row| row[2] == 0.0 && row[3] == 0.0));
         }
+    }
+
+    #[test]
+    fn class_sampling_centres_each_present_class_equally_often() {
+        // 24 voxels: one of class 2, five of class 1, the rest background; class 3 is absent.
+        let mut case = case();
+        case.labels = (0..24)
+            .map(|v| {
+                if v == 17 {
+                    2
+                } else if v < 5 {
+                    1
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let o = CropOptions::reference([2, 2, 2]).with_sampling(CropSampling::Classes);
+        let centres = Centres::new(&case, o.sampling);
+        let mut rng = Rng::new(7);
+        let mut counts = [0usize; 4];
+        let draws = 3000;
+        for _ in 0..draws {
+            counts[case.labels[centres.draw(&o, &mut rng)] as usize] += 1;
+        }
+        assert_eq!(counts[3], 0);
+        for (class, &n) in counts[..3].iter().enumerate() {
+            let share = n as f64 / draws as f64;
+            assert!((share - 1.0 / 3.0).abs() < 0.04, "class {class}: {share}");
+        }
+        // Positive/negative sampling centres the single class-2 voxel about 2/3 x 1/6 of the time.
+        let o = CropOptions::reference([2, 2, 2]);
+        let centres = Centres::new(&case, o.sampling);
+        let rare = (0..draws).filter(|_| case.labels[centres.draw(&o, &mut rng)] == 2).count();
+        assert!((rare as f64 / draws as f64 - 1.0 / 9.0).abs() < 0.03, "{rare}");
     }
 }

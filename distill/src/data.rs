@@ -99,17 +99,6 @@ pub struct Case {
     pub dims: [usize; 3],
 }
 
-impl Case {
-    /// Voxel indices of foreground (label > 0) and background, for positive/negative crops.
-    pub fn split_indices(&self) -> (Vec<u32>, Vec<u32>) {
-        let (mut fg, mut bg) = (Vec::new(), Vec::new());
-        for (i, &l) in self.labels.iter().enumerate() {
-            if l > 0 { fg.push(i as u32) } else { bg.push(i as u32) }
-        }
-        (fg, bg)
-    }
-}
-
 /// Largest difference in mm between two affines' entries that still counts as the same grid.
 const AFFINE_TOLERANCE_MM: f64 = 1e-3;
 

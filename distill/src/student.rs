@@ -14,7 +14,7 @@ use prosam_models::network::Network;
 use prosam_models::swin_unetr::{Config, SwinUnetr};
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{CropOptions, random_crop};
+use crate::augment::{Centres, CropOptions, CropSampling, random_crop};
 use crate::data::Case;
 use crate::loss::{KdLoss, distillation_loss};
 use crate::optim::{AdamW, AdamWConfig, learning_rate};
@@ -30,6 +30,9 @@ pub struct DistillOptions {
     /// Crop size in voxels (multiples of 32, at least 64 along one axis; a teacher must take this
     /// crop, so with one it is its cubic crop). Also the student's sliding window.
     pub crop: [usize; 3],
+    /// Where crops are centred (the reference: positive/negative).
+    #[serde(default)]
+    pub crop_sampling: CropSampling,
     pub epochs: usize,
     pub warmup_epochs: usize,
     pub lr: f64,
@@ -46,6 +49,7 @@ impl Default for DistillOptions {
             lambda: 0.5,
             kd: KdLoss::MseLogits,
             crop: [64; 3],
+            crop_sampling: CropSampling::PosNeg,
             epochs: 100,
             warmup_epochs: 2,
             lr: 1e-3,
@@ -255,8 +259,8 @@ impl StudentTrainer {
         let o = self.options.clone();
         let lr = learning_rate(o.lr, self.epoch, o.warmup_epochs, o.epochs);
         self.optimizer.set_lr(lr);
-        let crop = CropOptions::reference(o.crop);
-        let splits: Vec<(Vec<u32>, Vec<u32>)> = cases.iter().map(Case::split_indices).collect();
+        let crop = CropOptions::reference(o.crop).with_sampling(o.crop_sampling);
+        let centres: Vec<Centres> = cases.iter().map(|case| Centres::new(case, crop.sampling)).collect();
         let mut order: Vec<usize> = (0..cases.len()).flat_map(|i| std::iter::repeat_n(i, o.samples_per_case)).collect();
         self.rng.shuffle(&mut order);
         // The student's transform, then the teacher's: one crop, two normalised images.
@@ -264,9 +268,8 @@ impl StudentTrainer {
         intensities.extend(self.teacher.as_ref().filter(|_| o.lambda > 0.0).map(|t| t.metadata.intensity));
         let mut total = 0.0;
         for (done, &i) in order.iter().enumerate() {
-            let (fg, bg) = &splits[i];
             let refs: Vec<_> = intensities.iter().collect();
-            let sample = random_crop(&cases[i], fg, bg, &refs, &crop, &mut self.rng);
+            let sample = random_crop(&cases[i], &centres[i], &refs, &crop, &mut self.rng);
             let loss =
                 self.loss(&sample.images[0], sample.images.get(1).map(Vec::as_slice), &sample.labels, sample.size)?;
             let grads = loss.backward()?;

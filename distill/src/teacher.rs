@@ -13,7 +13,7 @@ use prosam_models::format::import::import_autoprosam;
 use prosam_models::format::{Architecture, Metadata, ModelFile};
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{CropOptions, random_crop};
+use crate::augment::{Centres, CropOptions, CropSampling, random_crop};
 use crate::data::{Case, Dataset};
 use crate::loss::teacher_loss;
 use crate::optim::{AdamW, AdamWConfig, learning_rate};
@@ -35,6 +35,9 @@ pub struct TrainOptions {
     pub clip: f64,
     /// Crops drawn from each training case per epoch (the reference: 1).
     pub samples_per_case: usize,
+    /// Where crops are centred (the reference: positive/negative).
+    #[serde(default)]
+    pub crop_sampling: CropSampling,
     /// Validate every this many epochs (and after the last).
     pub val_every: usize,
     /// Sliding-window overlap of validation (the reference: 0.25, constant blend).
@@ -56,6 +59,7 @@ impl Default for TrainOptions {
             lr: 5e-4,
             clip: 1.0,
             samples_per_case: 1,
+            crop_sampling: CropSampling::PosNeg,
             val_every: 1,
             overlap: 0.25,
             seed: 42,
@@ -380,14 +384,13 @@ impl TeacherTrainer {
         let o = self.options.clone();
         let lr = learning_rate(o.lr, self.epoch, o.warmup_epochs, o.epochs);
         self.optimizer.set_lr(lr);
-        let crop = CropOptions::reference([self.cfg.crop; 3]);
-        let splits: Vec<(Vec<u32>, Vec<u32>)> = cases.iter().map(Case::split_indices).collect();
+        let crop = CropOptions::reference([self.cfg.crop; 3]).with_sampling(o.crop_sampling);
+        let centres: Vec<Centres> = cases.iter().map(|case| Centres::new(case, crop.sampling)).collect();
         let mut order: Vec<usize> = (0..cases.len()).flat_map(|i| std::iter::repeat_n(i, o.samples_per_case)).collect();
         self.rng.shuffle(&mut order);
         let mut total = 0.0;
         for (done, &i) in order.iter().enumerate() {
-            let (fg, bg) = &splits[i];
-            let sample = random_crop(&cases[i], fg, bg, &[&self.metadata.intensity], &crop, &mut self.rng);
+            let sample = random_crop(&cases[i], &centres[i], &[&self.metadata.intensity], &crop, &mut self.rng);
             let loss = self.step(&sample.images[0], &sample.labels, sample.size)?;
             total += loss as f64;
             progress(done + 1, order.len(), loss);

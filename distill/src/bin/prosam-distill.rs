@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use prosam_distill::augment::CropSampling;
 use prosam_distill::data::{Case, Dataset, LabelMap};
 use prosam_distill::loss::KdLoss;
 use prosam_distill::run::{RunFiles, run_epochs};
@@ -83,6 +84,10 @@ struct Distill {
     lr: f64,
     #[arg(long, default_value_t = 1)]
     samples_per_case: usize,
+    /// Where crops are centred: pos_neg (MONAI's RandCropByPosNegLabeld, 2:1, the reference) or
+    /// classes (RandCropByLabelClassesd with equal ratios: small organs as often as the liver).
+    #[arg(long, default_value = "pos_neg")]
+    crop_sampling: CropSampling,
     #[arg(long, default_value_t = 5)]
     val_every: usize,
     #[arg(long, default_value_t = 42)]
@@ -157,6 +162,7 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
         warmup_epochs: args.warmup_epochs,
         lr: args.lr,
         samples_per_case: args.samples_per_case,
+        crop_sampling: args.crop_sampling,
         val_every: args.val_every,
         seed: args.seed,
         ..DistillOptions::default()
@@ -255,6 +261,10 @@ struct TrainTeacher {
     /// Crops per training case per epoch.
     #[arg(long, default_value_t = 1)]
     samples_per_case: usize,
+    /// Where crops are centred: pos_neg (MONAI's RandCropByPosNegLabeld, 2:1, the reference) or
+    /// classes (RandCropByLabelClassesd with equal ratios: small organs as often as the liver).
+    #[arg(long, default_value = "pos_neg")]
+    crop_sampling: CropSampling,
     /// Validate every N epochs (and after the last).
     #[arg(long, default_value_t = 1)]
     val_every: usize,
@@ -307,6 +317,7 @@ fn train_teacher(args: TrainTeacher, quiet: bool) -> anyhow::Result<()> {
         warmup_epochs: args.warmup_epochs,
         lr: args.lr,
         samples_per_case: args.samples_per_case,
+        crop_sampling: args.crop_sampling,
         val_every: args.val_every,
         seed: args.seed,
         checkpoint_blocks: !args.no_checkpoint_blocks,
