@@ -21,6 +21,20 @@ pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> 
 /// Dice is averaged over (sample, class) of `1 - (2 sum(p g) + s) / (sum p + sum g + s)`, the
 /// cross-entropy over voxels of `-log p[label]`.
 pub fn dice_ce(logits: &Tensor, labels: &Tensor, lambda_dice: f64, lambda_ce: f64) -> Result<Tensor> {
+    dice_ce_weighted(logits, labels, lambda_dice, lambda_ce, None)
+}
+
+/// [`dice_ce`] with class weights `ce_weight` (C values) on the cross-entropy, as MONAI's
+/// `ce_weight` passes them to PyTorch's `CrossEntropyLoss(weight)`: the voxels' `-log p[label]`
+/// averaged with weights `w[label]`, `sum w[y] (-log p[y]) / sum w[y]`. The Dice term is not
+/// weighted (it already counts every class equally).
+pub fn dice_ce_weighted(
+    logits: &Tensor,
+    labels: &Tensor,
+    lambda_dice: f64,
+    lambda_ce: f64,
+    ce_weight: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, c) = (logits.dim(0)?, logits.dim(1)?);
     if labels.dims()[0] != b || labels.dims()[1..] != logits.dims()[2..] {
         bail!("dice_ce: labels {:?} do not match logits {:?}", labels.dims(), logits.dims());
@@ -32,8 +46,26 @@ pub fn dice_ce(logits: &Tensor, labels: &Tensor, lambda_dice: f64, lambda_ce: f6
     let intersection = (&p * &target)?.sum(D::Minus1)?;
     let denominator = (p.sum(D::Minus1)? + target.sum(D::Minus1)?)?;
     let dice = (1.0 - ((intersection * 2.0)? + DICE_SMOOTH)?.div(&(denominator + DICE_SMOOTH)?)?)?.mean_all()?;
-    let ce = (log_p * &target)?.sum(1)?.mean_all()?.neg()?;
+    let nll = (log_p * &target)?.sum(1)?.neg()?;
+    let ce = match ce_weight {
+        None => nll.mean_all()?,
+        Some(w) => {
+            if w.dims1()? != c {
+                bail!("dice_ce: {} class weights for {c} classes", w.dims1()?);
+            }
+            let voxel_weight = target.broadcast_mul(&w.to_dtype(logits.dtype())?.reshape((1, c, 1))?)?.sum(1)?;
+            ((nll * &voxel_weight)?.sum_all()? / voxel_weight.sum_all()?.to_scalar::<f64>()?.max(f64::MIN_POSITIVE))?
+        }
+    };
     (dice * lambda_dice)? + (ce * lambda_ce)?
+}
+
+/// Class weights for [`dice_ce_weighted`] from the voxel counts of each class in the training
+/// labels: `1 / sqrt(frequency)`, so that a class a hundred times rarer weighs ten times more per
+/// voxel (a milder form of inverse-frequency weighting); classes with no voxel get 0.
+pub fn inverse_sqrt_frequency_weights(counts: &[u64]) -> Vec<f64> {
+    let total: u64 = counts.iter().sum();
+    counts.iter().map(|&n| if n == 0 { 0.0 } else { (total as f64 / n as f64).sqrt() }).collect()
 }
 
 /// The teacher's loss: Dice + cross-entropy, 0.5 each.
@@ -95,16 +127,17 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, kind: KdLoss) -> Result<Tenso
 }
 
 /// Distillation's loss: `(1 - lambda) DiceCE(student, labels) + lambda KD(student, teacher)`,
-/// DiceCE in the teacher's 0.5/0.5 form. Without a teacher (`lambda = 0`), plain supervised
-/// training.
+/// DiceCE in the teacher's 0.5/0.5 form (its cross-entropy weighted by `ce_weight` if given).
+/// Without a teacher (`lambda = 0`), plain supervised training.
 pub fn distillation_loss(
     student: &Tensor,
     labels: &Tensor,
     teacher: Option<&Tensor>,
     lambda: f64,
     kind: KdLoss,
+    ce_weight: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let supervised = teacher_loss(student, labels)?;
+    let supervised = dice_ce_weighted(student, labels, 0.5, 0.5, ce_weight)?;
     match teacher {
         Some(t) if lambda > 0.0 => (supervised * (1.0 - lambda))? + (kd_loss(student, t, kind)? * lambda)?,
         _ => Ok(supervised),

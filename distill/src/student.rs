@@ -33,6 +33,11 @@ pub struct DistillOptions {
     /// Where crops are centred (the reference: positive/negative).
     #[serde(default)]
     pub crop_sampling: CropSampling,
+    /// Class weights of the cross-entropy (one per class), e.g.
+    /// [`inverse_sqrt_frequency_weights`](crate::loss::inverse_sqrt_frequency_weights)
+    /// of the training labels; none: every voxel counts the same (the reference).
+    #[serde(default)]
+    pub ce_weight: Option<Vec<f64>>,
     pub epochs: usize,
     pub warmup_epochs: usize,
     pub lr: f64,
@@ -50,6 +55,7 @@ impl Default for DistillOptions {
             kd: KdLoss::MseLogits,
             crop: [64; 3],
             crop_sampling: CropSampling::PosNeg,
+            ce_weight: None,
             epochs: 100,
             warmup_epochs: 2,
             lr: 1e-3,
@@ -144,6 +150,19 @@ struct StudentCheckpoint {
     teacher_checksum: Option<String>,
 }
 
+fn check_ce_weight(ce_weight: Option<&[f64]>, classes: usize) -> Result<()> {
+    match ce_weight {
+        Some(w)
+            if w.len() != classes || w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) =>
+        {
+            Err(Error::Options(format!(
+                "class weights {w:?}: the student has {classes} classes; one weight each, finite, non-negative, one positive"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// One distillation run.
 pub struct StudentTrainer {
     pub cfg: Config,
@@ -183,6 +202,7 @@ impl StudentTrainer {
         }
         let [a, b, c] = options.crop;
         cfg.check_input(&[1, cfg.in_channels, a, b, c])?;
+        check_ce_weight(options.ce_weight.as_deref(), cfg.out_channels)?;
         if let Some(t) = &teacher {
             t.check(&metadata, options.crop, &t.metadata.name)?;
         }
@@ -219,6 +239,13 @@ impl StudentTrainer {
         })
     }
 
+    /// Sets the cross-entropy's class weights (checked as [`StudentTrainer::new`] checks them).
+    pub fn set_ce_weight(&mut self, ce_weight: Option<Vec<f64>>) -> Result<()> {
+        check_ce_weight(ce_weight.as_deref(), self.cfg.out_channels)?;
+        self.options.ce_weight = ce_weight;
+        Ok(())
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
     }
@@ -250,7 +277,15 @@ impl StudentTrainer {
             }
             _ => None,
         };
-        Ok(distillation_loss(&logits, &y, teacher_logits.as_ref(), self.options.lambda, self.options.kd)?)
+        let ce_weight = self.options.ce_weight.as_deref().map(|w| Tensor::new(w, &self.device)).transpose()?;
+        Ok(distillation_loss(
+            &logits,
+            &y,
+            teacher_logits.as_ref(),
+            self.options.lambda,
+            self.options.kd,
+            ce_weight.as_ref(),
+        )?)
     }
 
     /// One epoch: the schedule's learning rate, then `samples_per_case` crops of every case in a

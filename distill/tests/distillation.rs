@@ -87,9 +87,9 @@ fn kd_losses_match_f64_loops_and_their_gradients() {
         Tensor::from_vec((0..n as u32).map(|i| i % 3).collect::<Vec<_>>(), (1, 3, 2, 5), &Device::Cpu).unwrap();
     let dice_ce = prosam_distill::loss::teacher_loss(&student, &labels).unwrap().to_scalar::<f64>().unwrap();
     let kd = kd_reference(&s, &t, classes, KdLoss::MseLogits);
-    let l = distillation_loss(&student, &labels, Some(&teacher), 0.3, KdLoss::MseLogits).unwrap();
+    let l = distillation_loss(&student, &labels, Some(&teacher), 0.3, KdLoss::MseLogits, None).unwrap();
     assert!((l.to_scalar::<f64>().unwrap() - (0.7 * dice_ce + 0.3 * kd)).abs() < 1e-12);
-    let alone = distillation_loss(&student, &labels, None, 0.0, KdLoss::MseLogits).unwrap();
+    let alone = distillation_loss(&student, &labels, None, 0.0, KdLoss::MseLogits, None).unwrap();
     assert_eq!(alone.to_scalar::<f64>().unwrap(), dice_ce);
 }
 

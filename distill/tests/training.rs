@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use prosam_distill::data::{Dataset, LabelMap, load_case};
-use prosam_distill::loss::dice_ce;
+use prosam_distill::loss::{dice_ce, dice_ce_weighted, inverse_sqrt_frequency_weights};
 use prosam_distill::optim::{AdamW, AdamWConfig, learning_rate};
 use prosam_distill::teacher::{Init, TeacherTrainer, TrainOptions, initial_weights, random_weights};
 use prosam_models::autoprosam::Config;
@@ -55,16 +55,29 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 /// MONAI's DiceCELoss written out in f64 loops.
 fn dice_ce_reference(logits: &[f64], labels: &[u32], classes: usize, lambda: (f64, f64)) -> f64 {
+    dice_ce_weighted_reference(logits, labels, classes, lambda, &vec![1.0; classes])
+}
+
+/// The same with PyTorch's class-weighted cross-entropy: `sum w[y] nll / sum w[y]`.
+fn dice_ce_weighted_reference(
+    logits: &[f64],
+    labels: &[u32],
+    classes: usize,
+    lambda: (f64, f64),
+    weight: &[f64],
+) -> f64 {
     let n = labels.len();
     let mut p = vec![0.0; classes * n];
-    let mut ce = 0.0;
+    let (mut ce, mut weights) = (0.0, 0.0);
     for v in 0..n {
         let max = (0..classes).map(|c| logits[c * n + v]).fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = (0..classes).map(|c| (logits[c * n + v] - max).exp()).sum();
         for c in 0..classes {
             p[c * n + v] = (logits[c * n + v] - max).exp() / sum;
         }
-        ce -= (logits[labels[v] as usize * n + v] - max) - sum.ln();
+        let w = weight[labels[v] as usize];
+        ce -= w * ((logits[labels[v] as usize * n + v] - max) - sum.ln());
+        weights += w;
     }
     let mut dice = 0.0;
     for c in 0..classes {
@@ -77,7 +90,7 @@ fn dice_ce_reference(logits: &[f64], labels: &[u32], classes: usize, lambda: (f6
         }
         dice += 1.0 - (2.0 * i + 1e-5) / (ps + gs + 1e-5);
     }
-    lambda.0 * dice / classes as f64 + lambda.1 * ce / n as f64
+    lambda.0 * dice / classes as f64 + lambda.1 * ce / weights
 }
 
 #[test]
@@ -106,6 +119,42 @@ fn dice_ce_matches_reference_and_its_gradient() {
     // f32 agrees with f64.
     let f32_loss = dice_ce(&var.as_tensor().to_dtype(DType::F32).unwrap(), &y, 0.5, 0.5).unwrap();
     assert!((f32_loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
+}
+
+#[test]
+fn class_weighted_dice_ce_matches_reference_and_its_gradient() {
+    let shape = [1, 4, 3, 2, 5];
+    let n = 30;
+    let logits: Vec<f64> = (0..4 * n).map(|i| ((i * 29 % 19) as f64 / 6.0 - 1.4) * 0.9).collect();
+    let labels: Vec<u32> = (0..n).map(|i| (i * 5 % 7 % 4) as u32).collect();
+    let counts: Vec<u64> = (0..4).map(|c| labels.iter().filter(|&&l| l == c).count() as u64).collect();
+    let weight = inverse_sqrt_frequency_weights(&counts);
+    // 1 / sqrt(share): the rarest class weighs the most.
+    for (c, &k) in counts.iter().enumerate() {
+        assert!((weight[c] - (n as f64 / k as f64).sqrt()).abs() < 1e-12);
+    }
+    assert_eq!(inverse_sqrt_frequency_weights(&[3, 0, 1])[1], 0.0);
+    let y = Tensor::from_vec(labels.clone(), (1, 3, 2, 5), &Device::Cpu).unwrap();
+    let w = Tensor::new(weight.as_slice(), &Device::Cpu).unwrap();
+    let var = Var::from_vec(logits.clone(), shape.to_vec(), &Device::Cpu).unwrap();
+    let loss = dice_ce_weighted(var.as_tensor(), &y, 0.5, 0.5, Some(&w)).unwrap();
+    let want = dice_ce_weighted_reference(&logits, &labels, 4, (0.5, 0.5), &weight);
+    assert!((loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12, "{loss} vs {want}");
+    // The weights change the loss: not the unweighted one by accident.
+    assert!((want - dice_ce_reference(&logits, &labels, 4, (0.5, 0.5))).abs() > 1e-3);
+    let grad = values(loss.backward().unwrap().get(var.as_tensor()).unwrap());
+    for i in [0, 11, 45, 77, 118] {
+        let h = 1e-6;
+        let at = |d: f64| {
+            let mut l = logits.clone();
+            l[i] += d;
+            dice_ce_weighted_reference(&l, &labels, 4, (0.5, 0.5), &weight)
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        assert!((fd - grad[i]).abs() < 1e-7, "d/dlogit[{i}]: {} vs {fd}", grad[i]);
+    }
+    let wrong = Tensor::new(&[1.0f64, 2.0, 3.0], &Device::Cpu).unwrap();
+    assert!(dice_ce_weighted(var.as_tensor(), &y, 0.5, 0.5, Some(&wrong)).is_err());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use prosam_distill::augment::CropSampling;
 use prosam_distill::data::{Case, Dataset, LabelMap};
-use prosam_distill::loss::KdLoss;
+use prosam_distill::loss::{KdLoss, inverse_sqrt_frequency_weights};
 use prosam_distill::run::{RunFiles, run_epochs};
 use prosam_distill::student::{DistillOptions, StudentTrainer, Teacher, student_random_weights};
 use prosam_distill::teacher::{Init, TeacherTrainer, TrainOptions, initial_weights, load_cases};
@@ -88,6 +88,11 @@ struct Distill {
     /// classes (RandCropByLabelClassesd with equal ratios: small organs as often as the liver).
     #[arg(long, default_value = "pos_neg")]
     crop_sampling: CropSampling,
+    /// Class weights of the cross-entropy: none (the reference), inverse_sqrt (1/sqrt of each
+    /// class's share of the training voxels: small organs weigh more) or one number per class,
+    /// comma-separated.
+    #[arg(long, default_value = "none")]
+    ce_weight: String,
     #[arg(long, default_value_t = 5)]
     val_every: usize,
     #[arg(long, default_value_t = 42)]
@@ -212,6 +217,30 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
     };
     let cache = args.cache.clone().unwrap_or_else(|| args.out.join("cache"));
     let (training, validation) = load_all(&dataset, &trainer.metadata, label_map.as_ref(), &cache, quiet)?;
+    let classes = trainer.cfg.out_channels;
+    let ce_weight = match args.ce_weight.as_str() {
+        "none" => None,
+        "inverse_sqrt" => {
+            let mut counts = vec![0u64; classes];
+            for &label in training.iter().flat_map(|case| &case.labels) {
+                // load_cases has checked every label against the class count.
+                counts[label as usize] += 1;
+            }
+            Some(inverse_sqrt_frequency_weights(&counts))
+        }
+        list => {
+            Some(list.split(',').map(|w| w.trim().parse::<f64>()).collect::<Result<Vec<_>, _>>().map_err(|_| {
+                anyhow::anyhow!("--ce-weight takes none, inverse_sqrt or {classes} numbers, got `{list}`")
+            })?)
+        }
+    };
+    if !quiet && let Some(w) = &ce_weight {
+        eprintln!(
+            "cross-entropy class weights: {}",
+            w.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    trainer.set_ce_weight(ce_weight)?;
     if !quiet {
         eprintln!(
             "student {} ({} parameters), lambda {}, KD {:?}{}",
