@@ -54,7 +54,8 @@ pub fn dice_ce_weighted(
                 bail!("dice_ce: {} class weights for {c} classes", w.dims1()?);
             }
             let voxel_weight = target.broadcast_mul(&w.to_dtype(logits.dtype())?.reshape((1, c, 1))?)?.sum(1)?;
-            ((nll * &voxel_weight)?.sum_all()? / voxel_weight.sum_all()?.to_scalar::<f64>()?.max(f64::MIN_POSITIVE))?
+            // A crop whose labels all weigh 0 has no cross-entropy term (0, not 0 / 0).
+            (nll * &voxel_weight)?.sum_all()?.broadcast_div(&voxel_weight.sum_all()?.maximum(1e-12)?)?
         }
     };
     (dice * lambda_dice)? + (ce * lambda_ce)?

@@ -153,6 +153,10 @@ fn class_weighted_dice_ce_matches_reference_and_its_gradient() {
         let fd = (at(h) - at(-h)) / (2.0 * h);
         assert!((fd - grad[i]).abs() < 1e-7, "d/dlogit[{i}]: {} vs {fd}", grad[i]);
     }
+    // f32 (training's type) agrees with f64.
+    let f32_logits = var.as_tensor().to_dtype(DType::F32).unwrap();
+    let f32_loss = dice_ce_weighted(&f32_logits, &y, 0.5, 0.5, Some(&w.to_dtype(DType::F32).unwrap())).unwrap();
+    assert!((f32_loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
     let wrong = Tensor::new(&[1.0f64, 2.0, 3.0], &Device::Cpu).unwrap();
     assert!(dice_ce_weighted(var.as_tensor(), &y, 0.5, 0.5, Some(&wrong)).is_err());
 }

@@ -485,7 +485,8 @@ impl Anatomy {
             rng,
         ));
         let mut esophagus = Tissue::layered(
-            Shape::tube(rng, &[s(8.0, -38.0, 140.0), s(14.0, -30.0, 100.0), s(30.0, -8.0, 82.0)], &[9.0, 9.0, 10.0]),
+            // In front of the aorta and left of the midline down to the hiatus, then to the cardia.
+            Shape::tube(rng, &[s(6.0, -19.0, 140.0), s(14.0, -16.0, 100.0), s(30.0, -8.0, 82.0)], &[9.0, 9.0, 10.0]),
             ESOPHAGUS,
             45.0,
             rng.uniform() * 40.0,
@@ -551,9 +552,11 @@ impl Anatomy {
         }
     }
 
-    /// HU and label at the scanner position `p` (RAS mm).
+    /// HU and label at the scanner position `p` (RAS mm). The anatomy is laid out with +x toward
+    /// the patient's left (the liver at -x, the spleen at +x); RAS's +x points to the patient's
+    /// right, hence the mirrored first coordinate.
     fn sample(&self, p: [f64; 3]) -> (f64, u8) {
-        let d = [p[0] - self.shift[0], p[1] - self.shift[1], p[2] - self.shift[2]];
+        let d = [self.shift[0] - p[0], p[1] - self.shift[1], p[2] - self.shift[2]];
         let q: [f64; 3] =
             std::array::from_fn(|a| self.pose[0][a] * d[0] + self.pose[1][a] * d[1] + self.pose[2][a] * d[2]);
         // Elliptical body: 1 at the skin, 0 at the centre.
@@ -710,6 +713,38 @@ mod tests {
             let (lo, hi) =
                 soft.iter().map(|&l| hu(l)).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
             assert!(hi - lo < 45.0, "liver, spleen and pancreas within a few tens of HU: {lo:.0}..{hi:.0}");
+        }
+    }
+
+    /// World (RAS mm) centroid of each label.
+    fn centroids(p: &Phantom) -> std::collections::BTreeMap<u8, [f64; 3]> {
+        let [nx, ny, _] = p.image.dims;
+        let mut sums = std::collections::BTreeMap::new();
+        for (i, &l) in p.labels.iter().enumerate() {
+            let w = p.image.affine.apply([(i % nx) as f64, ((i / nx) % ny) as f64, (i / (nx * ny)) as f64]);
+            let e = sums.entry(l).or_insert(([0.0; 3], 0u64));
+            (0..3).for_each(|a| e.0[a] += w[a]);
+            e.1 += 1;
+        }
+        sums.into_iter().map(|(l, (s, n))| (l, s.map(|v| v / n as f64))).collect()
+    }
+
+    #[test]
+    fn organs_lie_on_their_side_in_ras_whatever_the_storage_order() {
+        // RAS: +x toward the patient's right, +y anterior, +z superior; the flips of storage vary.
+        for seed in 0..4 {
+            let p = generate(seed, &PhantomOptions { in_plane_mm: (3.0, 4.0), ..PhantomOptions::default() });
+            let c = centroids(&p);
+            let x = |l: u8| c[&l][0];
+            assert!(x(label::LIVER) > 30.0 && x(label::GALLBLADDER) > 0.0, "seed {seed}: liver on the right: {c:.0?}");
+            assert!(x(label::SPLEEN) < -30.0 && x(label::STOMACH) < 0.0, "seed {seed}: spleen on the left: {c:.0?}");
+            assert!(x(label::RIGHT_KIDNEY) > 30.0 && x(label::LEFT_KIDNEY) < -30.0, "seed {seed}: kidneys: {c:.0?}");
+            assert!(x(label::RIGHT_ADRENAL) > x(label::LEFT_ADRENAL) && x(label::IVC) > x(label::AORTA));
+            assert!(c[&label::LIVER][2] > c[&label::RIGHT_KIDNEY][2], "seed {seed}: the liver above the kidney");
+            // The oesophagus runs in front of the aorta, not inside it: most of its tube is visible.
+            let ml = label_volumes_ml(&p.labels, &p.image.affine);
+            assert!(ml[&label::ESOPHAGUS] > 8.0, "seed {seed}: oesophagus {} mL", ml[&label::ESOPHAGUS]);
+            assert!(c[&label::ESOPHAGUS][1] > c[&label::AORTA][1], "seed {seed}: oesophagus anterior to the aorta");
         }
     }
 
