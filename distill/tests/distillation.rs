@@ -280,12 +280,26 @@ fn phantoms_distill_segment_and_evaluate_through_the_binaries() {
 
     let out = dir.join("run");
     let _ = std::fs::remove_dir_all(&out);
+    let distill_args =
+        ["--quiet", "--threads", "2", "distill", "--lambda", "0", "--student", "tiny", "--crop", "64,32,32"];
+    // The demo student's options: crops centred class by class, class-weighted cross-entropy.
     run(Command::new(&distill)
-        .args(["--quiet", "--threads", "2", "distill", "--lambda", "0", "--student", "tiny", "--crop", "64,32,32"])
-        .args(["--spacing", "4,4,4", "--epochs", "1", "--data"])
+        .args(distill_args)
+        .args(["--spacing", "4,4,4", "--epochs", "1", "--crop-sampling", "classes", "--ce-weight", "inverse_sqrt"])
+        .arg("--data")
         .arg(data.join("dataset.json"))
         .arg("--out")
         .arg(&out));
+    let refused = Command::new(&distill)
+        .args(distill_args)
+        .args(["--spacing", "4,4,4", "--ce-weight", "1,2", "--data"])
+        .arg(data.join("dataset.json"))
+        .arg("--out")
+        .arg(dir.join("refused"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("14 classes"), "{err}");
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     let record: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert!(record["mean_nsd"].is_number() && record["dice"].is_object(), "{record}");

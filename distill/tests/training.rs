@@ -93,6 +93,20 @@ fn dice_ce_weighted_reference(
     lambda.0 * dice / classes as f64 + lambda.1 * ce / weights
 }
 
+/// `grad[i]` of `loss` at `logits` against central differences, at `indices`.
+fn assert_central_differences(grad: &[f64], logits: &[f64], indices: &[usize], loss: impl Fn(&[f64]) -> f64) {
+    let h = 1e-6;
+    for &i in indices {
+        let at = |d: f64| {
+            let mut l = logits.to_vec();
+            l[i] += d;
+            loss(&l)
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        assert!((fd - grad[i]).abs() < 1e-7, "d/dlogit[{i}]: {} vs {fd}", grad[i]);
+    }
+}
+
 #[test]
 fn dice_ce_matches_reference_and_its_gradient() {
     let shape = [1, 4, 3, 2, 5];
@@ -106,16 +120,7 @@ fn dice_ce_matches_reference_and_its_gradient() {
     let want = dice_ce_reference(&logits, &labels, 4, (0.5, 0.5));
     assert!((loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12, "{loss} vs {want}");
     let grad = values(loss.backward().unwrap().get(var.as_tensor()).unwrap());
-    for i in [0, 7, 31, 64, 119] {
-        let h = 1e-6;
-        let at = |d: f64| {
-            let mut l = logits.clone();
-            l[i] += d;
-            dice_ce_reference(&l, &labels, 4, (0.5, 0.5))
-        };
-        let fd = (at(h) - at(-h)) / (2.0 * h);
-        assert!((fd - grad[i]).abs() < 1e-7, "d/dlogit[{i}]: {} vs {fd}", grad[i]);
-    }
+    assert_central_differences(&grad, &logits, &[0, 7, 31, 64, 119], |l| dice_ce_reference(l, &labels, 4, (0.5, 0.5)));
     // f32 agrees with f64.
     let f32_loss = dice_ce(&var.as_tensor().to_dtype(DType::F32).unwrap(), &y, 0.5, 0.5).unwrap();
     assert!((f32_loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
@@ -143,16 +148,9 @@ fn class_weighted_dice_ce_matches_reference_and_its_gradient() {
     // The weights change the loss: not the unweighted one by accident.
     assert!((want - dice_ce_reference(&logits, &labels, 4, (0.5, 0.5))).abs() > 1e-3);
     let grad = values(loss.backward().unwrap().get(var.as_tensor()).unwrap());
-    for i in [0, 11, 45, 77, 118] {
-        let h = 1e-6;
-        let at = |d: f64| {
-            let mut l = logits.clone();
-            l[i] += d;
-            dice_ce_weighted_reference(&l, &labels, 4, (0.5, 0.5), &weight)
-        };
-        let fd = (at(h) - at(-h)) / (2.0 * h);
-        assert!((fd - grad[i]).abs() < 1e-7, "d/dlogit[{i}]: {} vs {fd}", grad[i]);
-    }
+    assert_central_differences(&grad, &logits, &[0, 11, 45, 77, 118], |l| {
+        dice_ce_weighted_reference(l, &labels, 4, (0.5, 0.5), &weight)
+    });
     // f32 (training's type) agrees with f64.
     let f32_logits = var.as_tensor().to_dtype(DType::F32).unwrap();
     let f32_loss = dice_ce_weighted(&f32_logits, &y, 0.5, 0.5, Some(&w.to_dtype(DType::F32).unwrap())).unwrap();
