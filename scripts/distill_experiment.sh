@@ -37,9 +37,9 @@ log "phantoms: $train_cases for training (seeds 2000..), $test_cases held out (s
 [ -f "$out/train/dataset.json" ] || $prosam --quiet phantom --out "$out/train" --cases "$train_cases" --seed 2000 --validation 2
 [ -f "$out/test/dataset.json" ] || $prosam --quiet phantom --out "$out/test" --cases "$test_cases" --seed 3000
 
-# Epoch counts sized so that the schedule's decay ends near the time limit (one step of the
-# teacher at 64^3 takes about 5 s here, one of a student about 10 s; 10 crops an epoch).
-steps_teacher=$((teacher_minutes * 60 / 5)); steps_student=$((student_minutes * 60 / 10))
+# Epoch counts sized so that the schedule's decay ends near the time limit (one step at 64^3
+# takes about 5 s here for the teacher and for a student; 10 crops an epoch).
+steps_teacher=$((teacher_minutes * 60 / 5)); steps_student=$((student_minutes * 60 / 5))
 cases=$((train_cases - 2))
 epochs_teacher=$(( (steps_teacher + cases - 1) / cases )); epochs_student=$(( (steps_student + cases - 1) / cases ))
 
