@@ -145,7 +145,7 @@ fn soak_four_threads_fifty_calls_each() {
     let volume = small_volume(&dir);
     let exe = compile(&crate_dir().join("tests/c/soak.c"), Linkage::Shared, &dir, &[]);
     let out = run(&exe, &[s(&model), s(&volume), "40", "20", "20", "1.5", "50"]);
-    assert!(out.status.success(), "the soak test failed: outputs differed or the RSS grew");
+    assert!(out.status.success(), "the soak test failed: outputs differed or the memory in use grew");
 }
 
 #[test]
