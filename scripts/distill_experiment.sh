@@ -9,6 +9,9 @@
 # Sized for about an hour on 2 cores; every knob is an environment variable:
 #   TRAIN_CASES (12, of which 2 validate)  TEST_CASES (3)  SPACING (4,4,4 mm)  CROP (64)
 #   TEACHER_MINUTES (16)  STUDENT_MINUTES (9)  SEEDS ("1 2")  LAMBDAS ("0.5 0")  THREADS (2)
+#   CROP_SAMPLING (classes: crops centred on each present class in turn, for teacher and students;
+#   pos_neg is MONAI's reference 1:1)  CE_WEIGHT (inverse_sqrt, the students' class-weighted
+#   cross-entropy; none for the reference). Both arms of the comparison get the same recipe.
 # Each run stops after its minutes (--max-minutes) with the learning rate already decayed over
 # the epochs it was given, so the figures are of short trainings: compare them with each other.
 set -euo pipefail
@@ -23,6 +26,8 @@ student_minutes=${STUDENT_MINUTES:-9}
 seeds=${SEEDS:-1 2}
 lambdas=${LAMBDAS:-0.5 0}
 threads=${THREADS:-2}
+crop_sampling=${CROP_SAMPLING:-classes}
+ce_weight=${CE_WEIGHT:-inverse_sqrt}
 # Both binaries keep freed tensors in the heap (`resources::retain_freed_memory`); no allocator
 # variables are needed.
 
@@ -49,7 +54,7 @@ if [ ! -f "$out/teacher/teacher.safetensors" ]; then
   log "teacher: tiny, crop $crop, $epochs_teacher epochs, at most $teacher_minutes min"
   $distill train-teacher --data "$out/train/dataset.json" --preset tiny --crop "$crop" --spacing "$spacing" \
     --out "$out/teacher" --epochs "$epochs_teacher" --warmup-epochs 0 --lr 1e-3 --val-every "$epochs_teacher" \
-    --max-minutes "$teacher_minutes"
+    --max-minutes "$teacher_minutes" --crop-sampling "$crop_sampling"
 fi
 models+=("teacher=$out/teacher/teacher.safetensors")
 for seed in $seeds; do
@@ -59,7 +64,8 @@ for seed in $seeds; do
       log "$name: $epochs_student epochs, at most $student_minutes min"
       $distill distill --teacher "$out/teacher/teacher.safetensors" --student tiny --data "$out/train/dataset.json" \
         --lambda "$lambda" --crop "$crop" --out "$out/$name" --epochs "$epochs_student" --warmup-epochs 0 \
-        --lr 1e-3 --val-every "$epochs_student" --seed "$seed" --name "$name" --max-minutes "$student_minutes"
+        --lr 1e-3 --val-every "$epochs_student" --seed "$seed" --name "$name" --max-minutes "$student_minutes" \
+        --crop-sampling "$crop_sampling" --ce-weight "$ce_weight"
     fi
     models+=("$name=$out/$name/student.safetensors")
   done
