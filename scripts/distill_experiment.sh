@@ -12,6 +12,9 @@
 #   CROP_SAMPLING (classes: crops centred on each present class in turn, for teacher and students;
 #   pos_neg is MONAI's reference 1:1)  CE_WEIGHT (inverse_sqrt, the students' class-weighted
 #   cross-entropy; none for the reference). Both arms of the comparison get the same recipe.
+#   KD (mse: MSE on logits, the default; mse_prob, kl or kl:T as `distill --kd`; students with
+#   another KD than mse are named ..._kd-<KD>_seed..., so one OUT can hold several: e.g.
+#   KD=kl:2 LAMBDAS=0.5 after a default run adds two students and scores everything again)
 # Each run stops after its minutes (--max-minutes) with the learning rate already decayed over
 # the epochs it was given, so the figures are of short trainings: compare them with each other.
 set -euo pipefail
@@ -28,6 +31,9 @@ lambdas=${LAMBDAS:-0.5 0}
 threads=${THREADS:-2}
 crop_sampling=${CROP_SAMPLING:-classes}
 ce_weight=${CE_WEIGHT:-inverse_sqrt}
+kd=${KD:-mse}
+kd_suffix=""
+[ "$kd" = mse ] || kd_suffix="_kd-${kd//:/}"
 # Both binaries keep freed tensors in the heap (`resources::retain_freed_memory`); no allocator
 # variables are needed.
 
@@ -59,11 +65,11 @@ fi
 models+=("teacher=$out/teacher/teacher.safetensors")
 for seed in $seeds; do
   for lambda in $lambdas; do
-    name="student_lambda${lambda}_seed${seed}"
+    name="student_lambda${lambda}${kd_suffix}_seed${seed}"
     if [ ! -f "$out/$name/student.safetensors" ]; then
       log "$name: $epochs_student epochs, at most $student_minutes min"
       $distill distill --teacher "$out/teacher/teacher.safetensors" --student tiny --data "$out/train/dataset.json" \
-        --lambda "$lambda" --crop "$crop" --out "$out/$name" --epochs "$epochs_student" --warmup-epochs 0 \
+        --lambda "$lambda" --kd "$kd" --crop "$crop" --out "$out/$name" --epochs "$epochs_student" --warmup-epochs 0 \
         --lr 1e-3 --val-every "$epochs_student" --seed "$seed" --name "$name" --max-minutes "$student_minutes" \
         --crop-sampling "$crop_sampling" --ce-weight "$ce_weight"
     fi
@@ -114,7 +120,9 @@ for key, rs in sorted(groups.items()):
     if len(rs) > 1:
         print(f"{key + ' (mean of seeds)':<32} {mean([r['mean_dice'] for r in rs]):>9.4f} {mean([r['mean_nsd'] for r in rs]):>9.4f}")
 print()
-print(f"{'organ Dice':<26}" + "".join(f"{n[:14]:>15}" for n in sorted(results)))
+def short(name):
+    return name.replace("student_lambda", "L").replace("_seed", "/s")[:14]
+print(f"{'organ Dice':<26}" + "".join(f"{short(n):>15}" for n in sorted(results)))
 for o in organs:
     print(f"{o:<26}" + "".join(f"{results[n]['dice'][o]:>15.3f}" for n in sorted(results)))
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
