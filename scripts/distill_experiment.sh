@@ -113,12 +113,13 @@ groups = {}
 for name, r in results.items():
     key = name.split("_seed")[0]
     groups.setdefault(key, []).append(r)
-print(f"{'model':<32} {'mean Dice':>9} {'mean NSD':>9}")
+width = max(len(k) for k in groups) + len(" (mean of seeds)")
+print(f"{'model':<{width}} {'mean Dice':>9} {'mean NSD':>9}")
 for name in sorted(results):
-    print(f"{name:<32} {results[name]['mean_dice']:>9.4f} {results[name]['mean_nsd']:>9.4f}")
+    print(f"{name:<{width}} {results[name]['mean_dice']:>9.4f} {results[name]['mean_nsd']:>9.4f}")
 for key, rs in sorted(groups.items()):
     if len(rs) > 1:
-        print(f"{key + ' (mean of seeds)':<32} {mean([r['mean_dice'] for r in rs]):>9.4f} {mean([r['mean_nsd'] for r in rs]):>9.4f}")
+        print(f"{key + ' (mean of seeds)':<{width}} {mean([r['mean_dice'] for r in rs]):>9.4f} {mean([r['mean_nsd'] for r in rs]):>9.4f}")
 print()
 def short(name):
     return name.replace("student_lambda", "L").replace("_seed", "/s")[:14]
