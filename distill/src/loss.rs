@@ -69,9 +69,10 @@ pub fn inverse_sqrt_frequency_weights(counts: &[u64]) -> Vec<f64> {
     counts.iter().map(|&n| if n == 0 { 0.0 } else { (total as f64 / n as f64).sqrt() }).collect()
 }
 
-/// The teacher's loss: Dice + cross-entropy, 0.5 each.
-pub fn teacher_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    dice_ce(logits, labels, 0.5, 0.5)
+/// The teacher's loss: Dice + cross-entropy, 0.5 each (the cross-entropy weighted by `ce_weight`
+/// if given).
+pub fn teacher_loss(logits: &Tensor, labels: &Tensor, ce_weight: Option<&Tensor>) -> Result<Tensor> {
+    dice_ce_weighted(logits, labels, 0.5, 0.5, ce_weight)
 }
 
 /// What the student matches of the teacher (`../shared/spec/teacher.md` 8 (d)).

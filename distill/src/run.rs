@@ -17,6 +17,21 @@ use serde::{Deserialize, Serialize};
 use crate::data::Case;
 use crate::{Error, Result};
 
+/// Checks class weights for the cross-entropy of a `network` ("teacher", "student") with
+/// `classes` outputs: one each, finite, non-negative, at least one positive.
+pub(crate) fn check_ce_weight(ce_weight: Option<&[f64]>, classes: usize, network: &str) -> Result<()> {
+    match ce_weight {
+        Some(w)
+            if w.len() != classes || w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) =>
+        {
+            Err(Error::Options(format!(
+                "class weights {w:?}: the {network} has {classes} classes; one weight each, finite, non-negative, one positive"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What the loop needs of a training run (the teacher's and the students').
 pub trait Training {
     /// Epochs finished, and the run's total.

@@ -19,7 +19,9 @@ use crate::data::Case;
 use crate::loss::{KdLoss, distillation_loss};
 use crate::optim::{AdamW, AdamWConfig, learning_rate};
 use crate::rng::Rng;
-use crate::run::{CheckpointContents, Validation, read_checkpoint, validate_network, write_checkpoint};
+use crate::run::{
+    CheckpointContents, Validation, check_ce_weight, read_checkpoint, validate_network, write_checkpoint,
+};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,19 +152,6 @@ struct StudentCheckpoint {
     teacher_checksum: Option<String>,
 }
 
-fn check_ce_weight(ce_weight: Option<&[f64]>, classes: usize) -> Result<()> {
-    match ce_weight {
-        Some(w)
-            if w.len() != classes || w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) =>
-        {
-            Err(Error::Options(format!(
-                "class weights {w:?}: the student has {classes} classes; one weight each, finite, non-negative, one positive"
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// One distillation run.
 pub struct StudentTrainer {
     pub cfg: Config,
@@ -202,7 +191,7 @@ impl StudentTrainer {
         }
         let [a, b, c] = options.crop;
         cfg.check_input(&[1, cfg.in_channels, a, b, c])?;
-        check_ce_weight(options.ce_weight.as_deref(), cfg.out_channels)?;
+        check_ce_weight(options.ce_weight.as_deref(), cfg.out_channels, "student")?;
         if let Some(t) = &teacher {
             t.check(&metadata, options.crop, &t.metadata.name)?;
         }
@@ -241,7 +230,7 @@ impl StudentTrainer {
 
     /// Sets the cross-entropy's class weights (checked as [`StudentTrainer::new`] checks them).
     pub fn set_ce_weight(&mut self, ce_weight: Option<Vec<f64>>) -> Result<()> {
-        check_ce_weight(ce_weight.as_deref(), self.cfg.out_channels)?;
+        check_ce_weight(ce_weight.as_deref(), self.cfg.out_channels, "student")?;
         self.options.ce_weight = ce_weight;
         Ok(())
     }
@@ -347,10 +336,13 @@ impl StudentTrainer {
     }
 
     /// A run resumed from [`StudentTrainer::save_checkpoint`] with the same options (the number of
-    /// epochs may grow) and the same teacher.
+    /// epochs may grow) and the same teacher. The class weights come from the checkpoint (they are
+    /// derived from the training labels after the trainer exists: compare them with
+    /// [`DistillOptions::ce_weight`] of the result).
     pub fn resume(path: &Path, options: DistillOptions, teacher: Option<Teacher>, device: &Device) -> Result<Self> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
         let CheckpointContents { state, metadata, weights, moments } = read_checkpoint::<StudentCheckpoint>(path)?;
+        let options = DistillOptions { ce_weight: state.options.ce_weight.clone(), ..options };
         let same = DistillOptions { epochs: state.options.epochs, ..options.clone() };
         if same != state.options {
             return Err(bad(format!(

@@ -18,7 +18,9 @@ use crate::data::{Case, Dataset};
 use crate::loss::teacher_loss;
 use crate::optim::{AdamW, AdamWConfig, learning_rate};
 use crate::rng::Rng;
-use crate::run::{CheckpointContents, Validation, read_checkpoint, validate_network, write_checkpoint};
+use crate::run::{
+    CheckpointContents, Validation, check_ce_weight, read_checkpoint, validate_network, write_checkpoint,
+};
 use crate::{Error, Result};
 
 /// The reference code's parameter groups, each with its own AdamW and clipping.
@@ -38,6 +40,10 @@ pub struct TrainOptions {
     /// Where crops are centred (the reference: positive/negative).
     #[serde(default)]
     pub crop_sampling: CropSampling,
+    /// Class weights of the cross-entropy (MONAI's `ce_weight`; the reference: none). Set them with
+    /// [`TeacherTrainer::set_ce_weight`], which checks them against the class count.
+    #[serde(default)]
+    pub ce_weight: Option<Vec<f64>>,
     /// Validate every this many epochs (and after the last).
     pub val_every: usize,
     /// Sliding-window overlap of validation (the reference: 0.25, constant blend).
@@ -60,6 +66,7 @@ impl Default for TrainOptions {
             clip: 1.0,
             samples_per_case: 1,
             crop_sampling: CropSampling::PosNeg,
+            ce_weight: None,
             val_every: 1,
             overlap: 0.25,
             seed: 42,
@@ -218,6 +225,7 @@ impl TeacherTrainer {
         if options.epochs == 0 || options.samples_per_case == 0 || options.val_every == 0 {
             return Err(Error::Options("epochs, samples per case and the validation interval must be positive".into()));
         }
+        check_ce_weight(options.ce_weight.as_deref(), cfg.n_out, "teacher")?;
         let mut vars = HashMap::new();
         let mut held = Vec::with_capacity(weights.len());
         for (name, t) in weights {
@@ -302,9 +310,10 @@ impl TeacherTrainer {
     ) -> Result<(f32, GradStore)> {
         let x = Tensor::from_slice(image, (1, 1, size[0], size[1], size[2]), &self.device)?;
         let y = Tensor::from_slice(labels, (1, size[0], size[1], size[2]), &self.device)?;
+        let ce_weight = self.options.ce_weight.as_deref().map(|w| Tensor::new(w, &self.device)).transpose()?;
         let mut grads = GradStore::default();
         if !checkpointed {
-            let loss = teacher_loss(&self.model.forward(&x)?, &y)?;
+            let loss = teacher_loss(&self.model.forward(&x)?, &y, ce_weight.as_ref())?;
             self.keep_trainable(loss.backward()?, &mut grads)?;
             return Ok((loss.to_scalar::<f32>()?, grads));
         }
@@ -327,7 +336,7 @@ impl TeacherTrainer {
             .map(|(leaf, neck)| neck.forward(leaf.as_tensor()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let features = self.model.decoder_inputs(&taps, self.cfg.apg_input)?;
-        let loss = teacher_loss(&self.model.decoder().forward(&features, &x)?, &y)?;
+        let loss = teacher_loss(&self.model.decoder().forward(&features, &x)?, &y, ce_weight.as_ref())?;
         let mut decoder_grads = loss.backward()?;
         // The gradient reaching each block's output: from its tap, and from the next block.
         let mut upstream: Vec<Option<Tensor>> = vec![None; depth + 1];
@@ -427,12 +436,22 @@ impl TeacherTrainer {
         write_checkpoint(path, self.weights(), moments, &state, &self.metadata)
     }
 
+    /// Sets the cross-entropy's class weights (one per class, finite, non-negative, one positive).
+    pub fn set_ce_weight(&mut self, ce_weight: Option<Vec<f64>>) -> Result<()> {
+        check_ce_weight(ce_weight.as_deref(), self.cfg.n_out, "teacher")?;
+        self.options.ce_weight = ce_weight;
+        Ok(())
+    }
+
     /// A run resumed from [`TeacherTrainer::save_checkpoint`]: `options` must match the saved run's
-    /// except for the number of epochs, which may grow.
+    /// except for the number of epochs, which may grow, and the class weights, which come from the
+    /// checkpoint (they are derived from the training labels after the trainer exists: compare
+    /// them with [`TrainOptions::ce_weight`] of the result).
     pub fn resume(path: &Path, options: TrainOptions, device: &Device) -> Result<Self> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
         let CheckpointContents { state, metadata, weights: tensors, moments } =
             read_checkpoint::<CheckpointState>(path)?;
+        let options = TrainOptions { ce_weight: state.options.ce_weight.clone(), ..options };
         let same = TrainOptions { epochs: state.options.epochs, ..options.clone() };
         if same != state.options {
             return Err(bad(format!(

@@ -85,7 +85,7 @@ fn kd_losses_match_f64_loops_and_their_gradients() {
     let student = Tensor::from_vec(s.clone(), shape.clone(), &Device::Cpu).unwrap();
     let labels =
         Tensor::from_vec((0..n as u32).map(|i| i % 3).collect::<Vec<_>>(), (1, 3, 2, 5), &Device::Cpu).unwrap();
-    let dice_ce = prosam_distill::loss::teacher_loss(&student, &labels).unwrap().to_scalar::<f64>().unwrap();
+    let dice_ce = prosam_distill::loss::teacher_loss(&student, &labels, None).unwrap().to_scalar::<f64>().unwrap();
     let kd = kd_reference(&s, &t, classes, KdLoss::MseLogits);
     let l = distillation_loss(&student, &labels, Some(&teacher), 0.3, KdLoss::MseLogits, None).unwrap();
     assert!((l.to_scalar::<f64>().unwrap() - (0.7 * dice_ce + 0.3 * kd)).abs() < 1e-12);
@@ -300,7 +300,44 @@ fn phantoms_distill_segment_and_evaluate_through_the_binaries() {
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && err.contains("14 classes"), "{err}");
+    // A resumed run keeps its class weights: other ones are refused, the same ones (recomputed
+    // from the labels, read back bit-equal from the checkpoint) continue it.
+    let resume = |weights: &str| {
+        let mut cmd = Command::new(&distill);
+        cmd.args(distill_args)
+            .args(["--spacing", "4,4,4", "--epochs", "2", "--crop-sampling", "classes", "--ce-weight", weights])
+            .arg("--data")
+            .arg(data.join("dataset.json"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--resume");
+        cmd
+    };
+    let other_weights = resume("none").output().unwrap();
+    let err = String::from_utf8_lossy(&other_weights.stderr);
+    assert!(!other_weights.status.success() && err.contains("class weights"), "{err}");
+    run(&mut resume("inverse_sqrt"));
+    // The teacher takes the same options (a 32^3 crop keeps the run short), and resumes too.
+    let teacher_run = |epochs: &str, resume: bool| {
+        let mut cmd = Command::new(&distill);
+        cmd.args(["--quiet", "--threads", "2", "train-teacher", "--preset", "tiny", "--crop", "32"])
+            .args(["--spacing", "4,4,4", "--warmup-epochs", "0", "--epochs", epochs])
+            .args(["--crop-sampling", "classes", "--ce-weight", "inverse_sqrt", "--data"])
+            .arg(data.join("dataset.json"))
+            .arg("--out")
+            .arg(dir.join("teacher"));
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd
+    };
+    let _ = std::fs::remove_dir_all(dir.join("teacher"));
+    run(&mut teacher_run("1", false));
+    run(&mut teacher_run("2", true));
+    let teacher_log = std::fs::read_to_string(dir.join("teacher/log.jsonl")).unwrap();
+    assert_eq!(teacher_log.lines().count(), 2, "{teacher_log}");
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "one line per epoch, the resumed one included: {log}");
     let record: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert!(record["mean_nsd"].is_number() && record["dice"].is_object(), "{record}");
     let student = out.join("student.safetensors");

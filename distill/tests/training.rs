@@ -301,6 +301,28 @@ fn one_step_moves_exactly_the_trainable_parameters() {
 }
 
 #[test]
+fn teacher_class_weights_enter_the_loss_and_are_checked() {
+    let mut t = trainer(1, 5);
+    let (image, labels) = noisy_crop(13);
+    let plain = t.gradients(&image, &labels, [16; 3], false).unwrap().0;
+    // Equal weights are the plain weighted mean; a skewed set changes the cross-entropy term.
+    t.set_ce_weight(Some(vec![2.0; 3])).unwrap();
+    let equal = t.gradients(&image, &labels, [16; 3], false).unwrap().0;
+    assert!((plain - equal).abs() <= 1e-6 * plain.abs(), "{plain} vs {equal}");
+    t.set_ce_weight(Some(vec![0.1, 1.0, 10.0])).unwrap();
+    let (skewed, grads) = t.gradients(&image, &labels, [16; 3], false).unwrap();
+    let (checkpointed, _) = t.gradients(&image, &labels, [16; 3], true).unwrap();
+    assert!((skewed - plain).abs() > 1e-3 * plain.abs(), "{plain} vs {skewed}");
+    assert!((skewed - checkpointed).abs() <= 1e-6 * skewed.abs(), "{skewed} vs {checkpointed}");
+    assert!(t.optimizer_groups().iter().flatten().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+    for bad in [vec![1.0, 1.0], vec![1.0, -1.0, 1.0], vec![0.0; 3], vec![1.0, f64::NAN, 1.0]] {
+        let err = t.set_ce_weight(Some(bad.clone())).err().unwrap().to_string();
+        assert!(err.contains("the teacher has 3 classes"), "{bad:?}: {err}");
+    }
+    assert_eq!(t.options.ce_weight, Some(vec![0.1, 1.0, 10.0]), "a refused set leaves the weights as they were");
+}
+
+#[test]
 fn checkpointed_blocks_give_the_whole_graph_gradients() {
     let mut t = trainer(1, 8);
     let (image, labels) = noisy_crop(12);

@@ -217,8 +217,41 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
     };
     let cache = args.cache.clone().unwrap_or_else(|| args.out.join("cache"));
     let (training, validation) = load_all(&dataset, &trainer.metadata, label_map.as_ref(), &cache, quiet)?;
-    let classes = trainer.cfg.out_channels;
-    let ce_weight = match args.ce_weight.as_str() {
+    let saved = trainer.options.ce_weight.clone();
+    let ce_weight = class_weights(
+        &args.ce_weight,
+        &training,
+        trainer.cfg.out_channels,
+        args.resume.then_some(saved.as_deref()),
+        quiet,
+    )?;
+    trainer.set_ce_weight(ce_weight)?;
+    if !quiet {
+        eprintln!(
+            "student {} ({} parameters), lambda {}, KD {:?}{}",
+            args.student,
+            trainer.parameter_count(),
+            trainer.options.lambda,
+            trainer.options.kd,
+            trainer.teacher().map_or(String::new(), |t| format!(", teacher {}", t.metadata.name))
+        );
+    }
+    let files = RunFiles { out: &args.out, model_name: "student.safetensors", max_minutes: args.max_minutes, quiet };
+    run_epochs(&mut trainer, &training, &validation, &files)?;
+    Ok(())
+}
+
+/// `--ce-weight`: none, inverse_sqrt (from the training labels' voxel counts) or `classes`
+/// numbers, comma-separated. A resumed run (`resumed`: the checkpoint's weights) must ask for the
+/// weights it was trained with.
+fn class_weights(
+    text: &str,
+    training: &[Case],
+    classes: usize,
+    resumed: Option<Option<&[f64]>>,
+    quiet: bool,
+) -> anyhow::Result<Option<Vec<f64>>> {
+    let weights = match text {
         "none" => None,
         "inverse_sqrt" => {
             let mut counts = vec![0u64; classes];
@@ -234,26 +267,19 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
             })?)
         }
     };
-    if !quiet && let Some(w) = &ce_weight {
+    if let Some(saved) = resumed {
+        anyhow::ensure!(
+            saved == weights.as_deref(),
+            "--resume: the checkpoint was trained with class weights {saved:?}, this run's --ce-weight gives {weights:?}"
+        );
+    }
+    if !quiet && let Some(w) = &weights {
         eprintln!(
             "cross-entropy class weights: {}",
             w.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(", ")
         );
     }
-    trainer.set_ce_weight(ce_weight)?;
-    if !quiet {
-        eprintln!(
-            "student {} ({} parameters), lambda {}, KD {:?}{}",
-            args.student,
-            trainer.parameter_count(),
-            trainer.options.lambda,
-            trainer.options.kd,
-            trainer.teacher().map_or(String::new(), |t| format!(", teacher {}", t.metadata.name))
-        );
-    }
-    let files = RunFiles { out: &args.out, model_name: "student.safetensors", max_minutes: args.max_minutes, quiet };
-    run_epochs(&mut trainer, &training, &validation, &files)?;
-    Ok(())
+    Ok(weights)
 }
 
 #[derive(clap::Args)]
@@ -294,6 +320,10 @@ struct TrainTeacher {
     /// classes (RandCropByLabelClassesd with equal ratios: small organs as often as the liver).
     #[arg(long, default_value = "pos_neg")]
     crop_sampling: CropSampling,
+    /// Class weights of the cross-entropy, as for `distill`: none (the reference), inverse_sqrt or
+    /// one number per class, comma-separated.
+    #[arg(long, default_value = "none")]
+    ce_weight: String,
     /// Validate every N epochs (and after the last).
     #[arg(long, default_value_t = 1)]
     val_every: usize,
@@ -379,6 +409,10 @@ fn train_teacher(args: TrainTeacher, quiet: bool) -> anyhow::Result<()> {
     };
     let cache = args.cache.clone().unwrap_or_else(|| args.out.join("cache"));
     let (training, validation) = load_all(&dataset, &trainer.metadata, label_map.as_ref(), &cache, quiet)?;
+    let saved = trainer.options.ce_weight.clone();
+    let ce_weight =
+        class_weights(&args.ce_weight, &training, trainer.cfg.n_out, args.resume.then_some(saved.as_deref()), quiet)?;
+    trainer.set_ce_weight(ce_weight)?;
     let (trainable, total) = trainer.parameter_counts();
     if !quiet {
         eprintln!("{trainable} of {total} parameters train in stage {}", trainer.options.stage);
