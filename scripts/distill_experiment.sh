@@ -10,7 +10,7 @@
 #   TRAIN_CASES (12, of which 2 validate)  TEST_CASES (3)  SPACING (4,4,4 mm)  CROP (64)
 #   TEACHER_MINUTES (16)  STUDENT_MINUTES (9)  SEEDS ("1 2")  LAMBDAS ("0.5 0")  THREADS (2)
 #   CROP_SAMPLING (classes: crops centred on each present class in turn, for teacher and students;
-#   pos_neg is MONAI's reference 1:1)  CE_WEIGHT (inverse_sqrt, the students' class-weighted
+#   pos_neg is MONAI's reference RandCropByPosNegLabeld, 2:1)  CE_WEIGHT (inverse_sqrt, the students' class-weighted
 #   cross-entropy; none for the reference). Both arms of the comparison get the same recipe.
 #   KD (mse: MSE on logits, the default; mse_prob, kl or kl:T as `distill --kd`; students with
 #   another KD than mse are named ..._kd-<KD>_seed..., so one OUT can hold several: e.g.
