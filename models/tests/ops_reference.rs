@@ -107,6 +107,50 @@ fn conv3d_kernel3_padding1() {
     );
 }
 
+/// Shapes for the direct AVX-512 kernel (output channels in 12s or 8s, on CPUs that have it; the
+/// gemm kernel elsewhere): rows of 16-voxel blocks with ragged ends (37 = 2 x 16 + 5, 13, 6),
+/// rows of 8 or fewer, padding 0 and 1, a 1 x 3 x 5 kernel, two samples, several parallel tasks;
+/// gradients through the kernel (grad x is the same kernel with 12 input channels as outputs).
+#[test]
+fn conv3d_channel_blocks_and_ragged_rows_match_reference() {
+    let mut rng = Rng::new(31);
+    let cases: [(usize, usize, usize, [usize; 3], [usize; 3], usize); 5] = [
+        (1, 5, 12, [3, 4, 37], [3, 3, 3], 1),
+        (2, 3, 8, [4, 3, 13], [3, 3, 3], 1),
+        (1, 2, 24, [3, 3, 8], [3, 3, 3], 0),
+        (1, 20, 12, [6, 5, 24], [3, 3, 3], 1),
+        (2, 4, 16, [5, 9, 19], [1, 3, 5], 1),
+    ];
+    for (b, ci, co, dims, k, p) in cases {
+        let x = rng.arr(&[b, ci, dims[0], dims[1], dims[2]], 1.0);
+        let w = rng.arr(&[co, ci, k[0], k[1], k[2]], 0.3);
+        let expected = reference::conv3d(&x, &w, None, p, 1);
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let y = conv3d(&tensor(&x, dtype), &tensor(&w, dtype), None, p, 1).unwrap();
+            assert_eq!(y.dims(), expected.shape.as_slice());
+            let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let err = expected.max_abs_diff(&values(&y)) / scale;
+            assert!(err <= tol, "conv3d {:?} {dtype:?}: relative error {err:e}", (b, ci, co, dims, k, p));
+        }
+    }
+    // Gradients in f32 (the direct kernel computes grad x) against f64 (the gemm kernel), which
+    // the finite-difference and adjoint tests check.
+    let (x, w, r) =
+        (rng.arr(&[1, 12, 3, 3, 10], 1.0), rng.arr(&[12, 12, 3, 3, 3], 0.2), rng.arr(&[1, 12, 3, 3, 10], 1.0));
+    let grads = |dtype: DType| {
+        let (xv, wv) = (Var::from_tensor(&tensor(&x, dtype)).unwrap(), Var::from_tensor(&tensor(&w, dtype)).unwrap());
+        let y = conv3d(xv.as_tensor(), wv.as_tensor(), None, 1, 1).unwrap();
+        let g = (y * tensor(&r, dtype)).unwrap().sum_all().unwrap().backward().unwrap();
+        (values(g.get(xv.as_tensor()).unwrap()), values(g.get(wv.as_tensor()).unwrap()))
+    };
+    let ((gx64, gw64), (gx32, gw32)) = (grads(DType::F64), grads(DType::F32));
+    for (name, a, b) in [("x", gx64, gx32), ("w", gw64, gw32)] {
+        let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max) / scale;
+        assert!(err <= 1e-5, "conv3d grad {name}: f32 off f64 by {err:e}");
+    }
+}
+
 /// The CPU kernel's backward pass on an input large enough for several im2col tiles per sample
 /// (and a batch of two, so per-thread weight-gradient accumulators are summed), against the
 /// adjoint of the convolution written as naive f64 loops.
@@ -373,8 +417,9 @@ fn window_attention_matches_reference() {
 fn window_attention_from_qkv_matches_reference() {
     // MONAI's layout: qkv (windows, n, 3C), C = heads * d, q scaled by d^-0.5; heads concatenated out.
     // 10 tokens: one full 8-lane chunk and a remainder in the f32 kernel; 27 tokens of 8 channels
-    // per head: three chunks and a remainder.
-    for (seed, heads, n, d) in [(9, 3, 10, 4), (10, 2, 27, 8)] {
+    // per head: three chunks and a remainder; 16 tokens: whole chunks only; heads of 6 channels:
+    // the portable kernel (the AVX2 one has heads of 4 and 8).
+    for (seed, heads, n, d) in [(9, 3, 10, 4), (10, 2, 27, 8), (11, 2, 16, 4), (12, 2, 13, 6)] {
         window_attention_from_qkv_case(seed, heads, n, d);
     }
 }

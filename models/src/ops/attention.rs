@@ -112,13 +112,16 @@ pub fn window_attention_qkv(
     o.transpose(1, 2)?.reshape((windows, n, c))
 }
 
+/// A window's token regions when it has more than one (a window of one region is not masked).
+fn split_regions(regions: &[u32]) -> Option<&[u32]> {
+    let first = *regions.first()?;
+    regions.iter().any(|&r| r != first).then_some(regions)
+}
+
 /// One window's additive shift mask (`n x n`) from its tokens' regions, written to `mask`; `None`
 /// when every token shares one region, where the mask would add only zeros.
-fn window_mask<'a, T: Copy + From<i8>>(regions: &[u32], mask: &'a mut Vec<T>) -> Option<&'a [T]> {
-    let first = *regions.first()?;
-    if regions.iter().all(|&r| r == first) {
-        return None;
-    }
+pub(super) fn window_mask<'a, T: Copy + From<i8>>(regions: &[u32], mask: &'a mut Vec<T>) -> Option<&'a [T]> {
+    let regions = split_regions(regions)?;
     let n = regions.len();
     mask.clear();
     mask.extend(regions.iter().flat_map(|&a| regions.iter().map(move |&b| T::from(if a == b { 0 } else { -100 }))));
@@ -176,10 +179,10 @@ fn fused_attention_f64(
 /// Per-thread buffers of the f32 kernel: one head's keys and values transposed to `(d, n)`, so that
 /// every inner loop runs along contiguous tokens, and one query's scores.
 #[derive(Default)]
-struct HeadScratch {
-    k_t: Vec<f32>,
-    v_t: Vec<f32>,
-    scores: Vec<f32>,
+pub(super) struct HeadScratch {
+    pub(super) k_t: Vec<f32>,
+    pub(super) v_t: Vec<f32>,
+    pub(super) scores: Vec<f32>,
 }
 
 /// One query's scores `bias + mask + scale q.k` over its `n` keys (`k_t` is `(d, n)`), in one pass
@@ -229,48 +232,11 @@ fn scores_and_max<const FMA: bool>(
     max
 }
 
-/// `dst[e] = inv * sum_j p[j] v_t[e][j]` for the `D` rows of `v_t` (`(D, n)`), in AVX2: one pass
-/// over the keys with `D` independent accumulators, where separate dot products are each one
-/// chain of dependent multiply-adds (21 % of the kernel's time at `D = 4`). Written with
-/// intrinsics because LLVM vectorises the portable form across the accumulators instead.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn weighted_sum_avx2<const D: usize>(p: &[f32], v_t: &[f32], n: usize, inv: f32, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    assert!(p.len() >= n && v_t.len() >= D * n && dst.len() >= D);
-    let full = n / 8 * 8;
-    // SAFETY: every load reads 8 floats at j < full <= n of `p` or of row e < D of `v_t`, in
-    // bounds by the assertion; the caller guarantees AVX2 and FMA.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); D];
-        let mut j = 0;
-        while j < full {
-            let pj = _mm256_loadu_ps(p.as_ptr().add(j));
-            for (e, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v_t.as_ptr().add(e * n + j)), *a);
-            }
-            j += 8;
-        }
-        for (e, a) in acc.iter().enumerate() {
-            let half = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-            let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            let mut total = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
-            for j in full..n {
-                total = p[j].mul_add(v_t[e * n + j], total);
-            }
-            dst[e] = total * inv;
-        }
-    }
-}
-
 /// One window, every head: for each query, its score row (bias + mask + q.k) is built in a buffer
 /// of `n` floats that stays in L1, turned into probabilities in place and multiplied into `v`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_window<const FMA: bool>(
+pub(super) fn attend_window<const FMA: bool>(
     rows: &[f32],
     n: usize,
     heads: usize,
@@ -301,24 +267,14 @@ fn attend_window<const FMA: bool>(
             let max = scores_and_max::<FMA>(q, scale, k_t, bias_row, mask_row, scores);
             let inv = 1.0 / simd::exp_shifted_sum::<FMA>(scores, max);
             let dst = &mut out[i * c + h * d..i * c + (h + 1) * d];
-            // The head width as a constant keeps the accumulators in registers.
-            match d {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: FMA is only true in the AVX2 + FMA build of this kernel.
-                4 if FMA => unsafe { weighted_sum_avx2::<4>(scores, v_t, n, inv, dst) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                8 if FMA => unsafe { weighted_sum_avx2::<8>(scores, v_t, n, inv, dst) },
-                _ => {
-                    for (e, v_row) in v_t.chunks_exact(n).enumerate() {
-                        dst[e] = simd::dot::<FMA>(scores, v_row) * inv;
-                    }
-                }
+            for (e, v_row) in v_t.chunks_exact(n).enumerate() {
+                dst[e] = simd::dot::<FMA>(scores, v_row) * inv;
             }
         }
     }
 }
 
+/// [`attend_window`] compiled for AVX2 + FMA, for head widths without an intrinsics kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -335,8 +291,8 @@ fn attend_window_avx2(
     attend_window::<true>(rows, n, heads, scale, bias, mask, out, buf)
 }
 
-/// The f32 kernel: windows in parallel, each with [`attend_window`] compiled for the CPU's vector
-/// unit (AVX2 + FMA where present).
+/// The f32 kernel: windows in parallel, each with the kernel for the CPU's vector unit: on AVX2 +
+/// FMA the intrinsics kernel for heads of 4 and 8 channels, otherwise [`attend_window`].
 fn fused_attention_f32(
     qkv: &[f32],
     windows: usize,
@@ -348,16 +304,29 @@ fn fused_attention_f32(
 ) -> Vec<f32> {
     let c = qkv.len() / (windows * n * 3);
     let isa = simd::Isa::detect();
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl");
     let mut out = vec![0f32; windows * n * c];
     let scratch = || (HeadScratch::default(), Vec::new());
     out.par_chunks_mut(n * c).enumerate().for_each_init(scratch, |(buf, mask), (win, out_w)| {
         let rows = &qkv[win * n * 3 * c..(win + 1) * n * 3 * c];
-        let mask_w = regions.and_then(|(r, nw)| window_mask(&r[(win % nw) * n..(win % nw + 1) * n], mask));
+        let regions_w = regions.and_then(|(r, nw)| split_regions(&r[(win % nw) * n..(win % nw + 1) * n]));
+        let portable_mask = |mask| regions_w.and_then(|r| window_mask(r, mask));
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
-            simd::Isa::Avx2Fma => unsafe { attend_window_avx2(rows, n, heads, scale, bias, mask_w, out_w, buf) },
-            _ => attend_window::<{ simd::BASELINE_FMA }>(rows, n, heads, scale, bias, mask_w, out_w, buf),
+            // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU, and AVX-512F and VL where
+            // `wide` is set.
+            simd::Isa::Avx2Fma => unsafe {
+                use super::attention_avx2::{attend_window, attend_window_avx512vl};
+                match (c / heads, wide) {
+                    (4, false) => attend_window::<4>(rows, n, heads, scale, bias, regions_w, out_w, buf),
+                    (4, true) => attend_window_avx512vl::<4>(rows, n, heads, scale, bias, regions_w, out_w, buf),
+                    (8, false) => attend_window::<8>(rows, n, heads, scale, bias, regions_w, out_w, buf),
+                    (8, true) => attend_window_avx512vl::<8>(rows, n, heads, scale, bias, regions_w, out_w, buf),
+                    _ => attend_window_avx2(rows, n, heads, scale, bias, portable_mask(mask), out_w, buf),
+                }
+            },
+            _ => attend_window::<{ simd::BASELINE_FMA }>(rows, n, heads, scale, bias, portable_mask(mask), out_w, buf),
         }
     });
     out

@@ -232,6 +232,18 @@ where
     out
 }
 
+/// The f32 forward: the direct AVX-512 kernel where the CPU and the channel count allow, the
+/// gemm kernel otherwise.
+fn conv_f32(x: &[f32], weight: &[f32], batch: usize, g: Geometry) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if super::conv3d_avx512::available()
+        && let Some(y) = super::conv3d_avx512::conv(x, weight, batch, g)
+    {
+        return y;
+    }
+    conv(x, weight, batch, g)
+}
+
 /// The weight's gradient, `(c_out, c_in * k^3)` row-major: `sum over voxels of grad_y (c_out x M)
 /// times im2col(x)^T (M x K)`, tile by tile into one accumulator per group of tiles, then summed in order.
 fn weight_grad<T>(x: &[T], grad_y: &[T], batch: usize, g: Geometry) -> Vec<T>
@@ -320,7 +332,7 @@ impl CustomOp2 for Conv3dCpu {
         let (b, g) = Geometry::of(l1.dims(), l2.dims(), self.padding)?;
         let shape = Shape::from((b, g.c_out, g.out[0], g.out[1], g.out[2]));
         let storage = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(wt)) => CpuStorage::F32(conv(&x[x0..x1], &wt[w0..w1], b, g)),
+            (CpuStorage::F32(x), CpuStorage::F32(wt)) => CpuStorage::F32(conv_f32(&x[x0..x1], &wt[w0..w1], b, g)),
             (CpuStorage::F64(x), CpuStorage::F64(wt)) => CpuStorage::F64(conv(&x[x0..x1], &wt[w0..w1], b, g)),
             _ => bail!("prosam-conv3d-cpu: only f32 and f64 inputs of one dtype"),
         };

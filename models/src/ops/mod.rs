@@ -9,7 +9,11 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx2;
 pub mod conv3d;
+#[cfg(target_arch = "x86_64")]
+mod conv3d_avx512;
 mod conv3d_cpu;
 mod conv3d_int8;
 pub mod conv_transpose3d;

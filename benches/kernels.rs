@@ -1,0 +1,39 @@
+//! Latency of the CPU kernels that dominate a 96^3 fs 12 window: the fused window attention at the
+//! first Swin stage's shape (343 windows of 7^3 tokens, 3 heads of 4, plain and shifted) and the
+//! 3^3 convolutions of decoder 1 (24 -> 12 and 12 -> 12 channels at 96^3).
+//!
+//! `cargo bench --bench kernels`; threads follow `RAYON_NUM_THREADS` (default: physical cores).
+
+use candle_core::{Device, Tensor};
+use criterion::{Criterion, criterion_group, criterion_main};
+use prosam_models::ops::{compute_shift_regions, conv3d, window_attention_qkv};
+
+fn bench_kernels(c: &mut Criterion) {
+    prosam_runtime::resources::retain_freed_memory();
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("kernels");
+    group.sample_size(10);
+
+    let (windows, n, heads, channels) = (343, 343, 3, 12);
+    let qkv = Tensor::randn(0f32, 1.0, (windows, n, 3 * channels), &dev).unwrap();
+    let bias = Tensor::randn(0f32, 1.0, (heads, n, n), &dev).unwrap();
+    let regions = compute_shift_regions([49, 49, 49], [7, 7, 7], [3, 3, 3], &dev).unwrap();
+    let scale = 0.5;
+    group.bench_function("attention_stage1", |b| {
+        b.iter(|| window_attention_qkv(&qkv, heads, scale, &bias, None).unwrap())
+    });
+    group.bench_function("attention_stage1_shifted", |b| {
+        b.iter(|| window_attention_qkv(&qkv, heads, scale, &bias, Some(&regions)).unwrap())
+    });
+
+    let x24 = Tensor::randn(0f32, 1.0, (1, 24, 96, 96, 96), &dev).unwrap();
+    let x12 = Tensor::randn(0f32, 1.0, (1, 12, 96, 96, 96), &dev).unwrap();
+    let w24 = Tensor::randn(0f32, 0.1, (12, 24, 3, 3, 3), &dev).unwrap();
+    let w12 = Tensor::randn(0f32, 0.1, (12, 12, 3, 3, 3), &dev).unwrap();
+    group.bench_function("conv3d_96_24to12", |b| b.iter(|| conv3d(&x24, &w24, None, 1, 1).unwrap()));
+    group.bench_function("conv3d_96_12to12", |b| b.iter(|| conv3d(&x12, &w12, None, 1, 1).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, bench_kernels);
+criterion_main!(benches);

@@ -1,0 +1,213 @@
+//! A direct f32 kernel for the stride-1 3D convolution on x86-64 with AVX-512F and VL (Zen 4 and
+//! later, Intel since Skylake-SP): blocks of 12 (or 8) output channels by 16 voxels of one output
+//! row, held in 24 of the 32 vector registers, each weight a broadcast operand of its
+//! multiply-adds.
+//!
+//! Input rows come from a small ring per (channel, depth tap): the zero-padded rows the current
+//! output row reads, one new row copied in per output row, so every input value is copied `kd`
+//! times (the line-buffer + gemm kernel copied it `kd * kh` times and the gemm crate packed it
+//! again; its 16 x 6 AVX2 microkernel ran at about half the FMA units' peak on SwinUNETR's 12-48
+//! output channels). Reading the input in place instead was slower: a 3^3 tap's rows lie whole
+//! planes and channels apart, multiples of 4 KiB at 96^3, and evict each other from the caches.
+
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use super::conv3d_cpu::{Geometry, SendPtr};
+
+/// Whether this CPU runs the kernel.
+pub(super) fn available() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("fma")
+}
+
+/// The rings' layout for one convolution.
+struct Rings {
+    /// Floats per ring row: the padded row, rounded up, plus room for a ragged block's loads.
+    row: usize,
+    /// Floats per (channel, depth tap) ring: `kh` rows.
+    ring: usize,
+}
+
+impl Rings {
+    fn of(g: &Geometry) -> Rings {
+        let row = (g.w + 2 * g.pad).next_multiple_of(16) + 16 + g.k[2];
+        Rings { row, ring: g.k[1] * row }
+    }
+
+    /// Copies padded input row `py` (padded coordinates) of plane `z + a` into ring slot `py % kh`
+    /// of every (channel, depth tap); zeros outside the input.
+    fn fill(&self, sample: &[f32], g: &Geometry, z: usize, py: usize, rings: &mut [f32]) {
+        let [kd, kh, _] = g.k;
+        let yi = py.wrapping_sub(g.pad);
+        for c in 0..g.c_in {
+            for a in 0..kd {
+                let start = (c * kd + a) * self.ring + (py % kh) * self.row;
+                let dst = &mut rings[start..start + self.row];
+                let zi = (z + a).wrapping_sub(g.pad);
+                if zi >= g.d || yi >= g.h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let at = ((c * g.d + zi) * g.h + yi) * g.w;
+                dst[..g.pad].fill(0.0);
+                dst[g.pad..g.pad + g.w].copy_from_slice(&sample[at..at + g.w]);
+                dst[g.pad + g.w..].fill(0.0);
+                // The next output row copies the next input row of these (channel, depth tap)
+                // pairs: scattered rows that the hardware prefetchers do not follow.
+                if let Some(next) = sample.get(at + g.w..at + 2 * g.w) {
+                    for line in next.chunks(16) {
+                        // SAFETY: a prefetch of memory inside `sample`.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One output row's voxels `[x0, x0 + 8 * NV)` for `OB` output channels starting at `dst`
+/// (channels `spatial` apart; only voxels below `wo` are written). `rings` holds the rows, `slot`
+/// the ring offset of height tap `b`; `weights` the channel block's packed weights `[k][OB]`,
+/// `k = ((c * kd + a) * kh + b) * kw + e`.
+///
+/// # Safety
+/// AVX-512F/VL and FMA; `dst` writable for the row's voxels below `wo` in each of the `OB` channels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const OB: usize, const NV: usize>(
+    rings: &[f32],
+    layout: &Rings,
+    g: &Geometry,
+    slot: &[usize],
+    x0: usize,
+    weights: &[f32],
+    dst: *mut f32,
+    spatial: usize,
+) {
+    let [kd, kh, kw] = g.k;
+    let wo = g.out[2];
+    let mut store_mask = [0 as __mmask8; NV];
+    for (u, m) in store_mask.iter_mut().enumerate() {
+        let valid = wo.saturating_sub(x0 + 8 * u).min(8);
+        *m = ((1u32 << valid) - 1) as __mmask8;
+    }
+    assert!(rings.len() >= g.c_in * kd * layout.ring && x0 + 8 * NV + kw - 1 <= layout.row);
+    assert!(weights.len() >= g.c_in * kd * kh * kw * OB && slot.len() >= kh);
+    // SAFETY: every load reads 8 * NV + kw - 1 values from x0 of a ring row (`row` floats, asserted),
+    // inside the rings; weights within the asserted length; the caller guarantees the CPU and `dst`.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); NV]; OB];
+        let mut w = weights.as_ptr();
+        for ca in 0..g.c_in * kd {
+            let ring = rings.as_ptr().add(ca * layout.ring + x0);
+            for &s in &slot[..kh] {
+                let line = ring.add(s);
+                for e in 0..kw {
+                    let mut v = [_mm256_setzero_ps(); NV];
+                    for u in 0..NV {
+                        v[u] = _mm256_loadu_ps(line.add(e + 8 * u));
+                    }
+                    for o in 0..OB {
+                        let wo = _mm256_set1_ps(*w.add(o));
+                        for u in 0..NV {
+                            acc[o][u] = _mm256_fmadd_ps(wo, v[u], acc[o][u]);
+                        }
+                    }
+                    w = w.add(OB);
+                }
+            }
+        }
+        for (o, a) in acc.iter().enumerate() {
+            for u in 0..NV {
+                _mm256_mask_storeu_ps(dst.add(o * spatial + x0 + 8 * u), store_mask[u], a[u]);
+            }
+        }
+    }
+}
+
+/// Every output row of plane `z` of one sample, for every channel block of `OB`, `8 * NV` voxels
+/// at a time; `out` points at the sample's output.
+///
+/// # Safety
+/// AVX-512F/VL and FMA; no other task writes plane `z` of this sample.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn plane<const OB: usize, const NV: usize>(
+    sample: &[f32],
+    g: &Geometry,
+    packed: &[f32],
+    z: usize,
+    rings: &mut [f32],
+    out: *mut f32,
+) {
+    let [od, ho, wo] = g.out;
+    let [_, kh, _] = g.k;
+    let layout = Rings::of(g);
+    let spatial = od * ho * wo;
+    let k_len = g.c_in * g.k.iter().product::<usize>();
+    for py in 0..kh - 1 {
+        layout.fill(sample, g, z, py, rings);
+    }
+    let mut slot = vec![0; kh];
+    for y in 0..ho {
+        layout.fill(sample, g, z, y + kh - 1, rings);
+        for (b, s) in slot.iter_mut().enumerate() {
+            *s = (y + b) % kh * layout.row;
+        }
+        for blk in 0..g.c_out / OB {
+            let weights = &packed[blk * OB * k_len..(blk + 1) * OB * k_len];
+            let mut x0 = 0;
+            while x0 < wo {
+                // SAFETY: the caller's guarantees; row (z, y) of channels blk * OB.. of this sample.
+                unsafe {
+                    let dst = out.add(blk * OB * spatial + (z * ho + y) * wo);
+                    block::<OB, NV>(rings, &layout, g, &slot, x0, weights, dst, spatial);
+                }
+                x0 += 8 * NV;
+            }
+        }
+    }
+}
+
+/// The convolution of `x (batch, c_in, d, h, w)` with `weight (c_out, c_in, kd, kh, kw)`, or `None`
+/// where the output channels come in neither 12s nor 8s (the gemm kernel serves those).
+pub(super) fn conv(x: &[f32], weight: &[f32], batch: usize, g: Geometry) -> Option<Vec<f32>> {
+    let ob = [12, 8].into_iter().find(|ob| g.c_out % ob == 0)?;
+    let [od, ho, wo] = g.out;
+    let k_len = g.c_in * g.k.iter().product::<usize>();
+    // Weights regrouped by channel block, [block][k][ob]: a block's broadcasts walk memory.
+    let mut packed = vec![0f32; g.c_out * k_len];
+    for (blk, chunk) in packed.chunks_exact_mut(ob * k_len).enumerate() {
+        for k in 0..k_len {
+            for o in 0..ob {
+                chunk[k * ob + o] = weight[(blk * ob + o) * k_len + k];
+            }
+        }
+    }
+    let spatial = od * ho * wo;
+    let in_len = g.c_in * g.d * g.h * g.w;
+    let ring_len = g.c_in * g.k[0] * Rings::of(&g).ring;
+    let mut out = vec![0f32; batch * g.c_out * spatial];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..batch * od).into_par_iter().for_each_init(
+        || vec![0f32; ring_len],
+        |rings, task| {
+            let (s, z) = (task / od, task % od);
+            let sample = &x[s * in_len..(s + 1) * in_len];
+            let base = &out_ptr;
+            // SAFETY: the caller checked `available`; each task writes its own plane of its sample.
+            unsafe {
+                let out = base.0.add(s * g.c_out * spatial);
+                match (ob, wo > 8) {
+                    (12, true) => plane::<12, 2>(sample, &g, &packed, z, rings, out),
+                    (12, false) => plane::<12, 1>(sample, &g, &packed, z, rings, out),
+                    (_, true) => plane::<8, 2>(sample, &g, &packed, z, rings, out),
+                    (_, false) => plane::<8, 1>(sample, &g, &packed, z, rings, out),
+                }
+            }
+        },
+    );
+    Some(out)
+}
