@@ -174,7 +174,7 @@ unsafe fn plane<const OB: usize, const NV: usize>(
 /// The convolution of `x (batch, c_in, d, h, w)` with `weight (c_out, c_in, kd, kh, kw)`, or `None`
 /// where the output channels come in neither 12s nor 8s (the gemm kernel serves those).
 pub(super) fn conv(x: &[f32], weight: &[f32], batch: usize, g: Geometry) -> Option<Vec<f32>> {
-    let ob = [12, 8].into_iter().find(|ob| g.c_out % ob == 0)?;
+    let ob = [12, 8].into_iter().find(|ob| g.c_out.is_multiple_of(*ob))?;
     let [od, ho, wo] = g.out;
     let k_len = g.c_in * g.k.iter().product::<usize>();
     // Weights regrouped by channel block, [block][k][ob]: a block's broadcasts walk memory.

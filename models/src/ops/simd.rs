@@ -196,7 +196,7 @@ mod tests {
         }
         let mut xs: Vec<f32> = (0..=100_000).map(|i| -90.0 * i as f32 / 100_000.0).collect();
         xs.extend([0.0, -0.0, -87.0, -87.000_01, -100.0, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE]);
-        while xs.len() % LANES != 0 {
+        while !xs.len().is_multiple_of(LANES) {
             xs.push(-1.0);
         }
         for chunk in xs.chunks_exact(LANES) {
