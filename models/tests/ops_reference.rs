@@ -114,7 +114,9 @@ fn conv3d_kernel3_padding1() {
 #[test]
 fn conv3d_channel_blocks_and_ragged_rows_match_reference() {
     let mut rng = Rng::new(31);
-    let cases: [(usize, usize, usize, [usize; 3], [usize; 3], usize); 5] = [
+    // (batch, c_in, c_out, input dims, kernel, padding)
+    type Case = (usize, usize, usize, [usize; 3], [usize; 3], usize);
+    let cases: [Case; 5] = [
         (1, 5, 12, [3, 4, 37], [3, 3, 3], 1),
         (2, 3, 8, [4, 3, 13], [3, 3, 3], 1),
         (1, 2, 24, [3, 3, 8], [3, 3, 3], 0),
