@@ -1,6 +1,6 @@
 //! Latency of the CPU kernels that dominate a 96^3 fs 12 window: the fused window attention at the
 //! first Swin stage's shape (343 windows of 7^3 tokens, 3 heads of 4, plain and shifted) and the
-//! 3^3 convolutions of decoder 1 (24 -> 12 and 12 -> 12 channels at 96^3).
+//! 3^3 convolutions of decoder 1 (24 -> 12 and 12 -> 12 channels at 96^3) and decoder 2 (at 48^3).
 //!
 //! `cargo bench --bench kernels`; threads follow `RAYON_NUM_THREADS` (default: physical cores).
 
@@ -32,6 +32,8 @@ fn bench_kernels(c: &mut Criterion) {
     let w12 = Tensor::randn(0f32, 0.1, (12, 12, 3, 3, 3), &dev).unwrap();
     group.bench_function("conv3d_96_24to12", |b| b.iter(|| conv3d(&x24, &w24, None, 1, 1).unwrap()));
     group.bench_function("conv3d_96_12to12", |b| b.iter(|| conv3d(&x12, &w12, None, 1, 1).unwrap()));
+    let x48 = Tensor::randn(0f32, 1.0, (1, 24, 48, 48, 48), &dev).unwrap();
+    group.bench_function("conv3d_48_24to12", |b| b.iter(|| conv3d(&x48, &w24, None, 1, 1).unwrap()));
     group.finish();
 }
 

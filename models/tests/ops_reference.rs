@@ -108,7 +108,8 @@ fn conv3d_kernel3_padding1() {
 }
 
 /// Shapes for the direct AVX-512 kernel (output channels in 12s or 8s, on CPUs that have it; the
-/// gemm kernel elsewhere): rows of 16-voxel blocks with ragged ends (37 = 2 x 16 + 5, 13, 6),
+/// gemm kernel elsewhere): rows of 32-voxel blocks (70 = 2 x 32 + 6) and of 16-voxel blocks with
+/// ragged ends (37 = 2 x 16 + 5, 13, 6),
 /// rows of 8 or fewer, padding 0 and 1, a 1 x 3 x 5 kernel, two samples, several parallel tasks;
 /// gradients through the kernel (grad x is the same kernel with 12 input channels as outputs).
 #[test]
@@ -116,7 +117,8 @@ fn conv3d_channel_blocks_and_ragged_rows_match_reference() {
     let mut rng = Rng::new(31);
     // (batch, c_in, c_out, input dims, kernel, padding)
     type Case = (usize, usize, usize, [usize; 3], [usize; 3], usize);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
+        (1, 3, 12, [2, 3, 70], [3, 3, 3], 1),
         (1, 5, 12, [3, 4, 37], [3, 3, 3], 1),
         (2, 3, 8, [4, 3, 13], [3, 3, 3], 1),
         (1, 2, 24, [3, 3, 8], [3, 3, 3], 0),

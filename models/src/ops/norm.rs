@@ -119,25 +119,58 @@ struct InstanceNormCpu {
     leaky_slope: Option<f64>,
 }
 
-/// `sum(f(v))` over `x` in f64, in 4 lanes so that the loop vectorises.
-fn sum_f64<T: WithDType>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; 4];
-    let chunks = x.chunks_exact(4);
+/// A plane's mean and `1 / sqrt(var + eps)`, in f64, from one pass: sums of `v - k` and of its
+/// square, `k` the plane's first value (the shift keeps the variance free of cancellation when
+/// the mean is far from zero), in 4 lanes so that the loop vectorises. One pass instead of two
+/// (mean, then squared deviations) reads each 3.5 MB plane of a 96^3 window once less.
+fn plane_statistics<T: WithDType>(src: &[T], eps: f64) -> (f64, f64) {
+    let Some(first) = src.first() else { return (0.0, 1.0 / eps.sqrt()) };
+    let k = first.to_f64();
+    let (mut sum, mut sq) = ([0f64; 4], [0f64; 4]);
+    let chunks = src.chunks_exact(4);
     let rest = chunks.remainder();
     for c in chunks {
         for l in 0..4 {
-            acc[l] += f(c[l].to_f64());
+            let d = c[l].to_f64() - k;
+            sum[l] += d;
+            sq[l] += d * d;
         }
     }
-    acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64())).sum::<f64>()
+    let (mut s1, mut s2) = (sum.iter().sum::<f64>(), sq.iter().sum::<f64>());
+    for v in rest {
+        let d = v.to_f64() - k;
+        s1 += d;
+        s2 += d * d;
+    }
+    let n = src.len() as f64;
+    let var = ((s2 - s1 * s1 / n) / n).max(0.0);
+    (k + s1 / n, 1.0 / (var + eps).sqrt())
 }
 
-/// A plane's mean and `1 / sqrt(var + eps)`, in f64.
-fn plane_statistics<T: WithDType>(src: &[T], eps: f64) -> (f64, f64) {
-    let n = src.len() as f64;
-    let mean = sum_f64(src, |v| v) / n;
-    let var = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
-    (mean, 1.0 / (var + eps).sqrt())
+/// One plane normalised, plus the residual, through the LeakyReLU: in the plane's own precision
+/// (f32 planes in f32, which vectorises; the statistics stay f64), written to `dst` without first
+/// filling it.
+fn normalise_plane<T: WithDType>(
+    dst: &mut [std::mem::MaybeUninit<T>],
+    src: &[T],
+    residual: Option<&[T]>,
+    (mean, inv_std): (f64, f64),
+    slope: f64,
+) {
+    let (m, s, a) = (T::from_f64(mean), T::from_f64(inv_std), T::from_f64(slope));
+    let act = |v: T| if v > a * v { v } else { a * v };
+    match residual {
+        Some(r) => {
+            for ((o, &v), &r) in dst.iter_mut().zip(src).zip(r) {
+                o.write(act((v - m) * s + r));
+            }
+        }
+        None => {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                o.write(act((v - m) * s));
+            }
+        }
+    }
 }
 
 fn instance_norm_planes<T: WithDType>(
@@ -147,25 +180,16 @@ fn instance_norm_planes<T: WithDType>(
     eps: f64,
     leaky_slope: Option<f64>,
 ) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (dst, src))| {
-        let (mean, inv_std) = plane_statistics(src, eps);
-        let slope = leaky_slope.unwrap_or(1.0);
-        let normalise = |v: T| (v.to_f64() - mean) * inv_std;
-        let act = |v: f64| T::from_f64(v.max(slope * v));
-        match residual {
-            Some(r) => {
-                for ((o, v), r) in dst.iter_mut().zip(src).zip(&r[p * plane..(p + 1) * plane]) {
-                    *o = act(normalise(*v) + r.to_f64());
-                }
-            }
-            None => {
-                for (o, v) in dst.iter_mut().zip(src) {
-                    *o = act(normalise(*v));
-                }
-            }
-        }
-    });
+    let mut y = Vec::with_capacity(x.len());
+    let slope = leaky_slope.unwrap_or(1.0);
+    y.spare_capacity_mut()[..x.len()].par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(
+        |(p, (dst, src))| {
+            let r = residual.map(|r| &r[p * plane..(p + 1) * plane]);
+            normalise_plane(dst, src, r, plane_statistics(src, eps), slope);
+        },
+    );
+    // SAFETY: the planes cover all x.len() values and each was written by `normalise_plane`.
+    unsafe { y.set_len(x.len()) };
     y
 }
 
