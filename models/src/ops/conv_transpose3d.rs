@@ -99,10 +99,12 @@ fn upsample<T: WithDType>(
     let n_out = n_in * k * k * k;
     let c_skip = skip.map_or(0, |s| s.len() / (batch * n_out));
     let c_total = c_out + c_skip;
-    let mut out = vec![T::zero(); batch * c_total * n_out];
+    let len = batch * c_total * n_out;
+    // Written whole below (skip channels copied, the others row by row): no zero fill first.
+    let mut out = Vec::with_capacity(len);
     // One chunk: k output depth slices of one channel of one sample.
     let chunk = k * k * h * k * wd;
-    out.par_chunks_mut(chunk).enumerate().for_each_init(
+    out.spare_capacity_mut()[..len].par_chunks_mut(chunk).enumerate().for_each_init(
         || vec![T::zero(); k * wd],
         |partial, (index, dst)| {
             let (b, rest) = (index / (c_total * d), index % (c_total * d));
@@ -110,7 +112,9 @@ fn upsample<T: WithDType>(
             if o >= c_out {
                 let s = skip.expect("channels past c_out are the skip's");
                 let start = ((b * c_skip + o - c_out) * d + i) * chunk;
-                dst.copy_from_slice(&s[start..start + chunk]);
+                dst.iter_mut().zip(&s[start..start + chunk]).for_each(|(d, v)| {
+                    d.write(*v);
+                });
                 return;
             }
             let x = &x[b * c_in * n_in..(b + 1) * c_in * n_in];
@@ -130,7 +134,7 @@ fn upsample<T: WithDType>(
                         let out_row = &mut dst[(a * k * h + j * k + bb) * k * wd..][..k * wd];
                         for (l, o) in out_row.chunks_exact_mut(k).enumerate() {
                             for (c, v) in o.iter_mut().enumerate() {
-                                *v = partial[c * wd + l];
+                                v.write(partial[c * wd + l]);
                             }
                         }
                     }
@@ -138,6 +142,8 @@ fn upsample<T: WithDType>(
             }
         },
     );
+    // SAFETY: every chunk of the `len` values was written above.
+    unsafe { out.set_len(len) };
     out
 }
 

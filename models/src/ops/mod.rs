@@ -22,6 +22,7 @@ pub mod quantized;
 pub mod resample;
 mod simd;
 pub mod window;
+pub mod window_gather;
 
 pub use activation::gelu_erf;
 pub use attention::{window_attention, window_attention_qkv};

@@ -7,8 +7,9 @@ use candle_nn::VarBuilder;
 use super::blocks::UnetrBasicBlock;
 use super::config::{Config, Downsample};
 use crate::ops::quantized::Linear;
-use crate::ops::window::{compute_shift_regions, padded_dims, relative_position_index, roll_spatial, stage_window};
-use crate::ops::{channel_layer_norm, conv3d, gelu_erf, window_attention_qkv, window_partition, window_reverse};
+use crate::ops::window::{compute_shift_regions, padded_dims, relative_position_index, stage_window};
+use crate::ops::window_gather::{add_reversed_shifted, partition_shifted};
+use crate::ops::{channel_layer_norm, conv3d, gelu_erf, window_attention_qkv};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -111,7 +112,6 @@ impl Module for Mlp {
 /// Window geometry shared by the blocks of a stage.
 #[derive(Debug, Clone)]
 struct StageGeometry {
-    dims: [usize; 3],
     window: [usize; 3],
     shift: [usize; 3],
     padded: [usize; 3],
@@ -142,27 +142,13 @@ impl SwinTransformerBlock {
 
     /// `x (B, D, H, W, C)` channels-last.
     fn forward(&self, x: &Tensor, g: &StageGeometry) -> Result<Tensor> {
-        let [d, h, w] = g.dims;
-        let mut y = self.norm1.forward(x)?;
         // Zero padding comes after the norm: padded tokens are exact zeros, attended like any other.
-        for axis in 0..3 {
-            if g.padded[axis] > g.dims[axis] {
-                y = y.pad_with_zeros(axis + 1, 0, g.padded[axis] - g.dims[axis])?;
-            }
-        }
-        let shift = if self.shifted { g.shift.map(|s| s as i32) } else { [0; 3] };
-        let regions = if shift != [0; 3] { g.regions.as_ref() } else { None };
-        if regions.is_some() {
-            y = roll_spatial(&y, shift.map(|s| -s))?;
-        }
-        let windows = window_partition(&y, g.window)?;
+        let y = self.norm1.forward(x)?;
+        let regions = if self.shifted && g.shift != [0; 3] { g.regions.as_ref() } else { None };
+        let shift = if regions.is_some() { g.shift } else { [0; 3] };
+        let windows = partition_shifted(&y, g.window, g.padded, shift)?;
         let attended = self.attn.forward(&windows, regions)?;
-        let mut y = window_reverse(&attended, g.window, g.padded)?;
-        if regions.is_some() {
-            y = roll_spatial(&y, shift)?;
-        }
-        let y = y.narrow(1, 0, d)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
-        let x = (x + y)?;
+        let x = add_reversed_shifted(x, &attended, g.window, g.padded, shift)?;
         &x + self.mlp.forward(&self.norm2.forward(&x)?)?
     }
 }
@@ -247,7 +233,7 @@ impl Module for BasicLayer {
         let padded = padded_dims(dims, window);
         let shifts = self.blocks.len() > 1 && shift.iter().any(|&s| s > 0);
         let regions = if shifts { Some(compute_shift_regions(padded, window, shift, x.device())?) } else { None };
-        let geometry = StageGeometry { dims, window, shift, padded, regions };
+        let geometry = StageGeometry { window, shift, padded, regions };
         let mut y = x.permute((0, 2, 3, 4, 1))?.contiguous()?;
         for block in &self.blocks {
             y = block.forward(&y, &geometry)?;
