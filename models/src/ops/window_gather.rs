@@ -25,7 +25,7 @@ impl Geometry {
     fn check(&self, dims: [usize; 3]) -> Result<()> {
         for a in 0..3 {
             if self.ws[a] == 0
-                || self.padded[a] % self.ws[a] != 0
+                || !self.padded[a].is_multiple_of(self.ws[a])
                 || dims[a] > self.padded[a]
                 || self.shift[a] >= self.padded[a]
             {
