@@ -155,6 +155,44 @@ fn conv3d_channel_blocks_and_ragged_rows_match_reference() {
     }
 }
 
+/// The fused convolution + instance norm path of a UnetResBlock at inference (moments from the
+/// convolution, the norm applied as the next convolution reads its input) against the plain ops,
+/// two samples of 12 channels; and the moments against f64 sums. Skipped where the direct kernel
+/// does not run (no AVX-512).
+#[test]
+fn fused_convolution_norms_equal_the_plain_ops() {
+    use prosam_models::ops::quantized::Weight;
+    use prosam_models::ops::{conv3d_with_moments, instance_norm_act_with_moments};
+    let mut rng = Rng::new(43);
+    let x = tensor(&rng.arr(&[2, 3, 5, 6, 37], 1.0), DType::F32);
+    let w1 = tensor(&rng.arr(&[12, 3, 3, 3, 3], 0.3), DType::F32);
+    let w2 = tensor(&rng.arr(&[12, 12, 3, 3, 3], 0.2), DType::F32);
+    let residual = tensor(&rng.arr(&[2, 12, 5, 6, 37], 1.0), DType::F32);
+    let (eps, slope) = (1e-5, 0.01);
+    let Some((o1, m1)) = conv3d_with_moments(&x, &Weight::Dense(w1.clone()), 1, None).unwrap() else {
+        eprintln!("skipped: the direct convolution kernel does not run on this CPU");
+        return;
+    };
+    let plain1 = conv3d(&x, &w1, None, 1, 1).unwrap();
+    let v1 = values(&o1);
+    assert_eq!(v1, values(&plain1), "the moments do not change the convolution");
+    let plane = 5 * 6 * 37;
+    for (p, &(mean, var)) in m1.iter().enumerate() {
+        let vals = &v1[p * plane..(p + 1) * plane];
+        let m = vals.iter().sum::<f64>() / plane as f64;
+        let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / plane as f64;
+        assert!((mean - m).abs() < 1e-12 && (var - v).abs() < 1e-12 * v.max(1.0), "plane {p}: {mean} {var} vs {m} {v}");
+    }
+    let (o2, m2) = conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), 1, Some((&m1, eps, slope))).unwrap().unwrap();
+    let fused = instance_norm_act_with_moments(&o2, m2, Some(&residual), Some(slope), eps).unwrap();
+    let a1 = instance_norm_act(&plain1, None, Some(slope), eps).unwrap();
+    let plain2 = conv3d(&a1, &w2, None, 1, 1).unwrap();
+    let plain = instance_norm_act(&plain2, Some(&residual), Some(slope), eps).unwrap();
+    let (f, p) = (values(&fused), values(&plain));
+    let err = f.iter().zip(&p).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-5, "fused and plain differ by {err:e}");
+}
+
 /// The CPU kernel's backward pass on an input large enough for several im2col tiles per sample
 /// (and a batch of two, so per-thread weight-gradient accumulators are summed), against the
 /// adjoint of the convolution written as naive f64 loops.

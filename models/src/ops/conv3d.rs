@@ -140,6 +140,60 @@ pub fn depthwise_conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: 
     }
 }
 
+/// A stride-1 convolution at inference that also returns its output's `(mean, variance)` per
+/// `(sample, channel)` and can apply the instance norm and LeakyReLU of the previous layer to its
+/// input as it reads it (`input_norm`: that layer's moments, the norm's epsilon and the slope): a
+/// UnetResBlock's activations then make one trip through memory instead of three. `None` where
+/// the direct AVX-512 kernel does not serve the call (another CPU or dtype, gradients recorded,
+/// an int8 weight, output channels in neither 12s nor 8s); the caller takes the plain ops.
+pub fn conv3d_with_moments(
+    x: &Tensor,
+    w: &Weight,
+    padding: usize,
+    input_norm: Option<(&[(f64, f64)], f64, f64)>,
+) -> Result<Option<(Tensor, Vec<(f64, f64)>)>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use candle_core::{CpuStorage, Storage};
+        let Weight::Dense(w) = w else { return Ok(None) };
+        let usable = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && w.dtype() == DType::F32
+            && !x.track_op()
+            && !w.track_op()
+            && super::conv3d_avx512::available();
+        if !usable {
+            return Ok(None);
+        }
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let (b, g) = super::conv3d_cpu::Geometry::of(x.dims(), w.dims(), padding)?;
+        let stats: Option<Vec<(f64, f64)>> = input_norm
+            .map(|(moments, eps, _)| moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + eps).sqrt())).collect());
+        let norm = stats
+            .as_deref()
+            .zip(input_norm)
+            .map(|(stats, (_, _, slope))| super::conv3d_avx512::InputNorm { stats, slope });
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws) else {
+            return Ok(None);
+        };
+        let (x0, x1) = super::contiguous_range(xl, "conv3d_with_moments")?;
+        let (w0, w1) = super::contiguous_range(wl, "conv3d_with_moments")?;
+        let Some((y, Some(moments))) = super::conv3d_avx512::conv(&xv[x0..x1], &wv[w0..w1], b, g, norm.as_ref(), true)
+        else {
+            return Ok(None);
+        };
+        let y = Tensor::from_vec(y, (b, g.c_out, g.out[0], g.out[1], g.out[2]), x.device())?;
+        Ok(Some((y, moments)))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w, padding, input_norm);
+        Ok(None)
+    }
+}
+
 /// [`conv3d`] with a weight that may be int8 (see [`super::quantized`]): `kernel` is the weight's
 /// spatial size, which an int8 matrix no longer carries.
 ///

@@ -11,6 +11,11 @@
 //! again; its 16 x 6 AVX2 microkernel ran at about half the FMA units' peak on SwinUNETR's 12-48
 //! output channels). Reading the input in place instead was slower: a 3^3 tap's rows lie whole
 //! planes and channels apart, multiples of 4 KiB at 96^3, and evict each other from the caches.
+//!
+//! For a UnetResBlock at inference the kernel also takes over the instance norm's memory passes
+//! (a 12-channel 96^3 activation is 42 MB, more than the last-level cache): it can normalise and
+//! activate its input while copying rows into the rings ([`InputNorm`]), and return its output's
+//! per-channel mean and variance, taken from each row while it is still in the cache.
 
 use std::arch::x86_64::*;
 
@@ -21,6 +26,44 @@ use super::conv3d_cpu::{Geometry, SendPtr};
 /// Whether this CPU runs the kernel.
 pub(super) fn available() -> bool {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
+}
+
+/// The instance norm and LeakyReLU of the convolution's input, applied as rows are read:
+/// `act((v - mean) * inv_std)` per (sample, channel), in f32 as the instance norm kernel computes it.
+pub(crate) struct InputNorm<'a> {
+    /// `(mean, inv_std)` per (sample, input channel).
+    pub stats: &'a [(f64, f64)],
+    pub slope: f64,
+}
+
+/// A running count, mean and sum of squared deviations (Chan et al.'s pairwise update).
+#[derive(Clone, Copy, Default)]
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    fn of(values: &[f32]) -> Moments {
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let m2 = values.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum();
+        Moments { n, mean, m2 }
+    }
+
+    fn merge(self, other: Moments) -> Moments {
+        if self.n == 0.0 {
+            return other;
+        }
+        let n = self.n + other.n;
+        let delta = other.mean - self.mean;
+        Moments {
+            n,
+            mean: self.mean + delta * other.n / n,
+            m2: self.m2 + other.m2 + delta * delta * self.n * other.n / n,
+        }
+    }
 }
 
 /// The rings' layout for one convolution.
@@ -39,7 +82,16 @@ impl Rings {
 
     /// Copies padded input row `py` (padded coordinates) of plane `z + a` into ring slot `py % kh`
     /// of every (channel, depth tap); zeros outside the input.
-    fn fill(&self, sample: &[f32], g: &Geometry, z: usize, py: usize, rings: &mut [f32]) {
+    /// `norm`: the sample's `(mean, inv_std)` per channel and the slope, applied to the copied values.
+    fn fill(
+        &self,
+        sample: &[f32],
+        g: &Geometry,
+        z: usize,
+        py: usize,
+        rings: &mut [f32],
+        norm: Option<(&[(f64, f64)], f64)>,
+    ) {
         let [kd, kh, _] = g.k;
         let yi = py.wrapping_sub(g.pad);
         for c in 0..g.c_in {
@@ -53,7 +105,17 @@ impl Rings {
                 }
                 let at = ((c * g.d + zi) * g.h + yi) * g.w;
                 dst[..g.pad].fill(0.0);
-                dst[g.pad..g.pad + g.w].copy_from_slice(&sample[at..at + g.w]);
+                let row = &sample[at..at + g.w];
+                match norm {
+                    None => dst[g.pad..g.pad + g.w].copy_from_slice(row),
+                    Some((stats, slope)) => {
+                        let (m, s, a) = (stats[c].0 as f32, stats[c].1 as f32, slope as f32);
+                        for (o, &v) in dst[g.pad..g.pad + g.w].iter_mut().zip(row) {
+                            let t = (v - m) * s;
+                            *o = if t > a * t { t } else { a * t };
+                        }
+                    }
+                }
                 dst[g.pad + g.w..].fill(0.0);
                 // The next output row copies the next input row of these (channel, depth tap)
                 // pairs: scattered rows that the hardware prefetchers do not follow.
@@ -134,6 +196,7 @@ unsafe fn block<const OB: usize, const NV: usize>(
 /// # Safety
 /// AVX-512F and FMA; no other task writes plane `z` of this sample.
 #[target_feature(enable = "avx2,fma,avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn plane<const OB: usize, const NV: usize>(
     sample: &[f32],
     g: &Geometry,
@@ -141,6 +204,8 @@ unsafe fn plane<const OB: usize, const NV: usize>(
     z: usize,
     rings: &mut [f32],
     out: *mut f32,
+    norm: Option<(&[(f64, f64)], f64)>,
+    moments: Option<&mut [Moments]>,
 ) {
     let [od, ho, wo] = g.out;
     let [_, kh, _] = g.k;
@@ -148,11 +213,12 @@ unsafe fn plane<const OB: usize, const NV: usize>(
     let spatial = od * ho * wo;
     let k_len = g.c_in * g.k.iter().product::<usize>();
     for py in 0..kh - 1 {
-        layout.fill(sample, g, z, py, rings);
+        layout.fill(sample, g, z, py, rings, norm);
     }
+    let mut moments = moments;
     let mut slot = vec![0; kh];
     for y in 0..ho {
-        layout.fill(sample, g, z, y + kh - 1, rings);
+        layout.fill(sample, g, z, y + kh - 1, rings, norm);
         for (b, s) in slot.iter_mut().enumerate() {
             *s = (y + b) % kh * layout.row;
         }
@@ -167,14 +233,36 @@ unsafe fn plane<const OB: usize, const NV: usize>(
                 }
                 x0 += 16 * NV;
             }
+            if let Some(m) = moments.as_deref_mut() {
+                for o in 0..OB {
+                    // SAFETY: the row was just written above (wo values of channel blk * OB + o).
+                    let row = unsafe {
+                        std::slice::from_raw_parts(out.add((blk * OB + o) * spatial + (z * ho + y) * wo), wo)
+                    };
+                    m[blk * OB + o] = m[blk * OB + o].merge(Moments::of(row));
+                }
+            }
         }
     }
 }
 
 /// The convolution of `x (batch, c_in, d, h, w)` with `weight (c_out, c_in, kd, kh, kw)`, or `None`
-/// where the output channels come in neither 12s nor 8s (the gemm kernel serves those).
-pub(super) fn conv(x: &[f32], weight: &[f32], batch: usize, g: Geometry) -> Option<Vec<f32>> {
+/// where the output channels come in neither 12s nor 8s (the gemm kernel serves those). With
+/// `norm`, the input is normalised and activated as it is read; with `moments`, the output's
+/// `(mean, variance)` per (sample, channel) come back too, summed plane by plane in order (the
+/// same bits whatever the thread count).
+pub(crate) fn conv(
+    x: &[f32],
+    weight: &[f32],
+    batch: usize,
+    g: Geometry,
+    norm: Option<&InputNorm>,
+    moments: bool,
+) -> Option<(Vec<f32>, Option<Vec<(f64, f64)>>)> {
     let ob = [12, 8].into_iter().find(|ob| g.c_out.is_multiple_of(*ob))?;
+    if norm.is_some_and(|n| n.stats.len() != batch * g.c_in) {
+        return None;
+    }
     let [od, ho, wo] = g.out;
     let k_len = g.c_in * g.k.iter().product::<usize>();
     // Weights regrouped by channel block, [block][k][ob]: a block's broadcasts walk memory.
@@ -193,25 +281,41 @@ pub(super) fn conv(x: &[f32], weight: &[f32], batch: usize, g: Geometry) -> Opti
     let len = batch * g.c_out * spatial;
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..batch * od).into_par_iter().for_each_init(
+    // One set of channel moments per (sample, plane) task, merged in plane order afterwards.
+    let mut per_plane = vec![Moments::default(); if moments { batch * od * g.c_out } else { 0 }];
+    let chunk = if moments { g.c_out } else { 1 };
+    let mut no_moments = vec![Moments::default(); if moments { 0 } else { batch * od }];
+    let slots = if moments { &mut per_plane } else { &mut no_moments };
+    slots.par_chunks_mut(chunk).enumerate().for_each_init(
         || vec![0f32; ring_len],
-        |rings, task| {
+        |rings, (task, m)| {
             let (s, z) = (task / od, task % od);
             let sample = &x[s * in_len..(s + 1) * in_len];
+            let norm = norm.map(|n| (&n.stats[s * g.c_in..(s + 1) * g.c_in], n.slope));
+            let m = moments.then_some(m);
             let base = &out_ptr;
             // SAFETY: the caller checked `available`; each task writes its own plane of its sample.
             unsafe {
                 let out = base.0.add(s * g.c_out * spatial);
                 match (ob, wo >= 64 || wo.is_multiple_of(32)) {
-                    (12, true) => plane::<12, 2>(sample, &g, &packed, z, rings, out),
-                    (12, false) => plane::<12, 1>(sample, &g, &packed, z, rings, out),
-                    (_, true) => plane::<8, 2>(sample, &g, &packed, z, rings, out),
-                    (_, false) => plane::<8, 1>(sample, &g, &packed, z, rings, out),
+                    (12, true) => plane::<12, 2>(sample, &g, &packed, z, rings, out, norm, m),
+                    (12, false) => plane::<12, 1>(sample, &g, &packed, z, rings, out, norm, m),
+                    (_, true) => plane::<8, 2>(sample, &g, &packed, z, rings, out, norm, m),
+                    (_, false) => plane::<8, 1>(sample, &g, &packed, z, rings, out, norm, m),
                 }
             }
         },
     );
     // SAFETY: the tasks stored every voxel of every channel of every sample's planes.
     unsafe { out.set_len(len) };
-    Some(out)
+    let stats = moments.then(|| {
+        (0..batch * g.c_out)
+            .map(|sc| {
+                let (s, c) = (sc / g.c_out, sc % g.c_out);
+                let m = (0..od).fold(Moments::default(), |acc, z| acc.merge(per_plane[(s * od + z) * g.c_out + c]));
+                (m.mean, m.m2 / m.n)
+            })
+            .collect()
+    });
+    Some((out, stats))
 }

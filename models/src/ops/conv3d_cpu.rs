@@ -237,7 +237,7 @@ where
 fn conv_f32(x: &[f32], weight: &[f32], batch: usize, g: Geometry) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if super::conv3d_avx512::available()
-        && let Some(y) = super::conv3d_avx512::conv(x, weight, batch, g)
+        && let Some((y, _)) = super::conv3d_avx512::conv(x, weight, batch, g, None, false)
     {
         return y;
     }

@@ -34,7 +34,7 @@ pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Opt
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && residual.is_none_or(|r| r.dtype() == x.dtype());
     if fusable {
-        let op = InstanceNormCpu { eps, leaky_slope };
+        let op = InstanceNormCpu { eps, leaky_slope, moments: None };
         let x = x.contiguous()?;
         return match (residual, tracked) {
             (Some(r), true) => x.apply_op2(&r.contiguous()?, op),
@@ -52,6 +52,32 @@ pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Opt
         // max(y, slope * y) is LeakyReLU for a slope in [0, 1], in two passes.
         Some(slope) => y.maximum(&(&y * slope)?),
         None => Ok(y),
+    }
+}
+
+/// [`instance_norm_act`] of an f32 CPU tensor at inference with each `(sample, channel)` plane's
+/// `(mean, variance)` already known (see [`super::conv3d::conv3d_with_moments`]): one pass instead of
+/// two over a volume that does not fit in the cache.
+pub fn instance_norm_act_with_moments(
+    x: &Tensor,
+    moments: Vec<(f64, f64)>,
+    residual: Option<&Tensor>,
+    leaky_slope: Option<f64>,
+    eps: f64,
+) -> Result<Tensor> {
+    if x.track_op() || residual.is_some_and(|r| r.track_op()) {
+        bail!("instance_norm_act_with_moments: inference only (no gradients)");
+    }
+    if let Some(r) = residual
+        && (r.dims() != x.dims() || r.dtype() != x.dtype())
+    {
+        bail!("instance_norm_act_with_moments: residual {:?} does not match the input {:?}", r.dims(), x.dims());
+    }
+    let op = InstanceNormCpu { eps, leaky_slope, moments: Some(moments) };
+    let x = x.contiguous()?;
+    match residual {
+        Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
+        None => x.apply_op1_no_bwd(&op),
     }
 }
 
@@ -117,6 +143,9 @@ pub fn channel_layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f
 struct InstanceNormCpu {
     eps: f64,
     leaky_slope: Option<f64>,
+    /// Each plane's `(mean, variance)` when already known (from the convolution that made it):
+    /// the pass that would compute them is skipped. Inference only.
+    moments: Option<Vec<(f64, f64)>>,
 }
 
 /// A plane's mean and `1 / sqrt(var + eps)`, in f64, from one pass: sums of `v - k` and of its
@@ -179,13 +208,18 @@ fn instance_norm_planes<T: WithDType>(
     plane: usize,
     eps: f64,
     leaky_slope: Option<f64>,
+    moments: Option<&[(f64, f64)]>,
 ) -> Vec<T> {
     let mut y = Vec::with_capacity(x.len());
     let slope = leaky_slope.unwrap_or(1.0);
     y.spare_capacity_mut()[..x.len()].par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(
         |(p, (dst, src))| {
             let r = residual.map(|r| &r[p * plane..(p + 1) * plane]);
-            normalise_plane(dst, src, r, plane_statistics(src, eps), slope);
+            let stats = match moments {
+                Some(m) => (m[p].0, 1.0 / (m[p].1 + eps).sqrt()),
+                None => plane_statistics(src, eps),
+            };
+            normalise_plane(dst, src, r, stats, slope);
         },
     );
     // SAFETY: the planes cover all x.len() values and each was written by `normalise_plane`.
@@ -203,20 +237,28 @@ impl InstanceNormCpu {
         }
         let r_range = residual.map(|(_, l)| range(l)).transpose()?;
         let (eps, slope) = (self.eps, self.leaky_slope);
+        let moments = self.moments.as_deref();
+        if moments.is_some_and(|m| m.len() * plane != end - start) {
+            bail!(
+                "prosam-instance-norm-cpu: moments for {} planes, the input has {}",
+                moments.map_or(0, |m| m.len()),
+                (end - start) / plane
+            );
+        }
         let out = match (x.0, residual.map(|r| r.0)) {
             (CpuStorage::F32(v), None) => {
-                CpuStorage::F32(instance_norm_planes(&v[start..end], None, plane, eps, slope))
+                CpuStorage::F32(instance_norm_planes(&v[start..end], None, plane, eps, slope, moments))
             }
             (CpuStorage::F64(v), None) => {
-                CpuStorage::F64(instance_norm_planes(&v[start..end], None, plane, eps, slope))
+                CpuStorage::F64(instance_norm_planes(&v[start..end], None, plane, eps, slope, moments))
             }
             (CpuStorage::F32(v), Some(CpuStorage::F32(r))) => {
                 let (r0, r1) = r_range.expect("a residual has a range");
-                CpuStorage::F32(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope))
+                CpuStorage::F32(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope, moments))
             }
             (CpuStorage::F64(v), Some(CpuStorage::F64(r))) => {
                 let (r0, r1) = r_range.expect("a residual has a range");
-                CpuStorage::F64(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope))
+                CpuStorage::F64(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope, moments))
             }
             _ => bail!("prosam-instance-norm-cpu: only f32 and f64, one dtype for both inputs"),
         };

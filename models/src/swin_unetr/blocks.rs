@@ -5,7 +5,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::ops::quantized::Weight;
-use crate::ops::{conv_transpose3d_cat, conv3d, conv3d_weight, instance_norm, instance_norm_act};
+use crate::ops::{
+    conv_transpose3d_cat, conv3d, conv3d_weight, conv3d_with_moments, instance_norm, instance_norm_act,
+    instance_norm_act_with_moments,
+};
 
 const NORM_EPS: f64 = 1e-5;
 const LEAKY_SLOPE: f64 = 0.01;
@@ -33,8 +36,30 @@ impl UnetResBlock {
     }
 }
 
+impl UnetResBlock {
+    /// The forward pass with the direct convolution kernel's fused instance norms (inference on
+    /// AVX-512 CPUs): conv1 returns its output's moments, conv2 normalises and activates that
+    /// output as it reads it, and the final norm uses conv2's moments, so the 96^3 activations are
+    /// not read again for statistics nor written out once more normalised. `None` where the kernel
+    /// does not serve these convolutions.
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, 1, None)? else { return Ok(None) };
+        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, 1, Some((&m1, NORM_EPS, LEAKY_SLOPE)))? else {
+            return Ok(None);
+        };
+        let residual = match &self.conv3 {
+            Some(w) => instance_norm(&conv3d(x, w, None, 0, 1)?, NORM_EPS)?,
+            None => x.clone(),
+        };
+        instance_norm_act_with_moments(&o2, m2, Some(&residual), Some(LEAKY_SLOPE), NORM_EPS).map(Some)
+    }
+}
+
 impl Module for UnetResBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x)? {
+            return Ok(y);
+        }
         let o = conv3d_weight(x, &self.conv1, [3; 3], None, 1)?;
         let o = instance_norm_act(&o, None, Some(LEAKY_SLOPE), NORM_EPS)?;
         let o = conv3d_weight(&o, &self.conv2, [3; 3], None, 1)?;
