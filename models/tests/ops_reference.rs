@@ -162,7 +162,7 @@ fn conv3d_channel_blocks_and_ragged_rows_match_reference() {
 #[test]
 fn fused_convolution_norms_equal_the_plain_ops() {
     use prosam_models::ops::quantized::Weight;
-    use prosam_models::ops::{conv3d_with_moments, instance_norm_act_with_moments};
+    use prosam_models::ops::{PendingNorm, conv3d_with_moments, instance_norm_act_with_moments};
     let mut rng = Rng::new(43);
     let x = tensor(&rng.arr(&[2, 3, 5, 6, 37], 1.0), DType::F32);
     let w1 = tensor(&rng.arr(&[12, 3, 3, 3, 3], 0.3), DType::F32);
@@ -183,7 +183,10 @@ fn fused_convolution_norms_equal_the_plain_ops() {
         let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / plane as f64;
         assert!((mean - m).abs() < 1e-12 && (var - v).abs() < 1e-12 * v.max(1.0), "plane {p}: {mean} {var} vs {m} {v}");
     }
-    let (o2, m2) = conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), 1, Some((&m1, eps, slope))).unwrap().unwrap();
+    let (o2, m2) =
+        conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), 1, Some(PendingNorm { moments: &m1, eps, slope }))
+            .unwrap()
+            .unwrap();
     let fused = instance_norm_act_with_moments(&o2, m2, Some(&residual), Some(slope), eps).unwrap();
     let a1 = instance_norm_act(&plain1, None, Some(slope), eps).unwrap();
     let plain2 = conv3d(&a1, &w2, None, 1, 1).unwrap();

@@ -140,6 +140,17 @@ pub fn depthwise_conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: 
     }
 }
 
+/// `(mean, variance)` of each `(sample, channel)` plane of a volume.
+pub type PlaneMoments = Vec<(f64, f64)>;
+
+/// An instance norm + LeakyReLU not yet applied to a convolution's input: the input's plane
+/// moments, the norm's epsilon and the slope.
+pub struct PendingNorm<'a> {
+    pub moments: &'a [(f64, f64)],
+    pub eps: f64,
+    pub slope: f64,
+}
+
 /// A stride-1 convolution at inference that also returns its output's `(mean, variance)` per
 /// `(sample, channel)` and can apply the instance norm and LeakyReLU of the previous layer to its
 /// input as it reads it (`input_norm`: that layer's moments, the norm's epsilon and the slope): a
@@ -150,8 +161,8 @@ pub fn conv3d_with_moments(
     x: &Tensor,
     w: &Weight,
     padding: usize,
-    input_norm: Option<(&[(f64, f64)], f64, f64)>,
-) -> Result<Option<(Tensor, Vec<(f64, f64)>)>> {
+    input_norm: Option<PendingNorm>,
+) -> Result<Option<(Tensor, PlaneMoments)>> {
     #[cfg(target_arch = "x86_64")]
     {
         use candle_core::{CpuStorage, Storage};
@@ -168,11 +179,12 @@ pub fn conv3d_with_moments(
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         let (b, g) = super::conv3d_cpu::Geometry::of(x.dims(), w.dims(), padding)?;
         let stats: Option<Vec<(f64, f64)>> = input_norm
-            .map(|(moments, eps, _)| moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + eps).sqrt())).collect());
+            .as_ref()
+            .map(|n| n.moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + n.eps).sqrt())).collect());
         let norm = stats
             .as_deref()
-            .zip(input_norm)
-            .map(|(stats, (_, _, slope))| super::conv3d_avx512::InputNorm { stats, slope });
+            .zip(input_norm.as_ref())
+            .map(|(stats, n)| super::conv3d_avx512::InputNorm { stats, slope: n.slope });
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws) else {

@@ -258,7 +258,7 @@ pub(crate) fn conv(
     g: Geometry,
     norm: Option<&InputNorm>,
     moments: bool,
-) -> Option<(Vec<f32>, Option<Vec<(f64, f64)>>)> {
+) -> Option<(Vec<f32>, Option<super::conv3d::PlaneMoments>)> {
     let ob = [12, 8].into_iter().find(|ob| g.c_out.is_multiple_of(*ob))?;
     if norm.is_some_and(|n| n.stats.len() != batch * g.c_in) {
         return None;

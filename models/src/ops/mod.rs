@@ -27,7 +27,7 @@ pub mod window_gather;
 pub use activation::gelu_erf;
 pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::{conv_transpose3d, conv_transpose3d_cat};
-pub use conv3d::{conv3d, conv3d_weight, conv3d_with_moments, depthwise_conv3d};
+pub use conv3d::{PendingNorm, PlaneMoments, conv3d, conv3d_weight, conv3d_with_moments, depthwise_conv3d};
 pub use norm::{channel_layer_norm, instance_norm, instance_norm_act, instance_norm_act_with_moments};
 pub use resample::{interpolate_linear, max_pool3d};
 pub use window::{compute_shift_mask, compute_shift_regions, window_partition, window_reverse};

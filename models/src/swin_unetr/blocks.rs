@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::ops::quantized::Weight;
 use crate::ops::{
-    conv_transpose3d_cat, conv3d, conv3d_weight, conv3d_with_moments, instance_norm, instance_norm_act,
+    PendingNorm, conv_transpose3d_cat, conv3d, conv3d_weight, conv3d_with_moments, instance_norm, instance_norm_act,
     instance_norm_act_with_moments,
 };
 
@@ -44,7 +44,8 @@ impl UnetResBlock {
     /// does not serve these convolutions.
     fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, 1, None)? else { return Ok(None) };
-        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, 1, Some((&m1, NORM_EPS, LEAKY_SLOPE)))? else {
+        let norm1 = PendingNorm { moments: &m1, eps: NORM_EPS, slope: LEAKY_SLOPE };
+        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, 1, Some(norm1))? else {
             return Ok(None);
         };
         let residual = match &self.conv3 {
