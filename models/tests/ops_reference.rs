@@ -187,13 +187,18 @@ fn fused_convolution_norms_equal_the_plain_ops() {
         conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), 1, Some(PendingNorm { moments: &m1, eps, slope }))
             .unwrap()
             .unwrap();
-    let fused = instance_norm_act_with_moments(&o2, m2, Some(&residual), Some(slope), eps).unwrap();
     let a1 = instance_norm_act(&plain1, None, Some(slope), eps).unwrap();
     let plain2 = conv3d(&a1, &w2, None, 1, 1).unwrap();
-    let plain = instance_norm_act(&plain2, Some(&residual), Some(slope), eps).unwrap();
-    let (f, p) = (values(&fused), values(&plain));
-    let err = f.iter().zip(&p).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    assert!(err < 1e-5, "fused and plain differ by {err:e}");
+    // The residual as is, and normalised in the same pass (UnetResBlock's conv3 branch).
+    for normalise in [false, true] {
+        let fused =
+            instance_norm_act_with_moments(&o2, m2.clone(), Some(&residual), normalise, Some(slope), eps).unwrap();
+        let r = if normalise { instance_norm(&residual, eps).unwrap() } else { residual.clone() };
+        let plain = instance_norm_act(&plain2, Some(&r), Some(slope), eps).unwrap();
+        let (f, p) = (values(&fused), values(&plain));
+        let err = f.iter().zip(&p).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-5, "fused and plain differ by {err:e} (residual normalised: {normalise})");
+    }
 }
 
 /// The CPU kernel's backward pass on an input large enough for several im2col tiles per sample

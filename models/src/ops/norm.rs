@@ -34,7 +34,7 @@ pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Opt
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && residual.is_none_or(|r| r.dtype() == x.dtype());
     if fusable {
-        let op = InstanceNormCpu { eps, leaky_slope, moments: None };
+        let op = InstanceNormCpu { eps, leaky_slope, moments: None, normalise_residual: false };
         let x = x.contiguous()?;
         return match (residual, tracked) {
             (Some(r), true) => x.apply_op2(&r.contiguous()?, op),
@@ -58,10 +58,14 @@ pub fn instance_norm_act(x: &Tensor, residual: Option<&Tensor>, leaky_slope: Opt
 /// [`instance_norm_act`] of an f32 CPU tensor at inference with each `(sample, channel)` plane's
 /// `(mean, variance)` already known (see [`super::conv3d::conv3d_with_moments`]): one pass instead of
 /// two over a volume that does not fit in the cache.
+///
+/// With `normalise_residual` the residual is instance-normalised first (its planes' own
+/// statistics), as `instance_norm(residual)` would, without that volume being written out.
 pub fn instance_norm_act_with_moments(
     x: &Tensor,
     moments: Vec<(f64, f64)>,
     residual: Option<&Tensor>,
+    normalise_residual: bool,
     leaky_slope: Option<f64>,
     eps: f64,
 ) -> Result<Tensor> {
@@ -73,7 +77,7 @@ pub fn instance_norm_act_with_moments(
     {
         bail!("instance_norm_act_with_moments: residual {:?} does not match the input {:?}", r.dims(), x.dims());
     }
-    let op = InstanceNormCpu { eps, leaky_slope, moments: Some(moments) };
+    let op = InstanceNormCpu { eps, leaky_slope, moments: Some(moments), normalise_residual };
     let x = x.contiguous()?;
     match residual {
         Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
@@ -146,6 +150,9 @@ struct InstanceNormCpu {
     /// Each plane's `(mean, variance)` when already known (from the convolution that made it):
     /// the pass that would compute them is skipped. Inference only.
     moments: Option<Vec<(f64, f64)>>,
+    /// The residual is itself instance-normalised (statistics of its own planes) before the sum:
+    /// a UnetResBlock's `norm3(conv3(x))` without writing it out. Inference only.
+    normalise_residual: bool,
 }
 
 /// A plane's mean and `1 / sqrt(var + eps)`, in f64, from one pass: sums of `v - k` and of its
@@ -176,22 +183,23 @@ fn plane_statistics<T: WithDType>(src: &[T], eps: f64) -> (f64, f64) {
     (k + s1 / n, 1.0 / (var + eps).sqrt())
 }
 
-/// One plane normalised, plus the residual, through the LeakyReLU: in the plane's own precision
-/// (f32 planes in f32, which vectorises; the statistics stay f64), written to `dst` without first
-/// filling it.
+/// One plane normalised, plus the residual (itself shifted and scaled: `(r - mean) * inv_std`),
+/// through the LeakyReLU: in the plane's own precision (f32 planes in f32, which vectorises; the
+/// statistics stay f64), written to `dst` without first filling it.
 fn normalise_plane<T: WithDType>(
     dst: &mut [std::mem::MaybeUninit<T>],
     src: &[T],
-    residual: Option<&[T]>,
+    residual: Option<(&[T], (f64, f64))>,
     (mean, inv_std): (f64, f64),
     slope: f64,
 ) {
     let (m, s, a) = (T::from_f64(mean), T::from_f64(inv_std), T::from_f64(slope));
     let act = |v: T| if v > a * v { v } else { a * v };
     match residual {
-        Some(r) => {
+        Some((r, (rm, rs))) => {
+            let (rm, rs) = (T::from_f64(rm), T::from_f64(rs));
             for ((o, &v), &r) in dst.iter_mut().zip(src).zip(r) {
-                o.write(act((v - m) * s + r));
+                o.write(act((v - m) * s + (r - rm) * rs));
             }
         }
         None => {
@@ -209,6 +217,7 @@ fn instance_norm_planes<T: WithDType>(
     eps: f64,
     leaky_slope: Option<f64>,
     moments: Option<&[(f64, f64)]>,
+    normalise_residual: bool,
 ) -> Vec<T> {
     let mut y = Vec::with_capacity(x.len());
     let slope = leaky_slope.unwrap_or(1.0);
@@ -219,6 +228,8 @@ fn instance_norm_planes<T: WithDType>(
                 Some(m) => (m[p].0, 1.0 / (m[p].1 + eps).sqrt()),
                 None => plane_statistics(src, eps),
             };
+            // A plain residual is taken as (r - 0) * 1, which is r exactly.
+            let r = r.map(|r| (r, if normalise_residual { plane_statistics(r, eps) } else { (0.0, 1.0) }));
             normalise_plane(dst, src, r, stats, slope);
         },
     );
@@ -246,19 +257,47 @@ impl InstanceNormCpu {
             );
         }
         let out = match (x.0, residual.map(|r| r.0)) {
-            (CpuStorage::F32(v), None) => {
-                CpuStorage::F32(instance_norm_planes(&v[start..end], None, plane, eps, slope, moments))
-            }
-            (CpuStorage::F64(v), None) => {
-                CpuStorage::F64(instance_norm_planes(&v[start..end], None, plane, eps, slope, moments))
-            }
+            (CpuStorage::F32(v), None) => CpuStorage::F32(instance_norm_planes(
+                &v[start..end],
+                None,
+                plane,
+                eps,
+                slope,
+                moments,
+                self.normalise_residual,
+            )),
+            (CpuStorage::F64(v), None) => CpuStorage::F64(instance_norm_planes(
+                &v[start..end],
+                None,
+                plane,
+                eps,
+                slope,
+                moments,
+                self.normalise_residual,
+            )),
             (CpuStorage::F32(v), Some(CpuStorage::F32(r))) => {
                 let (r0, r1) = r_range.expect("a residual has a range");
-                CpuStorage::F32(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope, moments))
+                CpuStorage::F32(instance_norm_planes(
+                    &v[start..end],
+                    Some(&r[r0..r1]),
+                    plane,
+                    eps,
+                    slope,
+                    moments,
+                    self.normalise_residual,
+                ))
             }
             (CpuStorage::F64(v), Some(CpuStorage::F64(r))) => {
                 let (r0, r1) = r_range.expect("a residual has a range");
-                CpuStorage::F64(instance_norm_planes(&v[start..end], Some(&r[r0..r1]), plane, eps, slope, moments))
+                CpuStorage::F64(instance_norm_planes(
+                    &v[start..end],
+                    Some(&r[r0..r1]),
+                    plane,
+                    eps,
+                    slope,
+                    moments,
+                    self.normalise_residual,
+                ))
             }
             _ => bail!("prosam-instance-norm-cpu: only f32 and f64, one dtype for both inputs"),
         };

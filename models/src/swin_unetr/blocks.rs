@@ -39,8 +39,9 @@ impl UnetResBlock {
 impl UnetResBlock {
     /// The forward pass with the direct convolution kernel's fused instance norms (inference on
     /// AVX-512 CPUs): conv1 returns its output's moments, conv2 normalises and activates that
-    /// output as it reads it, and the final norm uses conv2's moments, so the 96^3 activations are
-    /// not read again for statistics nor written out once more normalised. `None` where the kernel
+    /// output as it reads it, and the final norm uses conv2's moments and normalises the residual
+    /// branch in the same pass, so the 96^3 activations are not read again for statistics nor
+    /// written out once more normalised. `None` where the kernel
     /// does not serve these convolutions.
     fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, 1, None)? else { return Ok(None) };
@@ -48,11 +49,11 @@ impl UnetResBlock {
         let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, 1, Some(norm1))? else {
             return Ok(None);
         };
-        let residual = match &self.conv3 {
-            Some(w) => instance_norm(&conv3d(x, w, None, 0, 1)?, NORM_EPS)?,
-            None => x.clone(),
+        let (residual, normalise) = match &self.conv3 {
+            Some(w) => (conv3d(x, w, None, 0, 1)?, true),
+            None => (x.clone(), false),
         };
-        instance_norm_act_with_moments(&o2, m2, Some(&residual), Some(LEAKY_SLOPE), NORM_EPS).map(Some)
+        instance_norm_act_with_moments(&o2, m2, Some(&residual), normalise, Some(LEAKY_SLOPE), NORM_EPS).map(Some)
     }
 }
 
