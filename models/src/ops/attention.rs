@@ -305,7 +305,7 @@ fn fused_attention_f32(
     let c = qkv.len() / (windows * n * 3);
     let isa = simd::Isa::detect();
     #[cfg(target_arch = "x86_64")]
-    let wide = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl");
+    let wide = std::is_x86_feature_detected!("avx512f");
     let mut out = vec![0f32; windows * n * c];
     let scratch = || (HeadScratch::default(), Vec::new());
     out.par_chunks_mut(n * c).enumerate().for_each_init(scratch, |(buf, mask), (win, out_w)| {
@@ -317,12 +317,12 @@ fn fused_attention_f32(
             // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU, and AVX-512F and VL where
             // `wide` is set.
             simd::Isa::Avx2Fma => unsafe {
-                use super::attention_avx2::{attend_window, attend_window_avx512vl};
+                use super::attention_avx2::{attend_window, attend_window_avx512};
                 match (c / heads, wide) {
                     (4, false) => attend_window::<4>(rows, n, heads, scale, bias, regions_w, out_w, buf),
-                    (4, true) => attend_window_avx512vl::<4>(rows, n, heads, scale, bias, regions_w, out_w, buf),
+                    (4, true) => attend_window_avx512::<4>(rows, n, heads, scale, bias, regions_w, out_w, buf),
                     (8, false) => attend_window::<8>(rows, n, heads, scale, bias, regions_w, out_w, buf),
-                    (8, true) => attend_window_avx512vl::<8>(rows, n, heads, scale, bias, regions_w, out_w, buf),
+                    (8, true) => attend_window_avx512::<8>(rows, n, heads, scale, bias, regions_w, out_w, buf),
                     _ => attend_window_avx2(rows, n, heads, scale, bias, portable_mask(mask), out_w, buf),
                 }
             },

@@ -1,7 +1,7 @@
-//! The fused window attention's f32 kernel for x86-64 with AVX2 and FMA at the head widths of the
-//! SwinUNETR students (4 at fs 12, 8 at fs 24), written with intrinsics: the head width as a
-//! constant keeps `q` and the `D` accumulators in registers, and keys are padded to a multiple of
-//! 8 (a 7^3 window has 343) so that no token leaves the vector path.
+//! The fused window attention's f32 kernels for x86-64, AVX2 + FMA and AVX-512F, at the head
+//! widths of the SwinUNETR students (4 at fs 12, 8 at fs 24), written with intrinsics: the head
+//! width as a constant keeps `q` and the `D` accumulators in registers, and keys are padded to a
+//! whole number of vectors (a 7^3 window has 343) so that no token leaves the vector path.
 //!
 //! Per query two passes over its keys: scores (`bias + shift mask + q.k`, stored, with their
 //! maximum), then `e^(s - max)` summed and multiplied into `v` in the same loop. The shift mask is
@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::attention::HeadScratch;
-use super::simd::exp_nonpositive_avx2;
+use super::simd::{exp_nonpositive_avx2, exp_nonpositive_avx512};
 
 /// The sum of the 8 lanes.
 #[inline]
@@ -31,144 +31,241 @@ fn lane_max(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
 }
 
-/// The kernel, compiled once per set of target features (the intrinsics inline only into a
-/// function that enables them).
-macro_rules! attend_window_kernel {
-    ($name:ident, $features:literal) => {
-        /// One window, every head, for heads of `D` channels: `rows (n, 3 * heads * D)` as the qkv
-        /// projection lays them out, `bias (heads, n, n)`, the tokens' shift `regions (n)` or none when
-        /// the window is not masked, `out (n, heads * D)`.
-        ///
-        /// # Safety
-        /// The CPU must have the kernel's target features.
-        #[target_feature(enable = $features)]
-        #[allow(clippy::too_many_arguments)]
-        pub(super) unsafe fn $name<const D: usize>(
-            rows: &[f32],
-            n: usize,
-            heads: usize,
-            scale: f32,
-            bias: &[f32],
-            regions: Option<&[u32]>,
-            out: &mut [f32],
-            buf: &mut HeadScratch,
-        ) {
-            let c = heads * D;
-            assert!(rows.len() == 3 * n * c && bias.len() == heads * n * n && out.len() == n * c);
-            assert!(regions.is_none_or(|r| r.len() == n));
-            let padded = n.div_ceil(8) * 8;
-            let full = n / 8 * 8;
-            let tail = n - full;
-            // Padding keys are zeros and their scores -inf: they add nothing to the sum or the output.
-            buf.k_t.clear();
-            buf.k_t.resize(D * padded, 0.0);
-            buf.v_t.clear();
-            buf.v_t.resize(D * padded, 0.0);
-            buf.scores.resize(padded, 0.0);
-            let key_regions: Option<Vec<u32>> =
-                regions.map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(padded).collect());
-            let HeadScratch { k_t, v_t, scores } = buf;
-            let masked = _mm256_set1_ps(-100.0);
-            let tail_lanes =
-                _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
-            for h in 0..heads {
-                for (t, row) in rows.chunks_exact(3 * c).enumerate() {
-                    for e in 0..D {
-                        k_t[e * padded + t] = row[c + h * D + e];
-                        v_t[e * padded + t] = row[2 * c + h * D + e];
-                    }
-                }
-                let (kp, vp, sp) = (k_t.as_ptr(), v_t.as_ptr(), scores.as_mut_ptr());
-                for i in 0..n {
-                    let q = &rows[i * 3 * c + h * D..i * 3 * c + (h + 1) * D];
-                    let qv: [__m256; D] = std::array::from_fn(|e| _mm256_set1_ps(q[e] * scale));
-                    let bias_row = bias[(h * n + i) * n..].as_ptr();
-                    // The query's region against every key's: -100 where they differ.
-                    let region_of = key_regions.as_ref().map(|r| (_mm256_set1_epi32(r[i] as i32), r.as_ptr()));
-                    let shift_mask = |j: usize| {
-                        region_of.map(|(qr, kr)| {
-                            // SAFETY: `key_regions` holds `padded` entries and j + 8 <= padded.
-                            let kr = unsafe { _mm256_loadu_si256(kr.add(j).cast()) };
-                            _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(kr, qr)), masked)
-                        })
-                    };
-                    // SAFETY: full loads read lanes j..j+8 <= n of a bias row (n long, asserted above)
-                    // and of the padded key rows; the tail's masked load touches only lanes below n;
-                    // stores stay within `padded` scores.
-                    let max = unsafe {
-                        let mut max = neg_inf;
-                        let mut j = 0;
-                        while j < full {
-                            let mut s = _mm256_loadu_ps(bias_row.add(j));
-                            if let Some(m) = shift_mask(j) {
-                                s = _mm256_add_ps(s, m);
-                            }
-                            for e in 0..D {
-                                s = _mm256_fmadd_ps(qv[e], _mm256_loadu_ps(kp.add(e * padded + j)), s);
-                            }
-                            max = _mm256_max_ps(s, max);
-                            _mm256_storeu_ps(sp.add(j), s);
-                            j += 8;
-                        }
-                        if tail > 0 {
-                            let mut s = _mm256_maskload_ps(bias_row.add(full), tail_lanes);
-                            if let Some(m) = shift_mask(full) {
-                                s = _mm256_add_ps(s, m);
-                            }
-                            for e in 0..D {
-                                s = _mm256_fmadd_ps(qv[e], _mm256_loadu_ps(kp.add(e * padded + full)), s);
-                            }
-                            s = _mm256_blendv_ps(neg_inf, s, _mm256_castsi256_ps(tail_lanes));
-                            max = _mm256_max_ps(s, max);
-                            _mm256_storeu_ps(sp.add(full), s);
-                        }
-                        _mm256_set1_ps(lane_max(max))
-                    };
-                    // SAFETY: every load reads 8 lanes below `padded` of the scores or of a value row.
-                    let (total, acc) = unsafe {
-                        let mut total = _mm256_setzero_ps();
-                        let mut acc = [_mm256_setzero_ps(); D];
-                        let mut j = 0;
-                        while j < padded {
-                            let p = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(sp.add(j)), max));
-                            total = _mm256_add_ps(total, p);
-                            for e in 0..D {
-                                acc[e] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp.add(e * padded + j)), acc[e]);
-                            }
-                            j += 8;
-                        }
-                        (total, acc)
-                    };
-                    let inv = 1.0 / lane_sum(total);
-                    let dst = &mut out[i * c + h * D..i * c + (h + 1) * D];
-                    for e in 0..D {
-                        dst[e] = lane_sum(acc[e]) * inv;
-                    }
-                }
+/// One window, every head, for heads of `D` channels: `rows (n, 3 * heads * D)` as the qkv
+/// projection lays them out, `bias (heads, n, n)`, the tokens' shift `regions (n)` or none when
+/// the window is not masked, `out (n, heads * D)`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn attend_window<const D: usize>(
+    rows: &[f32],
+    n: usize,
+    heads: usize,
+    scale: f32,
+    bias: &[f32],
+    regions: Option<&[u32]>,
+    out: &mut [f32],
+    buf: &mut HeadScratch,
+) {
+    let c = heads * D;
+    assert!(rows.len() == 3 * n * c && bias.len() == heads * n * n && out.len() == n * c);
+    assert!(regions.is_none_or(|r| r.len() == n));
+    let padded = n.div_ceil(8) * 8;
+    let full = n / 8 * 8;
+    let tail = n - full;
+    // Padding keys are zeros and their scores -inf: they add nothing to the sum or the output.
+    buf.k_t.clear();
+    buf.k_t.resize(D * padded, 0.0);
+    buf.v_t.clear();
+    buf.v_t.resize(D * padded, 0.0);
+    buf.scores.resize(padded, 0.0);
+    let key_regions: Option<Vec<u32>> =
+        regions.map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(padded).collect());
+    let HeadScratch { k_t, v_t, scores } = buf;
+    let masked = _mm256_set1_ps(-100.0);
+    let tail_lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+    for h in 0..heads {
+        for (t, row) in rows.chunks_exact(3 * c).enumerate() {
+            for e in 0..D {
+                k_t[e * padded + t] = row[c + h * D + e];
+                v_t[e * padded + t] = row[2 * c + h * D + e];
             }
         }
-    };
+        let (kp, vp, sp) = (k_t.as_ptr(), v_t.as_ptr(), scores.as_mut_ptr());
+        for i in 0..n {
+            let q = &rows[i * 3 * c + h * D..i * 3 * c + (h + 1) * D];
+            let qv: [__m256; D] = std::array::from_fn(|e| _mm256_set1_ps(q[e] * scale));
+            let bias_row = bias[(h * n + i) * n..].as_ptr();
+            // The query's region against every key's: -100 where they differ.
+            let region_of = key_regions.as_ref().map(|r| (_mm256_set1_epi32(r[i] as i32), r.as_ptr()));
+            let shift_mask = |j: usize| {
+                region_of.map(|(qr, kr)| {
+                    // SAFETY: `key_regions` holds `padded` entries and j + 8 <= padded.
+                    let kr = unsafe { _mm256_loadu_si256(kr.add(j).cast()) };
+                    _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(kr, qr)), masked)
+                })
+            };
+            // SAFETY: full loads read lanes j..j+8 <= n of a bias row (n long, asserted above)
+            // and of the padded key rows; the tail's masked load touches only lanes below n;
+            // stores stay within `padded` scores.
+            let max = unsafe {
+                let mut max = neg_inf;
+                let mut j = 0;
+                while j < full {
+                    let mut s = _mm256_loadu_ps(bias_row.add(j));
+                    if let Some(m) = shift_mask(j) {
+                        s = _mm256_add_ps(s, m);
+                    }
+                    for e in 0..D {
+                        s = _mm256_fmadd_ps(qv[e], _mm256_loadu_ps(kp.add(e * padded + j)), s);
+                    }
+                    max = _mm256_max_ps(s, max);
+                    _mm256_storeu_ps(sp.add(j), s);
+                    j += 8;
+                }
+                if tail > 0 {
+                    let mut s = _mm256_maskload_ps(bias_row.add(full), tail_lanes);
+                    if let Some(m) = shift_mask(full) {
+                        s = _mm256_add_ps(s, m);
+                    }
+                    for e in 0..D {
+                        s = _mm256_fmadd_ps(qv[e], _mm256_loadu_ps(kp.add(e * padded + full)), s);
+                    }
+                    s = _mm256_blendv_ps(neg_inf, s, _mm256_castsi256_ps(tail_lanes));
+                    max = _mm256_max_ps(s, max);
+                    _mm256_storeu_ps(sp.add(full), s);
+                }
+                _mm256_set1_ps(lane_max(max))
+            };
+            // SAFETY: every load reads 8 lanes below `padded` of the scores or of a value row.
+            let (total, acc) = unsafe {
+                let mut total = _mm256_setzero_ps();
+                let mut acc = [_mm256_setzero_ps(); D];
+                let mut j = 0;
+                while j < padded {
+                    let p = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(sp.add(j)), max));
+                    total = _mm256_add_ps(total, p);
+                    for e in 0..D {
+                        acc[e] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp.add(e * padded + j)), acc[e]);
+                    }
+                    j += 8;
+                }
+                (total, acc)
+            };
+            let inv = 1.0 / lane_sum(total);
+            let dst = &mut out[i * c + h * D..i * c + (h + 1) * D];
+            for e in 0..D {
+                dst[e] = lane_sum(acc[e]) * inv;
+            }
+        }
+    }
 }
 
-attend_window_kernel!(attend_window, "avx2,fma");
-// The same instructions with AVX-512VL's 32 vector registers: the exponential's constants, `q` and
-// the accumulators no longer spill (a fifth faster on the first Swin stage).
-attend_window_kernel!(attend_window_avx512vl, "avx2,fma,avx512f,avx512vl");
+/// The kernel in 512-bit vectors for AVX-512 CPUs (16 keys a step, a 7^3 window padded to 352):
+/// half the instructions of the 256-bit form for the same arithmetic, and 32 registers, so that
+/// the exponential's constants, `q` and the accumulators do not spill (the 256-bit form took 51 ms
+/// on the first Swin stage's shape, compiled with AVX-512VL's registers 43 ms, this one 38 ms).
+/// The shift mask is a masked add. Same arguments as [`attend_window`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn attend_window_avx512<const D: usize>(
+    rows: &[f32],
+    n: usize,
+    heads: usize,
+    scale: f32,
+    bias: &[f32],
+    regions: Option<&[u32]>,
+    out: &mut [f32],
+    buf: &mut HeadScratch,
+) {
+    let c = heads * D;
+    assert!(rows.len() == 3 * n * c && bias.len() == heads * n * n && out.len() == n * c);
+    assert!(regions.is_none_or(|r| r.len() == n));
+    let padded = n.div_ceil(16) * 16;
+    let full = n / 16 * 16;
+    let tail_lanes: __mmask16 = ((1u32 << (n - full)) - 1) as __mmask16;
+    // Padding keys are zeros and their scores -inf: they add nothing to the sum or the output.
+    buf.k_t.clear();
+    buf.k_t.resize(D * padded, 0.0);
+    buf.v_t.clear();
+    buf.v_t.resize(D * padded, 0.0);
+    buf.scores.resize(padded, 0.0);
+    let key_regions: Option<Vec<u32>> =
+        regions.map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(padded).collect());
+    let HeadScratch { k_t, v_t, scores } = buf;
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let masked = _mm512_set1_ps(-100.0);
+    for h in 0..heads {
+        for (t, row) in rows.chunks_exact(3 * c).enumerate() {
+            for e in 0..D {
+                k_t[e * padded + t] = row[c + h * D + e];
+                v_t[e * padded + t] = row[2 * c + h * D + e];
+            }
+        }
+        let (kp, vp, sp) = (k_t.as_ptr(), v_t.as_ptr(), scores.as_mut_ptr());
+        for i in 0..n {
+            let q = &rows[i * 3 * c + h * D..i * 3 * c + (h + 1) * D];
+            let qv: [__m512; D] = std::array::from_fn(|e| _mm512_set1_ps(q[e] * scale));
+            let bias_row = bias[(h * n + i) * n..].as_ptr();
+            let region_of = key_regions.as_ref().map(|r| (_mm512_set1_epi32(r[i] as i32), r.as_ptr()));
+            // Adds -100 to the lanes whose key lies in another region than the query.
+            let shift_mask = |s: __m512, j: usize| match region_of {
+                // SAFETY: `key_regions` holds `padded` entries and j + 16 <= padded.
+                Some((qr, kr)) => {
+                    let same = _mm512_cmpeq_epi32_mask(unsafe { _mm512_loadu_si512(kr.add(j).cast()) }, qr);
+                    _mm512_mask_add_ps(s, !same, s, masked)
+                }
+                None => s,
+            };
+            // SAFETY: full loads read lanes j..j+16 <= n of a bias row (n long, asserted above)
+            // and of the padded key rows; the tail's masked load touches only lanes below n;
+            // stores stay within `padded` scores.
+            let max = unsafe {
+                let mut max = neg_inf;
+                let mut j = 0;
+                while j < full {
+                    let mut s = shift_mask(_mm512_loadu_ps(bias_row.add(j)), j);
+                    for e in 0..D {
+                        s = _mm512_fmadd_ps(qv[e], _mm512_loadu_ps(kp.add(e * padded + j)), s);
+                    }
+                    max = _mm512_max_ps(s, max);
+                    _mm512_storeu_ps(sp.add(j), s);
+                    j += 16;
+                }
+                if full < n {
+                    let mut s = shift_mask(_mm512_maskz_loadu_ps(tail_lanes, bias_row.add(full)), full);
+                    for e in 0..D {
+                        s = _mm512_fmadd_ps(qv[e], _mm512_loadu_ps(kp.add(e * padded + full)), s);
+                    }
+                    s = _mm512_mask_blend_ps(tail_lanes, neg_inf, s);
+                    max = _mm512_max_ps(s, max);
+                    _mm512_storeu_ps(sp.add(full), s);
+                }
+                _mm512_set1_ps(_mm512_reduce_max_ps(max))
+            };
+            // SAFETY: every load reads 16 lanes below `padded` of the scores or of a value row.
+            let (total, acc) = unsafe {
+                let mut total = _mm512_setzero_ps();
+                let mut acc = [_mm512_setzero_ps(); D];
+                let mut j = 0;
+                while j < padded {
+                    let p = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(sp.add(j)), max));
+                    total = _mm512_add_ps(total, p);
+                    for e in 0..D {
+                        acc[e] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vp.add(e * padded + j)), acc[e]);
+                    }
+                    j += 16;
+                }
+                (total, acc)
+            };
+            let inv = 1.0 / _mm512_reduce_add_ps(total);
+            let dst = &mut out[i * c + h * D..i * c + (h + 1) * D];
+            for e in 0..D {
+                dst[e] = _mm512_reduce_add_ps(acc[e]) * inv;
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Both builds of the kernel run the same instructions: equal bit for bit, and equal to the
-    /// portable kernel within f32 rounding, with and without shift regions.
+    /// The 256-bit and 512-bit kernels against the portable one, with and without shift regions,
+    /// within f32 rounding (their sums run in different orders).
     #[test]
-    fn both_builds_agree_with_each_other_and_the_portable_kernel() {
+    fn vector_kernels_agree_with_the_portable_kernel() {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             eprintln!("skipped: no AVX2 + FMA on this CPU");
             return;
         }
-        let wide = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl");
+        let wide = std::is_x86_feature_detected!("avx512f");
         let (n, heads, d) = (27, 2, 4);
         let c = heads * d;
         let mut seed = 7u64;
@@ -195,12 +292,11 @@ mod tests {
             }
             if wide {
                 let mut wide_out = vec![0f32; n * c];
-                // SAFETY: AVX-512F and VL were detected above.
-                unsafe { attend_window_avx512vl::<4>(&rows, n, heads, 0.5, &bias, r, &mut wide_out, &mut buf) };
-                assert_eq!(
-                    narrow.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    wide_out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                );
+                // SAFETY: AVX-512F was detected above.
+                unsafe { attend_window_avx512::<4>(&rows, n, heads, 0.5, &bias, r, &mut wide_out, &mut buf) };
+                for (a, b) in wide_out.iter().zip(&portable) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+                }
             }
         }
     }
