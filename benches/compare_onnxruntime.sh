@@ -10,6 +10,10 @@
 # window size and a warm-up run. The table gives median, min and max over all rounds' runs and
 # each median's ratio to ONNX Runtime's. ONNX Runtime comes from PyPI into a virtual environment
 # under target/ (made on first use). A benchmark, not a test: it is not part of CI.
+#
+# WHOLE_VOLUME=ct.nii.gz adds `prosam segment` of that CT with the fs 12 network to every round,
+# timed from start to written labels, and a second table: its wall time against the number of
+# windows times ONNX Runtime's median window of the same run, and its peak RSS.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 rounds=${1:-3}
@@ -51,6 +55,14 @@ for round in $(seq "$rounds"); do
     $prosam bench -m "$models/$model.safetensors" --runs "$runs" --json | tr -d '\n' >>"$results/prosam_$model.jsonl"
     echo >>"$results/prosam_$model.jsonl"
   done
+  if [ -n "${WHOLE_VOLUME:-}" ]; then
+    start=$(date +%s.%N)
+    $prosam segment -m "$models/fs12_f32.safetensors" -i "$WHOLE_VOLUME" -o "$results/labels.nii.gz" --json \
+      | tr -d '\n' >"$results/segment.json"
+    end=$(date +%s.%N)
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); r["wall_s"] = float(sys.argv[3]) - float(sys.argv[2]); print(json.dumps(r))' \
+      "$results/segment.json" "$start" "$end" >>"$results/segment.jsonl"
+  fi
 done
 
 python3 - "$results" "$threads" <<'EOF'
@@ -73,4 +85,19 @@ print("| --- | --- | --- | --- | --- | --- | --- |")
 for name, (med, lo, hi, n, rss) in rows.items():
     label = name.replace("_", " ").replace("fs12", "fs 12").replace("fs24", "fs 24")
     print(f"| {label:<32} | {med:.3f} | {lo:.3f} | {hi:.3f} | {n} | {med / ort:.2f}x | {rss:.0f} |")
+segments = os.path.join(results, "segment.jsonl")
+if os.path.exists(segments):
+    records = [json.loads(line) for line in open(segments) if line.strip()]
+    walls = [r["wall_s"] for r in records]
+    windows = records[0]["windows"]
+    dims = "x".join(str(d) for d in records[0]["dims"])
+    med = statistics.median(walls)
+    print()
+    print(f"whole volume ({dims}, prosam segment, fs 12 f32), {threads} threads, same run")
+    print("| median s | min s | max s | runs | windows | windows x ONNX Runtime median s | ratio | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rss = max(r.get("peak_rss_mib") or 0.0 for r in records)
+    print(f"| {med:.1f} | {min(walls):.1f} | {max(walls):.1f} | {len(walls)} | {windows} | {windows * ort:.1f} | {med / (windows * ort):.2f}x | {rss:.0f} |")
+    stages = {k: statistics.median(r["times_s"][k] for r in records) for k in records[0]["times_s"]}
+    print("stages (median s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
 EOF
