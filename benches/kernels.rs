@@ -1,12 +1,14 @@
 //! Latency of the CPU kernels that dominate a 96^3 fs 12 window: the fused window attention at the
 //! first Swin stage's shape (343 windows of 7^3 tokens, 3 heads of 4, plain and shifted) and the
-//! 3^3 convolutions of decoder 1 (24 -> 12 and 12 -> 12 channels at 96^3) and decoder 2 (at 48^3).
+//! 3^3 convolutions of decoder 1 (24 -> 12 and 12 -> 12 channels at 96^3; the first also with an
+//! int8 weight) and decoder 2 (at 48^3).
 //!
 //! `cargo bench --bench kernels`; threads follow `RAYON_NUM_THREADS` (default: physical cores).
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use prosam_models::ops::{compute_shift_regions, conv3d, window_attention_qkv};
+use prosam_models::ops::quantized::{Q8Matrix, Weight};
+use prosam_models::ops::{compute_shift_regions, conv3d, conv3d_weight, window_attention_qkv};
 
 fn bench_kernels(c: &mut Criterion) {
     prosam_runtime::resources::retain_freed_memory();
@@ -32,6 +34,10 @@ fn bench_kernels(c: &mut Criterion) {
     let w12 = Tensor::randn(0f32, 0.1, (12, 12, 3, 3, 3), &dev).unwrap();
     group.bench_function("conv3d_96_24to12", |b| b.iter(|| conv3d(&x24, &w24, None, 1, 1).unwrap()));
     group.bench_function("conv3d_96_12to12", |b| b.iter(|| conv3d(&x12, &w12, None, 1, 1).unwrap()));
+    // The same convolution with an int8 weight: the VNNI kernel where the CPU has it.
+    let (q24, _) = Q8Matrix::quantize(&w24.reshape((12, ())).unwrap()).unwrap();
+    let q24 = Weight::Q8(std::sync::Arc::new(q24));
+    group.bench_function("conv3d_96_24to12_int8", |b| b.iter(|| conv3d_weight(&x24, &q24, [3; 3], None, 1).unwrap()));
     let x48 = Tensor::randn(0f32, 1.0, (1, 24, 48, 48, 48), &dev).unwrap();
     group.bench_function("conv3d_48_24to12", |b| b.iter(|| conv3d(&x48, &w24, None, 1, 1).unwrap()));
     group.finish();

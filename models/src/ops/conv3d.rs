@@ -5,8 +5,9 @@
 //! - 1x1x1 kernels: a matrix product over channels;
 //! - kernel equal to stride without padding (the patch embedding): a reshape into patches and a
 //!   matrix product;
-//! - stride 1 (the 3x3x3 padding-1 convolutions): on the CPU, a tiled im2col + gemm kernel with
-//!   its own backward pass ([`super::conv3d_cpu`]); on other devices and dtypes a sum over the
+//! - stride 1 (the 3x3x3 padding-1 convolutions): on the CPU a custom op with its own backward
+//!   pass ([`super::conv3d_cpu`]): in f32 on AVX-512 CPUs a direct kernel
+//!   ([`super::conv3d_avx512`]), otherwise line buffers + gemm; on other devices and dtypes a sum over the
 //!   kernel's depth taps of Candle's `conv2d` on depth slices folded into the batch, which runs on
 //!   every backend and has a backward pass.
 
