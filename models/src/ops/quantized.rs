@@ -33,6 +33,9 @@ pub struct Q8Matrix {
     padded_cols: usize,
     /// The layout of the int8 convolution kernel, made on its first use.
     conv_pack: OnceLock<PackedQ8>,
+    /// The matrix widened to f32 `(rows, cols)`, made on first use by the convolutions that run
+    /// weight-only in the f32 direct kernel.
+    widened: OnceLock<Tensor>,
 }
 
 /// A block's scale and values (Candle keeps the fields to itself).
@@ -99,7 +102,10 @@ impl Q8Matrix {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let bytes = q.data()?.into_owned();
         let blocks = blocks_from_bytes(&bytes);
-        Ok((Q8Matrix { blocks, rows, cols, padded_cols: padded, conv_pack: OnceLock::new() }, bytes))
+        Ok((
+            Q8Matrix { blocks, rows, cols, padded_cols: padded, conv_pack: OnceLock::new(), widened: OnceLock::new() },
+            bytes,
+        ))
     }
 
     /// Rebuilds a matrix from its stored block bytes.
@@ -112,7 +118,14 @@ impl Q8Matrix {
         if !device.is_cpu() {
             bail!("int8 matrices compute on the CPU; on other devices load them with Weight::load, which widens them");
         }
-        Ok(Q8Matrix { blocks: blocks_from_bytes(bytes), rows, cols, padded_cols: padded, conv_pack: OnceLock::new() })
+        Ok(Q8Matrix {
+            blocks: blocks_from_bytes(bytes),
+            rows,
+            cols,
+            padded_cols: padded,
+            conv_pack: OnceLock::new(),
+            widened: OnceLock::new(),
+        })
     }
 
     /// The matrix in f32, `(rows, cols)` row-major, without the padding: what GPUs compute with.
@@ -124,6 +137,15 @@ impl Q8Matrix {
             out.extend_from_slice(&padded_row[..self.cols]);
         }
         out
+    }
+
+    /// [`Self::dequantize`] as an f32 CPU tensor `(rows, cols)`, made once and kept.
+    pub fn widened(&self) -> Result<Tensor> {
+        if let Some(t) = self.widened.get() {
+            return Ok(t.clone());
+        }
+        let t = Tensor::from_vec(self.dequantize(), (self.rows, self.cols), &Device::Cpu)?;
+        Ok(self.widened.get_or_init(|| t).clone())
     }
 
     /// `x (n, cols)` times the transposed weight: `(n, rows)`. Each input row is quantized to
