@@ -256,48 +256,18 @@ impl InstanceNormCpu {
                 (end - start) / plane
             );
         }
+        let (r0, r1) = r_range.unwrap_or((0, 0));
+        // One closure per element type: closures are not generic.
+        let f32_planes = |v, r| instance_norm_planes(v, r, plane, eps, slope, moments, self.normalise_residual);
+        let f64_planes = |v, r| instance_norm_planes(v, r, plane, eps, slope, moments, self.normalise_residual);
         let out = match (x.0, residual.map(|r| r.0)) {
-            (CpuStorage::F32(v), None) => CpuStorage::F32(instance_norm_planes(
-                &v[start..end],
-                None,
-                plane,
-                eps,
-                slope,
-                moments,
-                self.normalise_residual,
-            )),
-            (CpuStorage::F64(v), None) => CpuStorage::F64(instance_norm_planes(
-                &v[start..end],
-                None,
-                plane,
-                eps,
-                slope,
-                moments,
-                self.normalise_residual,
-            )),
+            (CpuStorage::F32(v), None) => CpuStorage::F32(f32_planes(&v[start..end], None)),
+            (CpuStorage::F64(v), None) => CpuStorage::F64(f64_planes(&v[start..end], None)),
             (CpuStorage::F32(v), Some(CpuStorage::F32(r))) => {
-                let (r0, r1) = r_range.expect("a residual has a range");
-                CpuStorage::F32(instance_norm_planes(
-                    &v[start..end],
-                    Some(&r[r0..r1]),
-                    plane,
-                    eps,
-                    slope,
-                    moments,
-                    self.normalise_residual,
-                ))
+                CpuStorage::F32(f32_planes(&v[start..end], Some(&r[r0..r1])))
             }
             (CpuStorage::F64(v), Some(CpuStorage::F64(r))) => {
-                let (r0, r1) = r_range.expect("a residual has a range");
-                CpuStorage::F64(instance_norm_planes(
-                    &v[start..end],
-                    Some(&r[r0..r1]),
-                    plane,
-                    eps,
-                    slope,
-                    moments,
-                    self.normalise_residual,
-                ))
+                CpuStorage::F64(f64_planes(&v[start..end], Some(&r[r0..r1])))
             }
             _ => bail!("prosam-instance-norm-cpu: only f32 and f64, one dtype for both inputs"),
         };
