@@ -267,6 +267,8 @@ impl Segmenter {
         restore.finish();
         restoring += t.elapsed();
         let windows = WindowPlan::new(grid.dims, self.metadata.roi_size, self.options.overlap).starts.len();
+        drop(grid);
+        crate::resources::release_freed_memory();
         let times = StageTimes { preprocess: t1 - t0, infer: t1.elapsed() - restoring, restore: restoring };
         Ok(Segmentation { labels, dims, windows, times })
     }
