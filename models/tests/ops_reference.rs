@@ -169,7 +169,7 @@ fn fused_convolution_norms_equal_the_plain_ops() {
     let w2 = tensor(&rng.arr(&[12, 12, 3, 3, 3], 0.2), DType::F32);
     let residual = tensor(&rng.arr(&[2, 12, 5, 6, 37], 1.0), DType::F32);
     let (eps, slope) = (1e-5, 0.01);
-    let Some((o1, m1)) = conv3d_with_moments(&x, &Weight::Dense(w1.clone()), 1, None).unwrap() else {
+    let Some((o1, m1)) = conv3d_with_moments(&x, &Weight::Dense(w1.clone()), [3; 3], 1, None).unwrap() else {
         eprintln!("skipped: the direct convolution kernel does not run on this CPU");
         return;
     };
@@ -184,7 +184,7 @@ fn fused_convolution_norms_equal_the_plain_ops() {
         assert!((mean - m).abs() < 1e-12 && (var - v).abs() < 1e-12 * v.max(1.0), "plane {p}: {mean} {var} vs {m} {v}");
     }
     let (o2, m2) =
-        conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), 1, Some(PendingNorm { moments: &m1, eps, slope }))
+        conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), [3; 3], 1, Some(PendingNorm { moments: &m1, eps, slope }))
             .unwrap()
             .unwrap();
     let a1 = instance_norm_act(&plain1, None, Some(slope), eps).unwrap();

@@ -15,7 +15,7 @@ use candle_core::{DType, Result, Tensor, bail};
 
 use super::conv3d_cpu::Conv3dCpu;
 use super::conv3d_int8::{self, Conv3dQ8};
-use super::quantized::Weight;
+use super::quantized::{Q8Matrix, Weight};
 
 /// `conv3d(x, w, bias, padding, stride)`: `x (B, Cin, D, H, W)`, `w (Cout, Cin, kd, kh, kw)`,
 /// `bias (Cout)`; the same `padding` and `stride` on every axis.
@@ -154,40 +154,42 @@ pub struct PendingNorm<'a> {
 
 /// A stride-1 convolution at inference that also returns its output's `(mean, variance)` per
 /// `(sample, channel)` and can apply the instance norm and LeakyReLU of the previous layer to its
-/// input as it reads it (`input_norm`: that layer's moments, the norm's epsilon and the slope): a
-/// UnetResBlock's activations then make one trip through memory instead of three. `None` where
-/// the direct AVX-512 kernel does not serve the call (another CPU or dtype, gradients recorded,
-/// output channels in neither 12s nor 8s); the caller takes the plain ops. An int8 weight (of a
-/// cubic kernel) is widened once and kept, as [`conv3d_weight`] does.
+/// input as it reads it (`input_norm`): a UnetResBlock's activations then make one trip through
+/// memory instead of three. `kernel` is the weight's spatial size, as for [`conv3d_weight`]; an
+/// int8 weight is widened once and kept, as there. `None` where the direct AVX-512 kernel does not
+/// serve the call (another CPU, device or dtype, gradients recorded, output channels in neither
+/// 12s nor 8s); the caller takes the plain ops.
 pub fn conv3d_with_moments(
     x: &Tensor,
     w: &Weight,
+    kernel: [usize; 3],
     padding: usize,
     input_norm: Option<PendingNorm>,
 ) -> Result<Option<(Tensor, PlaneMoments)>> {
+    let c_out = match w {
+        Weight::Dense(w) => w.dim(0)?,
+        Weight::Q8(q) => q.rows(),
+    };
+    // An int8 weight widens to f32; a dense one must be f32 and outside any gradient graph.
+    let weight_f32 = match w {
+        Weight::Dense(w) => w.dtype() == DType::F32 && !w.track_op(),
+        Weight::Q8(_) => true,
+    };
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() && weight_f32 && direct_f32_serves(c_out)) {
+        return Ok(None);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use candle_core::{CpuStorage, Storage};
         let w = match w {
-            Weight::Dense(w) => w.clone(),
-            Weight::Q8(q) => {
-                let c_in = x.dim(1)?;
-                let taps = q.cols() / c_in.max(1);
-                let Some(k) = (1..=7).find(|k| k * k * k == taps && q.cols() == c_in * taps) else { return Ok(None) };
-                q.widened()?.reshape((q.rows(), c_in, k, k, k))?
-            }
+            Weight::Dense(w) => w.contiguous()?,
+            Weight::Q8(q) => widened_conv_weight(q, kernel)?,
         };
-        let usable = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && w.dtype() == DType::F32
-            && !x.track_op()
-            && !w.track_op()
-            && super::conv3d_avx512::available();
-        if !usable {
-            return Ok(None);
-        }
-        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let x = x.contiguous()?;
         let (b, g) = super::conv3d_cpu::Geometry::of(x.dims(), w.dims(), padding)?;
+        if input_norm.as_ref().is_some_and(|n| n.moments.len() != b * g.c_in) {
+            bail!("conv3d_with_moments: the pending norm's moments do not cover the input's {b} x {} planes", g.c_in);
+        }
         let stats: Option<Vec<(f64, f64)>> = input_norm
             .as_ref()
             .map(|n| n.moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + n.eps).sqrt())).collect());
@@ -211,7 +213,8 @@ pub fn conv3d_with_moments(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, w, padding, input_norm);
+        // `direct_f32_serves` is false here: the early return was taken.
+        let _ = (kernel, padding, input_norm);
         Ok(None)
     }
 }
@@ -227,6 +230,15 @@ fn direct_f32_serves(c_out: usize) -> bool {
         let _ = c_out;
         false
     }
+}
+
+/// An int8 convolution weight widened to f32, `(out, in, kd, kh, kw)`: made once, kept in the matrix.
+fn widened_conv_weight(q: &Q8Matrix, kernel: [usize; 3]) -> Result<Tensor> {
+    let taps: usize = kernel.iter().product();
+    if taps == 0 || !q.cols().is_multiple_of(taps) {
+        bail!("int8 conv3d: {} weight columns do not hold {kernel:?} kernels", q.cols());
+    }
+    q.widened()?.reshape((q.rows(), q.cols() / taps, kernel[0], kernel[1], kernel[2]))
 }
 
 /// [`conv3d`] with a weight that may be int8 (see [`super::quantized`]): `kernel` is the weight's
@@ -255,9 +267,8 @@ pub fn conv3d_weight(
                 bail!("int8 conv3d: {} weight columns do not hold {kernel:?} kernels", q.cols());
             }
             let int8_kernel = x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() && taps > 1;
-            let shape = (q.rows(), q.cols() / taps, kernel[0], kernel[1], kernel[2]);
             if int8_kernel && direct_f32_serves(q.rows()) {
-                return conv3d(x, &q.widened()?.reshape(shape)?, bias, padding, 1);
+                return conv3d(x, &widened_conv_weight(q, kernel)?, bias, padding, 1);
             }
             if int8_kernel && conv3d_int8::available() {
                 let op = Conv3dQ8 { weight: q.clone(), kernel, padding };
@@ -267,6 +278,7 @@ pub fn conv3d_weight(
                     None => Ok(y),
                 };
             }
+            let shape = (q.rows(), q.cols() / taps, kernel[0], kernel[1], kernel[2]);
             let w = Tensor::from_vec(q.dequantize(), shape, x.device())?.to_dtype(x.dtype())?;
             conv3d(x, &w, bias, padding, 1)
         }

@@ -260,9 +260,7 @@ pub(crate) fn conv(
     moments: bool,
 ) -> Option<(Vec<f32>, Option<super::conv3d::PlaneMoments>)> {
     let ob = [12, 8].into_iter().find(|ob| g.c_out.is_multiple_of(*ob))?;
-    if norm.is_some_and(|n| n.stats.len() != batch * g.c_in) {
-        return None;
-    }
+    assert!(norm.is_none_or(|n| n.stats.len() == batch * g.c_in), "input norm statistics for every (sample, channel)");
     let [od, ho, wo] = g.out;
     let k_len = g.c_in * g.k.iter().product::<usize>();
     // Weights regrouped by channel block, [block][k][ob]: a block's broadcasts walk memory.
@@ -281,12 +279,10 @@ pub(crate) fn conv(
     let len = batch * g.c_out * spatial;
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    // One set of channel moments per (sample, plane) task, merged in plane order afterwards.
-    let mut per_plane = vec![Moments::default(); if moments { batch * od * g.c_out } else { 0 }];
-    let chunk = if moments { g.c_out } else { 1 };
-    let mut no_moments = vec![Moments::default(); if moments { 0 } else { batch * od }];
-    let slots = if moments { &mut per_plane } else { &mut no_moments };
-    slots.par_chunks_mut(chunk).enumerate().for_each_init(
+    // One set of channel moments per (sample, plane) task (filled only when asked for), merged in
+    // plane order afterwards.
+    let mut per_plane = vec![Moments::default(); batch * od * g.c_out];
+    per_plane.par_chunks_mut(g.c_out).enumerate().for_each_init(
         || vec![0f32; ring_len],
         |rings, (task, m)| {
             let (s, z) = (task / od, task % od);

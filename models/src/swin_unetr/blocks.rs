@@ -34,19 +34,16 @@ impl UnetResBlock {
         };
         Ok(Self { conv1, conv2, conv3 })
     }
-}
 
-impl UnetResBlock {
     /// The forward pass with the direct convolution kernel's fused instance norms (inference on
     /// AVX-512 CPUs): conv1 returns its output's moments, conv2 normalises and activates that
     /// output as it reads it, and the final norm uses conv2's moments and normalises the residual
     /// branch in the same pass, so the 96^3 activations are not read again for statistics nor
-    /// written out once more normalised. `None` where the kernel
-    /// does not serve these convolutions.
+    /// written out once more normalised. `None` where the kernel does not serve these convolutions.
     fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, 1, None)? else { return Ok(None) };
+        let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, [3; 3], 1, None)? else { return Ok(None) };
         let norm1 = PendingNorm { moments: &m1, eps: NORM_EPS, slope: LEAKY_SLOPE };
-        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, 1, Some(norm1))? else {
+        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, [3; 3], 1, Some(norm1))? else {
             return Ok(None);
         };
         let (residual, normalise) = match &self.conv3 {
