@@ -161,6 +161,7 @@ fn conv3d_channel_blocks_and_ragged_rows_match_reference() {
 /// does not run (no AVX-512).
 #[test]
 fn fused_convolution_norms_equal_the_plain_ops() {
+    use prosam_models::ops::ConvArithmetic::Float;
     use prosam_models::ops::quantized::Weight;
     use prosam_models::ops::{PendingNorm, conv3d_with_moments, instance_norm_act_with_moments};
     let mut rng = Rng::new(43);
@@ -169,7 +170,7 @@ fn fused_convolution_norms_equal_the_plain_ops() {
     let w2 = tensor(&rng.arr(&[12, 12, 3, 3, 3], 0.2), DType::F32);
     let residual = tensor(&rng.arr(&[2, 12, 5, 6, 37], 1.0), DType::F32);
     let (eps, slope) = (1e-5, 0.01);
-    let Some((o1, m1)) = conv3d_with_moments(&x, &Weight::Dense(w1.clone()), [3; 3], 1, None).unwrap() else {
+    let Some((o1, m1)) = conv3d_with_moments(&x, &Weight::Dense(w1.clone()), [3; 3], 1, None, Float).unwrap() else {
         eprintln!("skipped: the direct convolution kernel does not run on this CPU");
         return;
     };
@@ -183,10 +184,16 @@ fn fused_convolution_norms_equal_the_plain_ops() {
         let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / plane as f64;
         assert!((mean - m).abs() < 1e-12 && (var - v).abs() < 1e-12 * v.max(1.0), "plane {p}: {mean} {var} vs {m} {v}");
     }
-    let (o2, m2) =
-        conv3d_with_moments(&o1, &Weight::Dense(w2.clone()), [3; 3], 1, Some(PendingNorm { moments: &m1, eps, slope }))
-            .unwrap()
-            .unwrap();
+    let (o2, m2) = conv3d_with_moments(
+        &o1,
+        &Weight::Dense(w2.clone()),
+        [3; 3],
+        1,
+        Some(PendingNorm { moments: &m1, eps, slope }),
+        Float,
+    )
+    .unwrap()
+    .unwrap();
     let a1 = instance_norm_act(&plain1, None, Some(slope), eps).unwrap();
     let plain2 = conv3d(&a1, &w2, None, 1, 1).unwrap();
     // The residual as is, and normalised in the same pass (UnetResBlock's conv3 branch).
@@ -199,6 +206,126 @@ fn fused_convolution_norms_equal_the_plain_ops() {
         let err = f.iter().zip(&p).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(err < 1e-5, "fused and plain differ by {err:e} (residual normalised: {normalise})");
     }
+}
+
+/// `(mean, variance)` of each `plane`-long plane of `v`, in f64.
+fn plane_moments(v: &[f64], plane: usize) -> Vec<(f64, f64)> {
+    v.chunks(plane)
+        .map(|p| {
+            let m = p.iter().sum::<f64>() / plane as f64;
+            (m, p.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / plane as f64)
+        })
+        .collect()
+}
+
+/// The fused convolution in 16-bit integers (int8 models on AVX-512 VNNI) against the f64
+/// reference: 24 input channels (one all zero, one far off zero), 24 and 8 outputs (12- and 8-channel
+/// blocks), rows of 117 (a ragged block), two samples, without and with a pending norm. Within
+/// 5e-4 of the output's scale (1.2-3.4e-4 measured; the f32 kernel's error is 1e-6), yet not the
+/// f32 kernel's values (so the integer kernel ran), and its moments those of its output. Skipped
+/// without AVX-512 VNNI.
+#[test]
+fn int16_convolution_matches_f64_within_its_rounding() {
+    use prosam_models::ops::quantized::Weight;
+    use prosam_models::ops::{ConvArithmetic, PendingNorm, conv3d_with_moments, int16_convolutions_available};
+    if !int16_convolutions_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI, so the 16-bit kernel does not run");
+        return;
+    }
+    let mut rng = Rng::new(44);
+    // Above the kernel's 8192 output voxels per sample.
+    let dims = [2, 24, 6, 12, 117];
+    let plane = 6 * 12 * 117;
+    let mut x = rng.arr(&dims, 1.0);
+    x.data[3 * plane..4 * plane].fill(0.0);
+    for v in &mut x.data[(24 + 5) * plane..(24 + 6) * plane] {
+        *v += 40.0;
+    }
+    let (eps, slope) = (1e-5, 0.01);
+    let moments = plane_moments(&x.data, plane);
+    for (c_out, with_norm) in [(24, false), (8, true), (24, true)] {
+        let w = rng.arr(&[c_out, 24, 3, 3, 3], 0.2);
+        let mut input = x.clone();
+        if with_norm {
+            for (p, &(m, var)) in moments.iter().enumerate() {
+                for v in &mut input.data[p * plane..(p + 1) * plane] {
+                    let t = (*v - m) / (var + eps).sqrt();
+                    *v = if t > 0.0 { t } else { slope * t };
+                }
+            }
+        }
+        let expected = reference::conv3d(&input, &w, None, 1, 1);
+        let run = |arithmetic| {
+            let norm = with_norm.then_some(PendingNorm { moments: &moments, eps, slope });
+            let weight = Weight::Dense(tensor(&w, DType::F32));
+            conv3d_with_moments(&tensor(&x, DType::F32), &weight, [3; 3], 1, norm, arithmetic).unwrap().unwrap()
+        };
+        let ((int16, int16_moments), (float, _)) = (run(ConvArithmetic::Int16), run(ConvArithmetic::Float));
+        let (int16, float) = (values(&int16), values(&float));
+        let scale = expected.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = expected.max_abs_diff(&int16) / scale;
+        let float_err = expected.max_abs_diff(&float) / scale;
+        assert!(err < 5e-4, "{c_out} outputs, norm {with_norm}: 16-bit off f64 by {err:e} of the scale");
+        assert!(int16 != float, "{c_out} outputs, norm {with_norm}: the f32 kernel ran (error {float_err:e})");
+        let out_plane = plane;
+        for (p, (&(mean, var), (m, v))) in int16_moments.iter().zip(plane_moments(&int16, out_plane)).enumerate() {
+            assert!(
+                (mean - m).abs() < 1e-12 && (var - v).abs() < 1e-12 * v.max(1.0),
+                "plane {p}: {mean} {var} vs {m} {v}"
+            );
+        }
+    }
+}
+
+/// The 16-bit kernel's worst case for its 32-bit sums: every activation and weight at its largest
+/// magnitude with one sign (a wrapped sum would come out negative), against the f64 reference.
+/// Equal weights are also the worst case of their rounding: each becomes about `2^19 / K` units
+/// (`K` products per output, at most 4096 units per activation), all off by the same fraction
+/// of a unit, so the output is off by up to `K / 2^20` of its scale.
+#[test]
+fn int16_convolution_sums_do_not_overflow() {
+    use prosam_models::ops::quantized::Weight;
+    use prosam_models::ops::{ConvArithmetic, conv3d_with_moments, int16_convolutions_available};
+    if !int16_convolutions_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI, so the 16-bit kernel does not run");
+        return;
+    }
+    for c_in in [2, 24, 48] {
+        let x = Arr::new(&[1, c_in, 8, 9, 114], vec![3.0; c_in * 8 * 9 * 114]);
+        let w = Arr::new(&[12, c_in, 3, 3, 3], vec![0.5; 12 * c_in * 27]);
+        let expected = reference::conv3d(&x, &w, None, 1, 1);
+        let weight = Weight::Dense(tensor(&w, DType::F32));
+        let (y, _) = conv3d_with_moments(&tensor(&x, DType::F32), &weight, [3; 3], 1, None, ConvArithmetic::Int16)
+            .unwrap()
+            .unwrap();
+        let scale = expected.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = expected.max_abs_diff(&values(&y)) / scale;
+        let bound = (c_in * 27) as f64 / (1 << 20) as f64;
+        assert!(err <= bound, "{c_in} input channels: off f64 by {err:e} of the scale (bound {bound:e})");
+    }
+}
+
+/// A non-finite input value leaves the 16-bit call to the f32 kernel (the integer rounding has no
+/// NaN): the same values, NaNs in the same places, as the float arithmetic.
+#[test]
+fn int16_convolution_takes_the_float_kernel_for_non_finite_input() {
+    use prosam_models::ops::quantized::Weight;
+    use prosam_models::ops::{ConvArithmetic, conv3d_with_moments};
+    let mut rng = Rng::new(45);
+    let mut x = rng.arr(&[1, 12, 8, 9, 114], 1.0);
+    x.data[777] = f64::NAN;
+    x.data[1234] = f64::INFINITY;
+    let weight = Weight::Dense(tensor(&rng.arr(&[12, 12, 3, 3, 3], 0.2), DType::F32));
+    let run = |arithmetic| conv3d_with_moments(&tensor(&x, DType::F32), &weight, [3; 3], 1, None, arithmetic).unwrap();
+    let Some((float, _)) = run(ConvArithmetic::Float) else {
+        eprintln!("skipped: the direct convolution kernel does not run on this CPU");
+        return;
+    };
+    let (int16, _) = run(ConvArithmetic::Int16).unwrap();
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert!(values(&float).iter().any(|v| v.is_nan()));
+    assert_eq!(bits(&int16), bits(&float));
 }
 
 /// The CPU kernel's backward pass on an input large enough for several im2col tiles per sample

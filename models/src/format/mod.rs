@@ -21,6 +21,7 @@ pub use metadata::{Architecture, BTCV_LABELS, Intensity, Metadata, Precision, Qu
 
 use crate::autoprosam::AutoProSam;
 use crate::network::Network;
+use crate::ops::ConvArithmetic;
 use crate::swin_unetr::SwinUnetr;
 use crate::{Error, Result};
 
@@ -223,14 +224,21 @@ impl ModelFile {
         Ok(out)
     }
 
-    /// Builds the network this file describes, computing in `dtype` on `device`.
+    /// Builds the network this file describes, computing in `dtype` on `device`. An int8
+    /// student's conv blocks compute in 16-bit integers where the CPU can ([`ConvArithmetic::Int16`]).
     pub fn network(&self, dtype: DType, device: &Device) -> Result<Network> {
         let tensors = self.tensors(device)?;
         let arch = &self.metadata.architecture;
         check_weights(&arch.parameter_shapes(), &tensors, &self.metadata.quantized, &self.path)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Ok(match arch {
-            Architecture::SwinUnetr(config) => Network::SwinUnetr(SwinUnetr::new(config, vb)?),
+            Architecture::SwinUnetr(config) => {
+                let mut net = SwinUnetr::new(config, vb)?;
+                if self.metadata.precision == Precision::Int8 {
+                    net.set_conv_arithmetic(ConvArithmetic::Int16);
+                }
+                Network::SwinUnetr(net)
+            }
             Architecture::AutoProSam(config) => Network::AutoProSam(AutoProSam::new(config, vb)?),
         })
     }

@@ -152,19 +152,33 @@ pub struct PendingNorm<'a> {
     pub slope: f64,
 }
 
+/// The arithmetic of the conv blocks' 3x3x3 convolutions at inference on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvArithmetic {
+    /// f32 multiply-adds: what MONAI computes, to rounding.
+    #[default]
+    Float,
+    /// Activations and weights rounded to 16-bit integers and summed exactly in 32 bits, where the
+    /// CPU has AVX-512 VNNI (twice f32's multiply-adds per instruction; see
+    /// `ops/conv3d_int16.rs`), f32 elsewhere: what int8 models run.
+    Int16,
+}
+
 /// A stride-1 convolution at inference that also returns its output's `(mean, variance)` per
 /// `(sample, channel)` and can apply the instance norm and LeakyReLU of the previous layer to its
 /// input as it reads it (`input_norm`): a UnetResBlock's activations then make one trip through
 /// memory instead of three. `kernel` is the weight's spatial size, as for [`conv3d_weight`]; an
-/// int8 weight is widened once and kept, as there. `None` where the direct AVX-512 kernel does not
-/// serve the call (another CPU, device or dtype, gradients recorded, output channels in neither
-/// 12s nor 8s); the caller takes the plain ops.
+/// int8 weight is widened once and kept, as there. `arithmetic` chooses f32 or 16-bit integer
+/// products. `None` where the direct AVX-512 kernel does not serve the call (another CPU, device
+/// or dtype, gradients recorded, output channels in neither 12s nor 8s); the caller takes the
+/// plain ops.
 pub fn conv3d_with_moments(
     x: &Tensor,
     w: &Weight,
     kernel: [usize; 3],
     padding: usize,
     input_norm: Option<PendingNorm>,
+    arithmetic: ConvArithmetic,
 ) -> Result<Option<(Tensor, PlaneMoments)>> {
     let c_out = match w {
         Weight::Dense(w) => w.dim(0)?,
@@ -204,7 +218,11 @@ pub fn conv3d_with_moments(
         };
         let (x0, x1) = super::contiguous_range(xl, "conv3d_with_moments")?;
         let (w0, w1) = super::contiguous_range(wl, "conv3d_with_moments")?;
-        let Some((y, Some(moments))) = super::conv3d_avx512::conv(&xv[x0..x1], &wv[w0..w1], b, g, norm.as_ref(), true)
+        let (xv, wv) = (&xv[x0..x1], &wv[w0..w1]);
+        let int16 = (arithmetic == ConvArithmetic::Int16 && super::conv3d_int16::available())
+            .then(|| super::conv3d_int16::conv(xv, wv, b, g, norm.as_ref(), true))
+            .flatten();
+        let Some((y, Some(moments))) = int16.or_else(|| super::conv3d_avx512::conv(xv, wv, b, g, norm.as_ref(), true))
         else {
             return Ok(None);
         };
@@ -214,8 +232,21 @@ pub fn conv3d_with_moments(
     #[cfg(not(target_arch = "x86_64"))]
     {
         // `direct_f32_serves` is false here: the early return was taken.
-        let _ = (kernel, padding, input_norm);
+        let _ = (kernel, padding, input_norm, arithmetic);
         Ok(None)
+    }
+}
+
+/// Whether [`ConvArithmetic::Int16`] computes in 16-bit integers on this CPU (AVX-512 VNNI); it
+/// falls back to f32 elsewhere.
+pub fn int16_convolutions_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::conv3d_int16::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

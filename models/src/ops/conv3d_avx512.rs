@@ -38,17 +38,35 @@ pub(crate) struct InputNorm<'a> {
 
 /// A running count, mean and sum of squared deviations (Chan et al.'s pairwise update).
 #[derive(Clone, Copy, Default)]
-struct Moments {
+pub(super) struct Moments {
     n: f64,
     mean: f64,
     m2: f64,
 }
 
 impl Moments {
+    /// The moments of a row, summed in eight f64 lanes (a vector's worth; one lane at a time was
+    /// a tenth of the 16-bit kernel's time), then the lanes in order.
+    #[inline(always)]
     fn of(values: &[f32]) -> Moments {
+        const LANES: usize = 8;
         let n = values.len() as f64;
-        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let m2 = values.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum();
+        let chunks = values.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        let mut sum = [0f64; LANES];
+        for chunk in chunks.clone() {
+            for (s, &v) in sum.iter_mut().zip(chunk) {
+                *s += v as f64;
+            }
+        }
+        let mean = (sum.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>()) / n;
+        let mut m2 = [0f64; LANES];
+        for chunk in chunks {
+            for (s, &v) in m2.iter_mut().zip(chunk) {
+                *s += (v as f64 - mean) * (v as f64 - mean);
+            }
+        }
+        let m2 = m2.iter().sum::<f64>() + rest.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>();
         Moments { n, mean, m2 }
     }
 
@@ -66,12 +84,49 @@ impl Moments {
     }
 }
 
+/// How a convolution's products are computed: what the rings hold and how a block of outputs is
+/// summed. [`F32Products`] is the float kernel; [`super::conv3d_int16`] the 16-bit integer one.
+pub(super) trait Arithmetic: Sync {
+    /// A ring element: one f32 value, or two channels' 16-bit integers.
+    type Elem: Copy + Default + Send;
+    /// Input channels per ring element.
+    const CHANNELS: usize;
+
+    /// Ring values `dst[x]` for input voxels `at + x` of channels `c0..c0 + CHANNELS` of sample
+    /// `s` (`sample`: that sample's channels, `channel` values apart).
+    ///
+    /// # Safety
+    /// Called from code compiled for the CPU features the arithmetic needs.
+    unsafe fn fill_row(&self, s: usize, c0: usize, sample: &[f32], at: usize, channel: usize, dst: &mut [Self::Elem]);
+
+    /// One output row's voxels `[x0, x0 + 16 * NV)` for output channels `blk * OB..(blk + 1) * OB`
+    /// of sample `s`, written at `dst` (channels `spatial` apart; only voxels below `g.out[2]`).
+    /// `rings` holds the rows, `slot` the ring offset of each height tap.
+    ///
+    /// # Safety
+    /// The CPU features the arithmetic needs; `dst` writable for the row's voxels below `g.out[2]`
+    /// in each of the `OB` channels.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const OB: usize, const NV: usize>(
+        &self,
+        s: usize,
+        blk: usize,
+        rings: &[Self::Elem],
+        layout: &Rings,
+        g: &Geometry,
+        slot: &[usize],
+        x0: usize,
+        dst: *mut f32,
+        spatial: usize,
+    );
+}
+
 /// The rings' layout for one convolution.
-struct Rings {
-    /// Floats per ring row: the padded row, rounded up, plus room for a ragged block's loads.
-    row: usize,
-    /// Floats per (channel, depth tap) ring: `kh` rows.
-    ring: usize,
+pub(super) struct Rings {
+    /// Elements per ring row: the padded row, rounded up, plus room for a ragged block's loads.
+    pub row: usize,
+    /// Elements per (channel group, depth tap) ring: `kh` rows.
+    pub ring: usize,
 }
 
 impl Rings {
@@ -81,48 +136,48 @@ impl Rings {
     }
 
     /// Copies padded input row `py` (padded coordinates) of plane `z + a` into ring slot `py % kh`
-    /// of every (channel, depth tap); zeros outside the input.
-    /// `norm`: the sample's `(mean, inv_std)` per channel and the slope, applied to the copied values.
-    fn fill(
+    /// of every (channel group, depth tap) through `arith`'s conversion; zeros outside the input.
+    /// A row's padding on either side is never written, so stays zero from the rings' allocation.
+    ///
+    /// # Safety
+    /// The CPU features `arith` needs.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fill<A: Arithmetic>(
         &self,
+        arith: &A,
+        s: usize,
         sample: &[f32],
         g: &Geometry,
         z: usize,
         py: usize,
-        rings: &mut [f32],
-        norm: Option<(&[(f64, f64)], f64)>,
+        rings: &mut [A::Elem],
     ) {
         let [kd, kh, _] = g.k;
         let yi = py.wrapping_sub(g.pad);
-        for c in 0..g.c_in {
+        let channel = g.d * g.h * g.w;
+        let zero = A::Elem::default();
+        for group in 0..g.c_in / A::CHANNELS {
             for a in 0..kd {
-                let start = (c * kd + a) * self.ring + (py % kh) * self.row;
+                let start = (group * kd + a) * self.ring + (py % kh) * self.row;
                 let dst = &mut rings[start..start + self.row];
                 let zi = (z + a).wrapping_sub(g.pad);
                 if zi >= g.d || yi >= g.h {
-                    dst.fill(0.0);
+                    dst[g.pad..g.pad + g.w].fill(zero);
                     continue;
                 }
-                let at = ((c * g.d + zi) * g.h + yi) * g.w;
-                dst[..g.pad].fill(0.0);
-                let row = &sample[at..at + g.w];
-                match norm {
-                    None => dst[g.pad..g.pad + g.w].copy_from_slice(row),
-                    Some((stats, slope)) => {
-                        let (m, s, a) = (stats[c].0 as f32, stats[c].1 as f32, slope as f32);
-                        for (o, &v) in dst[g.pad..g.pad + g.w].iter_mut().zip(row) {
-                            let t = (v - m) * s;
-                            *o = if t > a * t { t } else { a * t };
-                        }
-                    }
-                }
-                dst[g.pad + g.w..].fill(0.0);
+                let at = (zi * g.h + yi) * g.w;
+                // SAFETY: the caller's CPU features.
+                unsafe { arith.fill_row(s, group * A::CHANNELS, sample, at, channel, &mut dst[g.pad..g.pad + g.w]) };
                 // The next output row copies the next input row of these (channel, depth tap)
                 // pairs: scattered rows that the hardware prefetchers do not follow.
-                if let Some(next) = sample.get(at + g.w..at + 2 * g.w) {
-                    for line in next.chunks(16) {
-                        // SAFETY: a prefetch of memory inside `sample`.
-                        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+                for c in group * A::CHANNELS..(group + 1) * A::CHANNELS {
+                    let at = c * channel + at;
+                    if let Some(next) = sample.get(at + g.w..at + 2 * g.w) {
+                        for line in next.chunks(16) {
+                            // SAFETY: a prefetch of memory inside `sample`.
+                            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+                        }
                     }
                 }
             }
@@ -130,106 +185,151 @@ impl Rings {
     }
 }
 
-/// One output row's voxels `[x0, x0 + 16 * NV)` for `OB` output channels starting at `dst`
-/// (channels `spatial` apart; only voxels below `wo` are written). `rings` holds the rows, `slot`
-/// the ring offset of height tap `b`; `weights` the channel block's packed weights `[k][OB]`,
-/// `k = ((c * kd + a) * kh + b) * kw + e`.
-///
-/// # Safety
-/// AVX-512F and FMA; `dst` writable for the row's voxels below `wo` in each of the `OB` channels.
+/// The float kernel: f32 rings, weights as broadcast operands of f32 multiply-adds.
+pub(super) struct F32Products<'a> {
+    /// Weights regrouped by channel block, `[block][k][OB]`: a block's broadcasts walk memory.
+    packed: Vec<f32>,
+    k_len: usize,
+    c_in: usize,
+    norm: Option<&'a InputNorm<'a>>,
+}
+
+impl<'a> F32Products<'a> {
+    fn new(weight: &[f32], g: &Geometry, ob: usize, norm: Option<&'a InputNorm<'a>>) -> Self {
+        let k_len = g.c_in * g.k.iter().product::<usize>();
+        let mut packed = vec![0f32; g.c_out * k_len];
+        for (blk, chunk) in packed.chunks_exact_mut(ob * k_len).enumerate() {
+            for k in 0..k_len {
+                for o in 0..ob {
+                    chunk[k * ob + o] = weight[(blk * ob + o) * k_len + k];
+                }
+            }
+        }
+        F32Products { packed, k_len, c_in: g.c_in, norm }
+    }
+}
+
+impl Arithmetic for F32Products<'_> {
+    type Elem = f32;
+    const CHANNELS: usize = 1;
+
+    #[inline(always)]
+    unsafe fn fill_row(&self, s: usize, c0: usize, sample: &[f32], at: usize, channel: usize, dst: &mut [f32]) {
+        let row = &sample[c0 * channel + at..][..dst.len()];
+        match self.norm {
+            None => dst.copy_from_slice(row),
+            Some(n) => {
+                let (mean, inv_std) = n.stats[s * self.c_in + c0];
+                let (m, k, a) = (mean as f32, inv_std as f32, n.slope as f32);
+                for (o, &v) in dst.iter_mut().zip(row) {
+                    let t = (v - m) * k;
+                    *o = if t > a * t { t } else { a * t };
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn block<const OB: usize, const NV: usize>(
+        &self,
+        _s: usize,
+        blk: usize,
+        rings: &[f32],
+        layout: &Rings,
+        g: &Geometry,
+        slot: &[usize],
+        x0: usize,
+        dst: *mut f32,
+        spatial: usize,
+    ) {
+        let [kd, kh, kw] = g.k;
+        let weights = &self.packed[blk * OB * self.k_len..(blk + 1) * OB * self.k_len];
+        let store_mask = store_masks::<NV>(g.out[2], x0);
+        assert!(rings.len() >= g.c_in * kd * layout.ring && x0 + 16 * NV + kw - 1 <= layout.row);
+        assert!(slot.len() >= kh);
+        // SAFETY: every load reads 16 * NV + kw - 1 values from x0 of a ring row (`row` floats, asserted),
+        // inside the rings; weights within their block; the caller guarantees the CPU and `dst`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; OB];
+            let mut w = weights.as_ptr();
+            for ca in 0..g.c_in * kd {
+                let ring = rings.as_ptr().add(ca * layout.ring + x0);
+                for &sl in &slot[..kh] {
+                    let line = ring.add(sl);
+                    for e in 0..kw {
+                        let mut v = [_mm512_setzero_ps(); NV];
+                        for u in 0..NV {
+                            v[u] = _mm512_loadu_ps(line.add(e + 16 * u));
+                        }
+                        for o in 0..OB {
+                            let wo = _mm512_set1_ps(*w.add(o));
+                            for u in 0..NV {
+                                acc[o][u] = _mm512_fmadd_ps(wo, v[u], acc[o][u]);
+                            }
+                        }
+                        w = w.add(OB);
+                    }
+                }
+            }
+            for (o, a) in acc.iter().enumerate() {
+                for u in 0..NV {
+                    _mm512_mask_storeu_ps(dst.add(o * spatial + x0 + 16 * u), store_mask[u], a[u]);
+                }
+            }
+        }
+    }
+}
+
+/// The store masks of a block's `NV` vectors from voxel `x0` of a row of `wo`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block<const OB: usize, const NV: usize>(
-    rings: &[f32],
-    layout: &Rings,
-    g: &Geometry,
-    slot: &[usize],
-    x0: usize,
-    weights: &[f32],
-    dst: *mut f32,
-    spatial: usize,
-) {
-    let [kd, kh, kw] = g.k;
-    let wo = g.out[2];
-    let mut store_mask = [0 as __mmask16; NV];
-    for (u, m) in store_mask.iter_mut().enumerate() {
+pub(super) fn store_masks<const NV: usize>(wo: usize, x0: usize) -> [__mmask16; NV] {
+    let mut masks = [0 as __mmask16; NV];
+    for (u, m) in masks.iter_mut().enumerate() {
         let valid = wo.saturating_sub(x0 + 16 * u).min(16);
         *m = ((1u32 << valid) - 1) as __mmask16;
     }
-    assert!(rings.len() >= g.c_in * kd * layout.ring && x0 + 16 * NV + kw - 1 <= layout.row);
-    assert!(weights.len() >= g.c_in * kd * kh * kw * OB && slot.len() >= kh);
-    // SAFETY: every load reads 16 * NV + kw - 1 values from x0 of a ring row (`row` floats, asserted),
-    // inside the rings; weights within the asserted length; the caller guarantees the CPU and `dst`.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); NV]; OB];
-        let mut w = weights.as_ptr();
-        for ca in 0..g.c_in * kd {
-            let ring = rings.as_ptr().add(ca * layout.ring + x0);
-            for &s in &slot[..kh] {
-                let line = ring.add(s);
-                for e in 0..kw {
-                    let mut v = [_mm512_setzero_ps(); NV];
-                    for u in 0..NV {
-                        v[u] = _mm512_loadu_ps(line.add(e + 16 * u));
-                    }
-                    for o in 0..OB {
-                        let wo = _mm512_set1_ps(*w.add(o));
-                        for u in 0..NV {
-                            acc[o][u] = _mm512_fmadd_ps(wo, v[u], acc[o][u]);
-                        }
-                    }
-                    w = w.add(OB);
-                }
-            }
-        }
-        for (o, a) in acc.iter().enumerate() {
-            for u in 0..NV {
-                _mm512_mask_storeu_ps(dst.add(o * spatial + x0 + 16 * u), store_mask[u], a[u]);
-            }
-        }
-    }
+    masks
 }
 
-/// Every output row of plane `z` of one sample, for every channel block of `OB`, `16 * NV` voxels
+/// Every output row of plane `z` of sample `s`, for every channel block of `OB`, `16 * NV` voxels
 /// at a time; `out` points at the sample's output.
 ///
 /// # Safety
-/// AVX-512F and FMA; no other task writes plane `z` of this sample.
-#[target_feature(enable = "avx2,fma,avx512f")]
+/// The CPU features `arith` needs; no other task writes plane `z` of this sample.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn plane<const OB: usize, const NV: usize>(
+pub(super) unsafe fn plane<A: Arithmetic, const OB: usize, const NV: usize>(
+    arith: &A,
+    s: usize,
     sample: &[f32],
     g: &Geometry,
-    packed: &[f32],
     z: usize,
-    rings: &mut [f32],
+    rings: &mut [A::Elem],
     out: *mut f32,
-    norm: Option<(&[(f64, f64)], f64)>,
     moments: Option<&mut [Moments]>,
 ) {
     let [od, ho, wo] = g.out;
     let [_, kh, _] = g.k;
     let layout = Rings::of(g);
     let spatial = od * ho * wo;
-    let k_len = g.c_in * g.k.iter().product::<usize>();
+    // SAFETY (every block below): the caller's guarantees.
     for py in 0..kh - 1 {
-        layout.fill(sample, g, z, py, rings, norm);
+        unsafe { layout.fill(arith, s, sample, g, z, py, rings) };
     }
     let mut moments = moments;
     let mut slot = vec![0; kh];
     for y in 0..ho {
-        layout.fill(sample, g, z, y + kh - 1, rings, norm);
-        for (b, s) in slot.iter_mut().enumerate() {
-            *s = (y + b) % kh * layout.row;
+        unsafe { layout.fill(arith, s, sample, g, z, y + kh - 1, rings) };
+        for (b, sl) in slot.iter_mut().enumerate() {
+            *sl = (y + b) % kh * layout.row;
         }
         for blk in 0..g.c_out / OB {
-            let weights = &packed[blk * OB * k_len..(blk + 1) * OB * k_len];
             let mut x0 = 0;
             while x0 < wo {
-                // SAFETY: the caller's guarantees; row (z, y) of channels blk * OB.. of this sample.
+                // SAFETY: row (z, y) of channels blk * OB.. of this sample.
                 unsafe {
                     let dst = out.add(blk * OB * spatial + (z * ho + y) * wo);
-                    block::<OB, NV>(rings, &layout, g, &slot, x0, weights, dst, spatial);
+                    arith.block::<OB, NV>(s, blk, rings, &layout, g, &slot, x0, dst, spatial);
                 }
                 x0 += 16 * NV;
             }
@@ -246,35 +346,55 @@ unsafe fn plane<const OB: usize, const NV: usize>(
     }
 }
 
-/// The convolution of `x (batch, c_in, d, h, w)` with `weight (c_out, c_in, kd, kh, kw)`, or `None`
-/// where the output channels come in neither 12s nor 8s (the gemm kernel serves those). With
-/// `norm`, the input is normalised and activated as it is read; with `moments`, the output's
-/// `(mean, variance)` per (sample, channel) come back too, summed plane by plane in order (the
-/// same bits whatever the thread count).
-pub(crate) fn conv(
-    x: &[f32],
-    weight: &[f32],
-    batch: usize,
-    g: Geometry,
-    norm: Option<&InputNorm>,
-    moments: bool,
-) -> Option<(Vec<f32>, Option<super::conv3d::PlaneMoments>)> {
+/// [`plane`] for the float kernel, compiled for AVX-512F.
+///
+/// # Safety
+/// As [`plane`], on a CPU with AVX-512F and FMA.
+#[target_feature(enable = "avx2,fma,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn plane_f32<const OB: usize, const NV: usize>(
+    arith: &F32Products,
+    s: usize,
+    sample: &[f32],
+    g: &Geometry,
+    z: usize,
+    rings: &mut [f32],
+    out: *mut f32,
+    moments: Option<&mut [Moments]>,
+) {
+    // SAFETY: the caller's guarantees, and this function's CPU features.
+    unsafe { plane::<_, OB, NV>(arith, s, sample, g, z, rings, out, moments) }
+}
+
+/// A plane task of [`run`]: `plane` for one (sample, plane), its channel block and vector count
+/// chosen.
+pub(super) type PlaneFn<A> =
+    unsafe fn(&A, usize, &[f32], &Geometry, usize, &mut [<A as Arithmetic>::Elem], *mut f32, Option<&mut [Moments]>);
+
+/// The output channels per block (12 or 8) for `c_out`, and whether rows take the 32-voxel form.
+pub(super) fn blocking(g: &Geometry) -> Option<(usize, bool)> {
     let ob = [12, 8].into_iter().find(|ob| g.c_out.is_multiple_of(*ob))?;
-    assert!(norm.is_none_or(|n| n.stats.len() == batch * g.c_in), "input norm statistics for every (sample, channel)");
+    Some((ob, g.out[2] >= 64 || g.out[2].is_multiple_of(32)))
+}
+
+/// Runs `plane_fn` on every (sample, plane) of the output in parallel; the output and, with
+/// `moments`, its `(mean, variance)` per (sample, channel), summed plane by plane in order (the
+/// same bits whatever the thread count).
+///
+/// # Safety
+/// `plane_fn` is safe to call on this CPU with these arguments.
+pub(super) unsafe fn run<A: Arithmetic>(
+    arith: &A,
+    plane_fn: PlaneFn<A>,
+    x: &[f32],
+    batch: usize,
+    g: &Geometry,
+    moments: bool,
+) -> (Vec<f32>, Option<super::conv3d::PlaneMoments>) {
     let [od, ho, wo] = g.out;
-    let k_len = g.c_in * g.k.iter().product::<usize>();
-    // Weights regrouped by channel block, [block][k][ob]: a block's broadcasts walk memory.
-    let mut packed = vec![0f32; g.c_out * k_len];
-    for (blk, chunk) in packed.chunks_exact_mut(ob * k_len).enumerate() {
-        for k in 0..k_len {
-            for o in 0..ob {
-                chunk[k * ob + o] = weight[(blk * ob + o) * k_len + k];
-            }
-        }
-    }
     let spatial = od * ho * wo;
     let in_len = g.c_in * g.d * g.h * g.w;
-    let ring_len = g.c_in * g.k[0] * Rings::of(&g).ring;
+    let ring_len = g.c_in / A::CHANNELS * g.k[0] * Rings::of(g).ring;
     // Every voxel is stored by the planes below: no zero fill first.
     let len = batch * g.c_out * spatial;
     let mut out = Vec::<f32>::with_capacity(len);
@@ -283,23 +403,13 @@ pub(crate) fn conv(
     // plane order afterwards.
     let mut per_plane = vec![Moments::default(); batch * od * g.c_out];
     per_plane.par_chunks_mut(g.c_out).enumerate().for_each_init(
-        || vec![0f32; ring_len],
+        || vec![A::Elem::default(); ring_len],
         |rings, (task, m)| {
             let (s, z) = (task / od, task % od);
             let sample = &x[s * in_len..(s + 1) * in_len];
-            let norm = norm.map(|n| (&n.stats[s * g.c_in..(s + 1) * g.c_in], n.slope));
-            let m = moments.then_some(m);
             let base = &out_ptr;
-            // SAFETY: the caller checked `available`; each task writes its own plane of its sample.
-            unsafe {
-                let out = base.0.add(s * g.c_out * spatial);
-                match (ob, wo >= 64 || wo.is_multiple_of(32)) {
-                    (12, true) => plane::<12, 2>(sample, &g, &packed, z, rings, out, norm, m),
-                    (12, false) => plane::<12, 1>(sample, &g, &packed, z, rings, out, norm, m),
-                    (_, true) => plane::<8, 2>(sample, &g, &packed, z, rings, out, norm, m),
-                    (_, false) => plane::<8, 1>(sample, &g, &packed, z, rings, out, norm, m),
-                }
-            }
+            // SAFETY: the caller vouches for `plane_fn`; each task writes its own plane of its sample.
+            unsafe { plane_fn(arith, s, sample, g, z, rings, base.0.add(s * g.c_out * spatial), moments.then_some(m)) }
         },
     );
     // SAFETY: the tasks stored every voxel of every channel of every sample's planes.
@@ -313,5 +423,31 @@ pub(crate) fn conv(
             })
             .collect()
     });
-    Some((out, stats))
+    (out, stats)
+}
+
+/// The convolution of `x (batch, c_in, d, h, w)` with `weight (c_out, c_in, kd, kh, kw)`, or `None`
+/// where the output channels come in neither 12s nor 8s (the gemm kernel serves those). With
+/// `norm`, the input is normalised and activated as it is read; with `moments`, the output's
+/// `(mean, variance)` per (sample, channel) come back too, summed plane by plane in order (the
+/// same bits whatever the thread count).
+pub(crate) fn conv(
+    x: &[f32],
+    weight: &[f32],
+    batch: usize,
+    g: Geometry,
+    norm: Option<&InputNorm>,
+    moments: bool,
+) -> Option<(Vec<f32>, Option<super::conv3d::PlaneMoments>)> {
+    let (ob, wide) = blocking(&g)?;
+    assert!(norm.is_none_or(|n| n.stats.len() == batch * g.c_in), "input norm statistics for every (sample, channel)");
+    let arith = F32Products::new(weight, &g, ob, norm);
+    let plane_fn: PlaneFn<_> = match (ob, wide) {
+        (12, true) => plane_f32::<12, 2> as PlaneFn<_>,
+        (12, false) => plane_f32::<12, 1> as PlaneFn<_>,
+        (_, true) => plane_f32::<8, 2> as PlaneFn<_>,
+        (_, false) => plane_f32::<8, 1> as PlaneFn<_>,
+    };
+    // SAFETY: the caller checked `available`, the features `plane_f32` is compiled for.
+    Some(unsafe { run(&arith, plane_fn, x, batch, &g, moments) })
 }

@@ -15,6 +15,8 @@ pub mod conv3d;
 #[cfg(target_arch = "x86_64")]
 mod conv3d_avx512;
 mod conv3d_cpu;
+#[cfg(target_arch = "x86_64")]
+mod conv3d_int16;
 mod conv3d_int8;
 pub mod conv_transpose3d;
 pub mod norm;
@@ -27,7 +29,10 @@ pub mod window_gather;
 pub use activation::gelu_erf;
 pub use attention::{window_attention, window_attention_qkv};
 pub use conv_transpose3d::{conv_transpose3d, conv_transpose3d_cat};
-pub use conv3d::{PendingNorm, PlaneMoments, conv3d, conv3d_weight, conv3d_with_moments, depthwise_conv3d};
+pub use conv3d::{
+    ConvArithmetic, PendingNorm, PlaneMoments, conv3d, conv3d_weight, conv3d_with_moments, depthwise_conv3d,
+    int16_convolutions_available,
+};
 pub use norm::{channel_layer_norm, instance_norm, instance_norm_act, instance_norm_act_with_moments};
 pub use resample::{interpolate_linear, max_pool3d};
 pub use window::{compute_shift_mask, compute_shift_regions, window_partition, window_reverse};

@@ -6,8 +6,8 @@ use candle_nn::VarBuilder;
 
 use crate::ops::quantized::Weight;
 use crate::ops::{
-    PendingNorm, conv_transpose3d_cat, conv3d, conv3d_weight, conv3d_with_moments, instance_norm, instance_norm_act,
-    instance_norm_act_with_moments,
+    ConvArithmetic, PendingNorm, conv_transpose3d_cat, conv3d, conv3d_weight, conv3d_with_moments, instance_norm,
+    instance_norm_act, instance_norm_act_with_moments,
 };
 
 const NORM_EPS: f64 = 1e-5;
@@ -21,6 +21,7 @@ pub struct UnetResBlock {
     conv1: Weight,
     conv2: Weight,
     conv3: Option<Tensor>,
+    arithmetic: ConvArithmetic,
 }
 
 impl UnetResBlock {
@@ -32,7 +33,12 @@ impl UnetResBlock {
         } else {
             None
         };
-        Ok(Self { conv1, conv2, conv3 })
+        Ok(Self { conv1, conv2, conv3, arithmetic: ConvArithmetic::Float })
+    }
+
+    /// Sets the arithmetic of the 3x3x3 convolutions at inference on the CPU (see [`ConvArithmetic`]).
+    pub fn set_arithmetic(&mut self, arithmetic: ConvArithmetic) {
+        self.arithmetic = arithmetic;
     }
 
     /// The forward pass with the direct convolution kernel's fused instance norms (inference on
@@ -41,9 +47,11 @@ impl UnetResBlock {
     /// branch in the same pass, so the 96^3 activations are not read again for statistics nor
     /// written out once more normalised. `None` where the kernel does not serve these convolutions.
     fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, [3; 3], 1, None)? else { return Ok(None) };
+        let Some((o1, m1)) = conv3d_with_moments(x, &self.conv1, [3; 3], 1, None, self.arithmetic)? else {
+            return Ok(None);
+        };
         let norm1 = PendingNorm { moments: &m1, eps: NORM_EPS, slope: LEAKY_SLOPE };
-        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, [3; 3], 1, Some(norm1))? else {
+        let Some((o2, m2)) = conv3d_with_moments(&o1, &self.conv2, [3; 3], 1, Some(norm1), self.arithmetic)? else {
             return Ok(None);
         };
         let (residual, normalise) = match &self.conv3 {
@@ -80,6 +88,10 @@ impl UnetrBasicBlock {
     pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self { layer: UnetResBlock::new(in_channels, out_channels, vb.pp("layer"))? })
     }
+
+    pub fn set_arithmetic(&mut self, arithmetic: ConvArithmetic) {
+        self.layer.set_arithmetic(arithmetic);
+    }
 }
 
 impl Module for UnetrBasicBlock {
@@ -101,6 +113,10 @@ impl UnetrUpBlock {
         let transp_conv = vb.get((in_channels, out_channels, 2, 2, 2), "transp_conv.conv.weight")?;
         let conv_block = UnetResBlock::new(2 * out_channels, out_channels, vb.pp("conv_block"))?;
         Ok(Self { transp_conv, conv_block })
+    }
+
+    pub fn set_arithmetic(&mut self, arithmetic: ConvArithmetic) {
+        self.conv_block.set_arithmetic(arithmetic);
     }
 
     pub fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {

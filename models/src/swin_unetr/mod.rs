@@ -8,6 +8,8 @@ pub mod swin;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::ops::ConvArithmetic;
+
 pub use blocks::{UnetOutBlock, UnetResBlock, UnetrBasicBlock, UnetrUpBlock};
 pub use config::{Config, Downsample};
 pub use swin::SwinTransformer;
@@ -50,6 +52,22 @@ impl SwinUnetr {
             decoder1: UnetrUpBlock::new(f, f, vb.pp("decoder1"))?,
             out: UnetOutBlock::new(f, cfg.out_channels, vb.pp("out"))?,
         })
+    }
+
+    /// Sets the arithmetic of the conv blocks' 3x3x3 convolutions at inference on the CPU: int8
+    /// models run [`ConvArithmetic::Int16`] (see [`crate::format::ModelFile::network`]).
+    pub fn set_conv_arithmetic(&mut self, arithmetic: ConvArithmetic) {
+        self.swin_vit.set_conv_arithmetic(arithmetic);
+        for block in
+            [&mut self.encoder1, &mut self.encoder2, &mut self.encoder3, &mut self.encoder4, &mut self.encoder10]
+        {
+            block.set_arithmetic(arithmetic);
+        }
+        for block in
+            [&mut self.decoder5, &mut self.decoder4, &mut self.decoder3, &mut self.decoder2, &mut self.decoder1]
+        {
+            block.set_arithmetic(arithmetic);
+        }
     }
 
     pub fn config(&self) -> &Config {

@@ -280,6 +280,13 @@ impl SwinTransformer {
         })
     }
 
+    /// Sets the arithmetic of the `use_v2` blocks' convolutions (see [`crate::ops::ConvArithmetic`]).
+    pub fn set_conv_arithmetic(&mut self, arithmetic: crate::ops::ConvArithmetic) {
+        for block in self.layers_c.iter_mut().flatten() {
+            block.set_arithmetic(arithmetic);
+        }
+    }
+
     /// `proj_out`: channels-last layer norm without affine on a channels-first volume.
     fn proj_out(&self, x: &Tensor) -> Result<Tensor> {
         if !self.normalize {
