@@ -10,6 +10,10 @@
 //!   ([`super::conv3d_avx512`]), otherwise line buffers + gemm; on other devices and dtypes a sum over the
 //!   kernel's depth taps of Candle's `conv2d` on depth slices folded into the batch, which runs on
 //!   every backend and has a backward pass.
+//!
+//! At inference a UnetResBlock's convolutions go through [`conv3d_with_moments`] (the direct kernel
+//! with the instance norms fused), in f32 or, for int8 models on AVX-512 VNNI, in 16-bit integers
+//! ([`super::conv3d_int16`], [`ConvArithmetic`]).
 
 use candle_core::{DType, Result, Tensor, bail};
 
