@@ -246,8 +246,9 @@ impl Arithmetic for Int16Products<'_> {
                             v[u] = _mm512_loadu_si512(line.add(e + 16 * u).cast());
                         }
                         for o in 0..OB {
+                            let wo = _mm512_set1_epi32(*w.add(o) as i32);
                             for u in 0..NV {
-                                acc[o][u] = dpwssd_broadcast(acc[o][u], v[u], w.add(o));
+                                acc[o][u] = _mm512_dpwssd_epi32(acc[o][u], v[u], wo);
                             }
                         }
                         w = w.add(OB);
@@ -263,29 +264,6 @@ impl Arithmetic for Int16Products<'_> {
             }
         }
     }
-}
-
-/// `acc + v . [*w; 16]` (`vpdpwssd` with the weight pair as an embedded broadcast operand): LLVM
-/// loads a broadcast used twice into a register first, and those broadcasts took the pipes the
-/// multiply-adds need (a third of the kernel's time on Zen 4).
-///
-/// # Safety
-/// AVX-512 VNNI; `w` readable for 4 bytes.
-#[target_feature(enable = "avx512f,avx512vnni")]
-#[inline]
-unsafe fn dpwssd_broadcast(acc: __m512i, v: __m512i, w: *const u32) -> __m512i {
-    let mut acc = acc;
-    // SAFETY: the caller's guarantees; the instruction reads 4 bytes at `w` and writes `acc` only.
-    unsafe {
-        std::arch::asm!(
-            "vpdpwssd {acc}, {v}, dword ptr [{w}]{{1to16}}",
-            acc = inout(zmm_reg) acc,
-            v = in(zmm_reg) v,
-            w = in(reg) w,
-            options(pure, readonly, nostack, preserves_flags),
-        );
-    }
-    acc
 }
 
 /// [`direct`]'s plane for the 16-bit arithmetic, compiled for AVX-512 VNNI.
