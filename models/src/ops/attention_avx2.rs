@@ -31,6 +31,31 @@ fn lane_max(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
 }
 
+/// Sizes `buf` for keys padded to `padded` (`kv_len = D * padded` values each for `k_t` and `v_t`,
+/// zeroed: padding keys are zeros and their scores -inf, so they add nothing to the sum or the
+/// output) and returns the tokens' shift regions padded likewise.
+#[inline(always)]
+fn padded_keys(buf: &mut HeadScratch, kv_len: usize, padded: usize, regions: Option<&[u32]>) -> Option<Vec<u32>> {
+    buf.k_t.clear();
+    buf.k_t.resize(kv_len, 0.0);
+    buf.v_t.clear();
+    buf.v_t.resize(kv_len, 0.0);
+    buf.scores.resize(padded, 0.0);
+    regions.map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(padded).collect())
+}
+
+/// Head `h`'s keys and values from the qkv `rows` (`3 * c` values per token), transposed to
+/// `[e][token]` rows of `padded`.
+#[inline(always)]
+fn transpose_head<const D: usize>(rows: &[f32], c: usize, h: usize, padded: usize, k_t: &mut [f32], v_t: &mut [f32]) {
+    for (t, row) in rows.chunks_exact(3 * c).enumerate() {
+        for e in 0..D {
+            k_t[e * padded + t] = row[c + h * D + e];
+            v_t[e * padded + t] = row[2 * c + h * D + e];
+        }
+    }
+}
+
 /// One window, every head, for heads of `D` channels: `rows (n, 3 * heads * D)` as the qkv
 /// projection lays them out, `bias (heads, n, n)`, the tokens' shift `regions (n)` or none when
 /// the window is not masked, `out (n, heads * D)`.
@@ -55,25 +80,13 @@ pub(super) unsafe fn attend_window<const D: usize>(
     let padded = n.div_ceil(8) * 8;
     let full = n / 8 * 8;
     let tail = n - full;
-    // Padding keys are zeros and their scores -inf: they add nothing to the sum or the output.
-    buf.k_t.clear();
-    buf.k_t.resize(D * padded, 0.0);
-    buf.v_t.clear();
-    buf.v_t.resize(D * padded, 0.0);
-    buf.scores.resize(padded, 0.0);
-    let key_regions: Option<Vec<u32>> =
-        regions.map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(padded).collect());
+    let key_regions = padded_keys(buf, D * padded, padded, regions);
     let HeadScratch { k_t, v_t, scores } = buf;
     let masked = _mm256_set1_ps(-100.0);
     let tail_lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     for h in 0..heads {
-        for (t, row) in rows.chunks_exact(3 * c).enumerate() {
-            for e in 0..D {
-                k_t[e * padded + t] = row[c + h * D + e];
-                v_t[e * padded + t] = row[2 * c + h * D + e];
-            }
-        }
+        transpose_head::<D>(rows, c, h, padded, k_t, v_t);
         let (kp, vp, sp) = (k_t.as_ptr(), v_t.as_ptr(), scores.as_mut_ptr());
         for i in 0..n {
             let q = &rows[i * 3 * c + h * D..i * 3 * c + (h + 1) * D];
@@ -170,24 +183,12 @@ pub(super) unsafe fn attend_window_avx512<const D: usize>(
     let padded = n.div_ceil(16) * 16;
     let full = n / 16 * 16;
     let tail_lanes: __mmask16 = ((1u32 << (n - full)) - 1) as __mmask16;
-    // Padding keys are zeros and their scores -inf: they add nothing to the sum or the output.
-    buf.k_t.clear();
-    buf.k_t.resize(D * padded, 0.0);
-    buf.v_t.clear();
-    buf.v_t.resize(D * padded, 0.0);
-    buf.scores.resize(padded, 0.0);
-    let key_regions: Option<Vec<u32>> =
-        regions.map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(padded).collect());
+    let key_regions = padded_keys(buf, D * padded, padded, regions);
     let HeadScratch { k_t, v_t, scores } = buf;
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
     let masked = _mm512_set1_ps(-100.0);
     for h in 0..heads {
-        for (t, row) in rows.chunks_exact(3 * c).enumerate() {
-            for e in 0..D {
-                k_t[e * padded + t] = row[c + h * D + e];
-                v_t[e * padded + t] = row[2 * c + h * D + e];
-            }
-        }
+        transpose_head::<D>(rows, c, h, padded, k_t, v_t);
         let (kp, vp, sp) = (k_t.as_ptr(), v_t.as_ptr(), scores.as_mut_ptr());
         for i in 0..n {
             let q = &rows[i * 3 * c + h * D..i * 3 * c + (h + 1) * D];

@@ -267,12 +267,18 @@ fn direct_f32_serves(c_out: usize) -> bool {
     }
 }
 
-/// An int8 convolution weight widened to f32, `(out, in, kd, kh, kw)`: made once, kept in the matrix.
-fn widened_conv_weight(q: &Q8Matrix, kernel: [usize; 3]) -> Result<Tensor> {
+/// The taps of a `kernel` that an int8 convolution matrix's columns hold whole, or an error.
+fn int8_kernel_taps(q: &Q8Matrix, kernel: [usize; 3]) -> Result<usize> {
     let taps: usize = kernel.iter().product();
     if taps == 0 || !q.cols().is_multiple_of(taps) {
         bail!("int8 conv3d: {} weight columns do not hold {kernel:?} kernels", q.cols());
     }
+    Ok(taps)
+}
+
+/// An int8 convolution weight widened to f32, `(out, in, kd, kh, kw)`: made once, kept in the matrix.
+fn widened_conv_weight(q: &Q8Matrix, kernel: [usize; 3]) -> Result<Tensor> {
+    let taps = int8_kernel_taps(q, kernel)?;
     q.widened()?.reshape((q.rows(), q.cols() / taps, kernel[0], kernel[1], kernel[2]))
 }
 
@@ -297,10 +303,7 @@ pub fn conv3d_weight(
     match w {
         Weight::Dense(w) => conv3d(x, w, bias, padding, 1),
         Weight::Q8(q) => {
-            let taps: usize = kernel.iter().product();
-            if taps == 0 || q.cols() % taps != 0 {
-                bail!("int8 conv3d: {} weight columns do not hold {kernel:?} kernels", q.cols());
-            }
+            let taps = int8_kernel_taps(q, kernel)?;
             let int8_kernel = x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() && taps > 1;
             if int8_kernel && direct_f32_serves(q.rows()) {
                 return conv3d(x, &widened_conv_weight(q, kernel)?, bias, padding, 1);

@@ -23,9 +23,10 @@ use super::conv3d_cpu::Geometry;
 use rayon::prelude::*;
 
 /// The largest activation magnitude after rounding: 12 bits and a sign. More would leave the
-/// weights fewer bits under the 32-bit bound; at SwinUNETR's 324-648 products per output, a
-/// channel's largest weight gets about 2^19 / K units for equal weights (10 bits at K = 648) and
-/// 12-13 bits for trained ones, whose magnitudes sum to far less than K times the largest.
+/// weights fewer bits under the 32-bit bound: an output channel's largest weight gets about
+/// `2^19 * largest / sum|w|` units (with the activation scales divided in), `2^19 / K` for equal
+/// weights (about 800 at SwinUNETR's K = 648 products per output) and more the further the other
+/// magnitudes fall below the largest.
 pub(super) const ACTIVATION_LEVELS: f32 = 4095.0;
 
 /// Output voxels per sample below which the float kernel serves: the weights are rounded anew on
