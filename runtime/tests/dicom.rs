@@ -425,3 +425,20 @@ fn edited_series_give_the_documented_errors() {
     let (ok, stdout, _) = prosam(&["dicom-info", s(&gap)]);
     assert!(ok && stdout.contains("cannot be segmented") && stdout.contains("missing between"), "{stdout}");
 }
+
+/// A rescale slope that takes real pixel values past float32's range is refused, naming the
+/// count of non-finite voxels and the first one's position (issue "Hostile inputs", class 1).
+#[test]
+fn a_slope_that_overflows_float32_is_refused() {
+    let Some(series) = series_dir() else { return };
+    let dir = common::scratch_dir("dicom_overflow");
+    let copy = dir.join("overflow");
+    edited_copy(&series, &copy, |n, obj| {
+        if n == 4 {
+            put_ds(obj, tags::RESCALE_SLOPE, &[1e37]);
+        }
+        true
+    });
+    let err = read_error(&copy, None);
+    assert!(err.contains("non-finite") && err.contains(s(&copy)), "{err}");
+}

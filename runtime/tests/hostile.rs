@@ -1,0 +1,129 @@
+//! Hostile inputs to the `prosam` CLI and the runtime library: each test stands for a class of
+//! input that once lost data or the process (issue "Hostile inputs"), and fails on the code
+//! before its fix.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Tensor;
+use prosam_models::format::{Intensity, Metadata};
+use prosam_models::swin_unetr::Config;
+
+fn prosam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prosam")).args(args).output().expect("run prosam")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts that prosam fails (exit 1, not a signal or a panic) with every one of `needles` in
+/// its message; returns the message.
+fn assert_fails(args: &[&str], needles: &[&str]) -> String {
+    let out = prosam(args);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "prosam {args:?}: {:?}\n{text}", out.status);
+    for n in needles {
+        assert!(text.contains(n), "prosam {args:?}: the message lacks `{n}`:\n{text}");
+    }
+    text
+}
+
+/// A tiny random student on a coarse grid (fast), `edit` applied to its metadata and tensors.
+fn model_with(dir: &Path, name: &str, edit: impl FnOnce(&mut Metadata, &mut Vec<(String, Tensor)>)) -> PathBuf {
+    let cfg = Config::tiny();
+    let mut tensors = common::random_weights(&cfg, 0.05);
+    let mut metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 32, 32], ..Metadata::btcv(name, cfg) };
+    edit(&mut metadata, &mut tensors);
+    let path = dir.join(format!("{name}.safetensors"));
+    prosam_models::format::save(&path, metadata, &tensors).unwrap();
+    path
+}
+
+/// A small float32 CT (48 x 40 x 24 at 2 mm) of smooth values, with `edit` applied to its voxels.
+fn small_ct(path: &Path, edit: impl FnOnce(&mut Vec<f32>)) -> [usize; 3] {
+    let dims = [48, 40, 24];
+    let mut data: Vec<f32> =
+        (0..dims.iter().product::<usize>()).map(|v| 200.0 * ((v as f32) * 0.013).sin() - 50.0).collect();
+    edit(&mut data);
+    common::write_nifti_f32(path, dims, &data, [[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]);
+    dims
+}
+
+fn index(dims: [usize; 3], [i, j, k]: [usize; 3]) -> usize {
+    i + dims[0] * (j + dims[1] * k)
+}
+
+// ---- 1. Non-finite numbers are refused, never spread through the windows ----
+
+#[test]
+fn a_ct_with_non_finite_voxels_is_refused_naming_the_count_and_the_first() {
+    let dir = common::scratch_dir("hostile_nan_ct");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let ct = dir.join("nan.nii.gz");
+    let dims = [48, 40, 24];
+    small_ct(&ct, |d| {
+        d[index(dims, [30, 20, 10])] = f32::INFINITY;
+        d[index(dims, [3, 4, 5])] = f32::NAN;
+    });
+    let out = dir.join("seg.nii.gz");
+    assert_fails(
+        &["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&out), "-q"],
+        &[s(&ct), "2 non-finite", "(3, 4, 5)"],
+    );
+    assert!(!out.exists(), "a refused CT left a label map");
+
+    // Finite raw values that the header's scaling takes past float32's range are refused too.
+    let big = dir.join("overflow.nii");
+    let raw: Vec<i16> = (0..8 * 8 * 8).map(|v| (v % 100) as i16).collect();
+    let header = nifti::NiftiHeader {
+        sform_code: 1,
+        srow_x: [2.0, 0.0, 0.0, 0.0],
+        srow_y: [0.0, 2.0, 0.0, 0.0],
+        srow_z: [0.0, 0.0, 2.0, 0.0],
+        pixdim: [1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0],
+        ..Default::default()
+    };
+    let array = ndarray::Array3::from_shape_vec(ndarray::ShapeBuilder::f([8, 8, 8]), raw).unwrap();
+    nifti::writer::WriterOptions::new(&big).reference_header(&header).write_nifti(&array).unwrap();
+    // scl_slope (bytes 112..116 of the header), set in the file as a scanner would write it.
+    let mut bytes = std::fs::read(&big).unwrap();
+    bytes[112..116].copy_from_slice(&1e37f32.to_le_bytes());
+    std::fs::write(&big, bytes).unwrap();
+    assert_fails(&["segment", "-m", s(&model), "-i", s(&big), "-o", s(&out), "-q"], &[s(&big), "non-finite"]);
+}
+
+#[test]
+fn a_model_with_non_finite_weights_or_intensity_is_refused_at_load() {
+    let dir = common::scratch_dir("hostile_nan_model");
+    let ct = dir.join("ct.nii.gz");
+    small_ct(&ct, |_| {});
+    let out = dir.join("seg.nii.gz");
+    let nan_weight = model_with(&dir, "nan_weight", |_, tensors| {
+        let (_, t) = tensors.iter_mut().find(|(n, _)| n == "swinViT.layers1.0.blocks.0.mlp.linear1.weight").unwrap();
+        let mut values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values[17] = f32::NAN;
+        *t = Tensor::from_vec(values, t.dims(), t.device()).unwrap();
+    });
+    assert_fails(
+        &["segment", "-m", s(&nan_weight), "-i", s(&ct), "-o", s(&out), "-q"],
+        &[s(&nan_weight), "non-finite", "mlp.linear1.weight"],
+    );
+    // Finite parameters whose arithmetic overflows: the window's width is infinite in f64.
+    let overflow = model_with(&dir, "overflow_window", |m, _| {
+        m.intensity = Intensity::ScaleWindow { a_min: -1e308, a_max: 1.7e308, b_min: 0.0, b_max: 1.0, clip: true };
+    });
+    assert_fails(&["segment", "-m", s(&overflow), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&overflow), "intensity"]);
+    // A z-score whose std is so small that every HU value maps past float32's range.
+    let tiny_std = model_with(&dir, "tiny_std", |m, _| {
+        m.intensity = Intensity::ClipZScore { lower: -1000.0, upper: 1000.0, mean: 0.0, std: 1e-300 };
+    });
+    assert_fails(&["segment", "-m", s(&tiny_std), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&tiny_std), "intensity"]);
+    assert!(!out.exists());
+}
