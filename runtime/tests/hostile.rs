@@ -127,3 +127,48 @@ fn a_model_with_non_finite_weights_or_intensity_is_refused_at_load() {
     assert_fails(&["segment", "-m", s(&tiny_std), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&tiny_std), "intensity"]);
     assert!(!out.exists());
 }
+
+// ---- 2. An output that is not a regular file is refused, never replaced ----
+
+/// A FIFO, and (as root) a character device node, made in the test's own folder.
+fn special_files(dir: &Path) -> Vec<PathBuf> {
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut files = vec![fifo];
+    let node = dir.join("null_node");
+    // The null device's numbers (1, 3): writing to it is harmless; only root may make it.
+    if Command::new("mknod").arg(&node).args(["c", "1", "3"]).status().is_ok_and(|s| s.success()) {
+        files.push(node);
+    } else {
+        eprintln!("not root: the device-node case is skipped, the FIFO case runs");
+    }
+    files
+}
+
+fn is_special(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::symlink_metadata(path).unwrap().file_type();
+    t.is_fifo() || t.is_char_device()
+}
+
+#[test]
+fn outputs_that_are_devices_fifos_or_folders_are_refused_and_left_alone() {
+    let dir = common::scratch_dir("hostile_special_outputs");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let ct = dir.join("ct.nii.gz");
+    small_ct(&ct, |_| {});
+    let seg = dir.join("seg.nii.gz");
+    for special in special_files(&dir) {
+        let p = s(&special);
+        assert_fails(&["quantize", "-m", s(&model), "--to", "f16", "-o", p], &[p, "not a regular file"]);
+        assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", p, "-q"], &[p, "not a regular file"]);
+        assert!(is_special(&special), "{p} was replaced");
+        assert!(!seg.exists(), "the label map was written before the --stats output was refused");
+    }
+    // A folder is not a file output: one clear message, not the OS's twice.
+    let folder = dir.join("a_folder.nii.gz");
+    std::fs::create_dir(&folder).unwrap();
+    let text = assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&folder), "-q"], &[s(&folder), "is a folder"]);
+    assert!(!text.to_lowercase().contains("is a directory"), "{text}");
+    assert!(folder.is_dir());
+}
