@@ -172,3 +172,57 @@ fn outputs_that_are_devices_fifos_or_folders_are_refused_and_left_alone() {
     assert!(!text.to_lowercase().contains("is a directory"), "{text}");
     assert!(folder.is_dir());
 }
+
+/// Runs prosam under an address-space limit (`ulimit -v`, KiB), killed after `seconds`: what a
+/// crafted file makes it allocate shows as an abort or a kill instead of the host machine's
+/// memory filling.
+fn prosam_limited(limit_kib: u64, seconds: u64, args: &[&str]) -> Output {
+    let mut script = format!("ulimit -v {limit_kib}; exec timeout -s KILL {seconds} \"$0\"");
+    for i in 1..=args.len() {
+        script.push_str(&format!(" \"${i}\""));
+    }
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_prosam"))
+        .args(args)
+        .output()
+        .expect("run prosam under ulimit")
+}
+
+// ---- 3. A crafted model file's architecture is bounded and checked against its tensors ----
+
+#[test]
+fn a_model_file_declaring_a_huge_network_is_refused_before_anything_is_built() {
+    let dir = common::scratch_dir("hostile_huge_config");
+    let ct = dir.join("ct.nii.gz");
+    small_ct(&ct, |_| {});
+    let out = dir.join("seg.nii.gz");
+    let cases: [(&str, fn(&mut Config), &str); 4] = [
+        ("depths", |c| c.depths[3] = 50_000_000, "depths"),
+        ("window", |c| c.window_size = 4000, "window_size"),
+        ("features", |c| c.feature_size = 12 << 20, "feature_size"),
+        ("heads", |c| c.num_heads = [3, 6, 12, 1 << 40], "heads"),
+    ];
+    for (name, edit, needle) in cases {
+        // The tensors of the tiny student, under metadata that declares another network.
+        let path = model_with(&dir, name, |m, _| {
+            if let prosam_models::format::Architecture::SwinUnetr(c) = &mut m.architecture {
+                edit(c);
+            }
+        });
+        let result = prosam_limited(3 << 20, 60, &["segment", "-m", s(&path), "-i", s(&ct), "-o", s(&out), "-q"]);
+        let text = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{name}: {:?}\n{text}", result.status);
+        assert!(text.contains(s(&path)) && text.contains(needle), "{name}: {text}");
+    }
+    // A window larger than any CT: refused by the bounds, not by an allocation.
+    let roi = model_with(&dir, "roi", |m, _| m.roi_size = [1 << 20, 1 << 20, 64]);
+    let result = prosam_limited(3 << 20, 60, &["segment", "-m", s(&roi), "-i", s(&ct), "-o", s(&out), "-q"]);
+    assert_eq!(result.status.code(), Some(1), "{:?}\n{}", result.status, stderr(&result));
+    assert!(stderr(&result).contains("roi_size"), "{}", stderr(&result));
+    // A configuration that is in bounds but does not match the stored tensors names the first
+    // difference.
+    let other = model_with(&dir, "fs24", |m, _| m.architecture = prosam_models::format::Architecture::SwinUnetr(Config::small()));
+    assert_fails(&["segment", "-m", s(&other), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&other), "patch_embed.proj.weight"]);
+}
