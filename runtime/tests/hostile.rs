@@ -226,3 +226,48 @@ fn a_model_file_declaring_a_huge_network_is_refused_before_anything_is_built() {
     let other = model_with(&dir, "fs24", |m, _| m.architecture = prosam_models::format::Architecture::SwinUnetr(Config::small()));
     assert_fails(&["segment", "-m", s(&other), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&other), "patch_embed.proj.weight"]);
 }
+
+// ---- 4. A crafted checkpoint's pickle is bounded in memory, nesting and opcodes ----
+
+/// A PyTorch-style zip checkpoint (`archive/data.pkl`, stored) holding `pickle`.
+fn checkpoint_with_pickle(path: &Path, pickle: &[u8]) {
+    use std::io::Write;
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", options).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.start_file("archive/version", options).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+#[test]
+fn crafted_checkpoint_pickles_are_refused_within_bounds() {
+    let dir = common::scratch_dir("hostile_pickles");
+    let out = dir.join("out.safetensors");
+    // Memo references that nest: each level is a list of four references to the previous one,
+    // which an unpickler that copies memo entries materialises 4^24 times.
+    let mut memo_bomb = b"\x80\x02]q\x00".to_vec();
+    for level in 0u8..24 {
+        memo_bomb.push(b'(');
+        for _ in 0..4 {
+            memo_bomb.extend([b'h', level]);
+        }
+        memo_bomb.extend([b'l', b'q', level + 1]);
+    }
+    memo_bomb.push(b'.');
+    // Three million nested one-tuples: a recursive reader or destructor overflows its stack.
+    let mut deep = b"\x80\x02N".to_vec();
+    deep.extend(std::iter::repeat_n(0x85u8, 3_000_000));
+    deep.push(b'.');
+    for (name, pickle, needle) in [("memo", memo_bomb, "memo"), ("deep", deep, "nest")] {
+        let ckpt = dir.join(format!("{name}.pt"));
+        checkpoint_with_pickle(&ckpt, &pickle);
+        let result = prosam_limited(3 << 20, 60, &["convert", "--monai", s(&ckpt), "-o", s(&out), "-q"]);
+        let text = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{name}: {:?}\n{text}", result.status);
+        assert!(text.contains(s(&ckpt)) && text.contains(needle), "{name}: {text}");
+    }
+    assert!(!out.exists());
+}
