@@ -271,3 +271,54 @@ fn crafted_checkpoint_pickles_are_refused_within_bounds() {
     }
     assert!(!out.exists());
 }
+
+// ---- 6. The default memory budget is the process's effective limit ----
+
+/// Writes a gzipped int16 NIfTI of zeros, streamed (the file is a few hundred KB whatever `dims`).
+fn zeros_nifti(path: &Path, dims: [usize; 3]) {
+    use std::io::Write;
+    let mut header = nifti::NiftiHeader {
+        sform_code: 1,
+        srow_x: [0.7, 0.0, 0.0, 0.0],
+        srow_y: [0.0, 0.7, 0.0, 0.0],
+        srow_z: [0.0, 0.0, 1.0, 0.0],
+        pixdim: [1.0, 0.7, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0],
+        datatype: 4,
+        bitpix: 16,
+        vox_offset: 352.0,
+        magic: *b"n+1\0",
+        ..Default::default()
+    };
+    header.dim = [3, dims[0] as u16, dims[1] as u16, dims[2] as u16, 1, 1, 1, 1];
+    let file = std::fs::File::create(path).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    header.write_to(&mut gz).unwrap();
+    gz.write_all(&[0u8; 4]).unwrap();
+    let plane = vec![0u8; dims[0] * dims[1] * 2];
+    for _ in 0..dims[2] {
+        gz.write_all(&plane).unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+#[test]
+fn under_an_address_space_limit_a_large_ct_is_refused_not_aborted() {
+    let dir = common::scratch_dir("hostile_rlimit");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let ct = dir.join("large.nii.gz");
+    zeros_nifti(&ct, [512, 512, 1000]);
+    let out = dir.join("seg.nii.gz");
+    let result = prosam_limited(2 << 20, 120, &["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&out), "-q"]);
+    let text = stderr(&result);
+    assert_eq!(result.status.code(), Some(1), "{:?}\n{text}", result.status);
+    assert!(text.contains("memory budget") && text.contains(s(&ct)), "{text}");
+    // A budget given above the limit is capped by it.
+    let result = prosam_limited(
+        2 << 20,
+        120,
+        &["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&out), "-q", "--max-memory", "1000T"],
+    );
+    assert_eq!(result.status.code(), Some(1), "{:?}\n{}", result.status, stderr(&result));
+    assert!(stderr(&result).contains("memory budget"), "{}", stderr(&result));
+    assert!(!out.exists());
+}
