@@ -274,26 +274,32 @@ fn crafted_checkpoint_pickles_are_refused_within_bounds() {
 
 // ---- 6. The default memory budget is the process's effective limit ----
 
-/// Writes a gzipped int16 NIfTI of zeros, streamed (the file is a few hundred KB whatever `dims`).
+/// Writes a gzipped int16 NIfTI-1 of zeros at 0.7 x 0.7 x 1 mm, streamed (the file is a few
+/// hundred KB whatever `dims`).
 fn zeros_nifti(path: &Path, dims: [usize; 3]) {
     use std::io::Write;
-    let mut header = nifti::NiftiHeader {
-        sform_code: 1,
-        srow_x: [0.7, 0.0, 0.0, 0.0],
-        srow_y: [0.0, 0.7, 0.0, 0.0],
-        srow_z: [0.0, 0.0, 1.0, 0.0],
-        pixdim: [1.0, 0.7, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0],
-        datatype: 4,
-        bitpix: 16,
-        vox_offset: 352.0,
-        magic: *b"n+1\0",
-        ..Default::default()
-    };
-    header.dim = [3, dims[0] as u16, dims[1] as u16, dims[2] as u16, 1, 1, 1, 1];
+    let mut header = [0u8; 352];
+    let put = |h: &mut [u8; 352], at: usize, bytes: &[u8]| h[at..at + bytes.len()].copy_from_slice(bytes);
+    put(&mut header, 0, &348i32.to_le_bytes());
+    for (a, d) in [3, dims[0], dims[1], dims[2], 1, 1, 1, 1].into_iter().enumerate() {
+        put(&mut header, 40 + 2 * a, &(d as i16).to_le_bytes());
+    }
+    put(&mut header, 70, &4i16.to_le_bytes()); // int16
+    put(&mut header, 72, &16i16.to_le_bytes());
+    for (a, p) in [1.0f32, 0.7, 0.7, 1.0].into_iter().enumerate() {
+        put(&mut header, 76 + 4 * a, &p.to_le_bytes());
+    }
+    put(&mut header, 108, &352f32.to_le_bytes());
+    put(&mut header, 254, &1i16.to_le_bytes()); // sform_code
+    for (r, row) in [[0.7f32, 0.0, 0.0, 0.0], [0.0, 0.7, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]].iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            put(&mut header, 280 + 16 * r + 4 * c, &v.to_le_bytes());
+        }
+    }
+    put(&mut header, 344, b"n+1\0");
     let file = std::fs::File::create(path).unwrap();
     let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-    header.write_to(&mut gz).unwrap();
-    gz.write_all(&[0u8; 4]).unwrap();
+    gz.write_all(&header).unwrap();
     let plane = vec![0u8; dims[0] * dims[1] * 2];
     for _ in 0..dims[2] {
         gz.write_all(&plane).unwrap();
