@@ -97,3 +97,34 @@ fn a_volume_with_non_finite_values_is_refused_naming_the_count_and_the_first() {
     assert_eq!(status, prosam_status::Ok, "{}", last_error());
     unsafe { prosam_model_free(model) };
 }
+
+// ---- 7. The memory budget counts the call's own options ----
+
+#[test]
+fn the_memory_budget_counts_the_calls_batch() {
+    use prosam_runtime::engine::{SegmentOptions, Segmenter};
+    use prosam_runtime::memory::VolumeShape;
+    let dir = common::scratch_dir("abi_batch_budget");
+    let path = coarse_model(&dir);
+    let dims = [200i64, 200, 120];
+    let n = dims.iter().product::<i64>() as usize;
+    let data = smooth(n);
+    let v = volume(&data, prosam_voxel_type::Float32, dims);
+    let segmenter = Segmenter::load(&path, SegmentOptions::default()).unwrap();
+    let affine = prosam_runtime::volume::Affine::from_rows([
+        [2.0, 0.0, 0.0, 0.0],
+        [0.0, 2.0, 0.0, 0.0],
+        [0.0, 0.0, 2.0, 0.0],
+    ]);
+    let shape = VolumeShape { dims: dims.map(|d| d as usize), affine, read_bytes: 4 * n as u64 };
+    let need = |batch| segmenter.with_options(SegmentOptions { batch, ..SegmentOptions::default() }).memory_need(&shape);
+    let (one, six) = (need(1), need(6));
+    assert!(six > one + (64 << 20), "batch 6 should need clearly more: {one} vs {six}");
+    let model = load(&path);
+    let params = prosam_segment_params { batch: 6, max_memory_bytes: (one + six) / 2, ..prosam_segment_default_params() };
+    let status = segment(model, &v, &params);
+    assert_eq!(status, prosam_status::OutOfMemory, "batch 6 ran under a budget it needs more than: {}", last_error());
+    let params = prosam_segment_params { batch: 1, ..params };
+    assert_eq!(segment(model, &v, &params), prosam_status::Ok, "{}", last_error());
+    unsafe { prosam_model_free(model) };
+}

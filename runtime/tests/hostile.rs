@@ -328,3 +328,28 @@ fn under_an_address_space_limit_a_large_ct_is_refused_not_aborted() {
     assert!(stderr(&result).contains("memory budget"), "{}", stderr(&result));
     assert!(!out.exists());
 }
+
+// ---- 7. The memory estimate does not wrap ----
+
+#[test]
+fn memory_estimates_grow_with_the_batch_and_never_wrap() {
+    use prosam_runtime::engine::{SegmentOptions, Segmenter};
+    use prosam_runtime::memory::VolumeShape;
+    let dir = common::scratch_dir("hostile_estimate_wrap");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let affine = prosam_runtime::volume::Affine::from_rows([
+        [0.8, 0.0, 0.0, 0.0],
+        [0.0, 0.8, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+    ]);
+    let shape = VolumeShape { dims: [512, 512, 400], affine, read_bytes: 4 * 512 * 512 * 400 };
+    let need = |batch: usize| {
+        Segmenter::load(&model, SegmentOptions { batch, ..SegmentOptions::default() }).unwrap().memory_need(&shape)
+    };
+    let mut last = 0;
+    for batch in [1, 2, 8, 1 << 20, 1 << 44, 1 << 62, usize::MAX] {
+        let n = need(batch);
+        assert!(n >= last, "batch {batch} needs {n}, less than a smaller batch's {last}");
+        last = n;
+    }
+}
