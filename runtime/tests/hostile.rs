@@ -353,3 +353,38 @@ fn memory_estimates_grow_with_the_batch_and_never_wrap() {
         last = n;
     }
 }
+
+// ---- 8. A model's axis codes orient its input ----
+
+#[test]
+fn a_models_axis_codes_decide_how_its_input_is_oriented() {
+    use prosam_runtime::engine::{SegmentOptions, Segmenter};
+    use prosam_runtime::volume::{Affine, Volume};
+    let dir = common::scratch_dir("hostile_axis_codes");
+    let cfg = Config::tiny();
+    let tensors = common::random_weights(&cfg, 0.05);
+    let save = |codes: &str| {
+        let path = dir.join(format!("{codes}.safetensors"));
+        let metadata = Metadata {
+            spacing: [4.0, 4.0, 4.0],
+            roi_size: [64, 32, 32],
+            axis_codes: codes.into(),
+            ..Metadata::btcv(codes, cfg.clone())
+        };
+        prosam_models::format::save(&path, metadata, &tensors).unwrap();
+        Segmenter::load(&path, SegmentOptions::default()).unwrap()
+    };
+    let (ras, lps) = (save("RAS"), save("LPS"));
+    let dims = [48, 40, 24];
+    let data: Vec<f32> = (0..48 * 40 * 24).map(|v| 300.0 * ((v as f32) * 0.037).sin() + (v % 48) as f32 * 5.0).collect();
+    let ct = Volume { dims, data: data.clone(), affine: Affine::from_rows([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]) };
+    // The same voxels turned half a circle about the body axis: its RAS view is the first one's
+    // LPS view.
+    let turned = Volume { affine: Affine::from_rows([[-2.0, 0.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]), ..ct.clone() };
+    let probs = |seg: &Segmenter, v: &Volume| seg.probabilities(&seg.preprocess(v).unwrap(), &mut |_, _| true).unwrap();
+    let lps_on_ct = probs(&lps, &ct);
+    assert_eq!(lps_on_ct, probs(&ras, &turned), "the LPS model did not see its input in LPS order");
+    assert_ne!(lps_on_ct, probs(&ras, &ct), "the test cannot tell the orientations apart");
+    let labels = |seg: &Segmenter, v: &Volume| seg.segment(v.clone(), &mut |_, _| true).unwrap().labels;
+    assert_eq!(labels(&lps, &ct), labels(&ras, &turned));
+}
