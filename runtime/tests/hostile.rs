@@ -388,3 +388,29 @@ fn a_models_axis_codes_decide_how_its_input_is_oriented() {
     let labels = |seg: &Segmenter, v: &Volume| seg.segment(v.clone(), &mut |_, _| true).unwrap().labels;
     assert_eq!(labels(&lps, &ct), labels(&ras, &turned));
 }
+
+// ---- 9. Classes that do not fit the label type, and label names that cannot be names ----
+
+#[test]
+fn models_whose_labels_cannot_be_written_are_refused_at_load() {
+    let dir = common::scratch_dir("hostile_labels");
+    let ct = dir.join("ct.nii.gz");
+    small_ct(&ct, |_| {});
+    let out = dir.join("seg.nii.gz");
+    // 300 classes: labels 256..299 would wrap to 0..43 in a uint8 map.
+    let cfg = Config { out_channels: 300, ..Config::tiny() };
+    let wide = dir.join("wide.safetensors");
+    let metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 32, 32], ..Metadata::btcv("wide", cfg.clone()) };
+    prosam_models::format::save(&wide, metadata, &common::random_weights(&cfg, 0.05)).unwrap();
+    assert_fails(&["segment", "-m", s(&wide), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&wide), "300", "256"]);
+    let bad_names: [(&str, fn(&mut Vec<String>), &str); 3] = [
+        ("duplicate", |l| l[3] = l[2].clone(), "right_kidney"),
+        ("control", |l| l[4] = "gall\nbladder".into(), "control"),
+        ("empty", |l| l[5] = String::new(), "empty"),
+    ];
+    for (name, edit, needle) in bad_names {
+        let path = model_with(&dir, name, |m, _| edit(&mut m.labels));
+        assert_fails(&["segment", "-m", s(&path), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&path), needle]);
+    }
+    assert!(!out.exists());
+}
