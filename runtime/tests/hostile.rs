@@ -414,3 +414,45 @@ fn models_whose_labels_cannot_be_written_are_refused_at_load() {
     }
     assert!(!out.exists());
 }
+
+// ---- 10. Paths that are not UTF-8 ----
+
+#[test]
+fn latin1_paths_work_end_to_end() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = common::scratch_dir("hostile_latin1");
+    // "Müller" in Latin-1, as old PACS exports name folders.
+    let folder = dir.join(std::ffi::OsStr::from_bytes(b"M\xfcller"));
+    std::fs::create_dir(&folder).unwrap();
+    let model = model_with(&folder, "coarse", |_, _| {});
+    let ct = folder.join("ct.nii.gz");
+    small_ct(&ct, |_| {});
+    let out = folder.join("seg.nii.gz");
+    let stats = folder.join("stats.json");
+    let result = Command::new(env!("CARGO_BIN_EXE_prosam"))
+        .args(["segment", "-q", "--json", "-m"])
+        .arg(&model)
+        .arg("-i")
+        .arg(&ct)
+        .arg("-o")
+        .arg(&out)
+        .arg("--stats")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{:?}\n{}", result.status, stderr(&result));
+    assert!(out.is_file() && stats.is_file());
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert!(report["provenance"]["input"].as_str().unwrap().contains("ller"), "{report}");
+    let info = Command::new(env!("CARGO_BIN_EXE_prosam")).args(["info", "--json"]).arg(&model).output().unwrap();
+    assert!(info.status.success(), "{:?}\n{}", info.status, stderr(&info));
+    serde_json::from_slice::<serde_json::Value>(&info.stdout).unwrap();
+    if let Some(series) = common::shared_folder("data/example_ct_dicom") {
+        let link = folder.join(std::ffi::OsStr::from_bytes(b"s\xe9rie"));
+        std::os::unix::fs::symlink(&series, &link).unwrap();
+        let listing =
+            Command::new(env!("CARGO_BIN_EXE_prosam")).args(["dicom-info", "--json"]).arg(&link).output().unwrap();
+        assert!(listing.status.success(), "{:?}\n{}", listing.status, stderr(&listing));
+        serde_json::from_slice::<serde_json::Value>(&listing.stdout).unwrap();
+    }
+}
