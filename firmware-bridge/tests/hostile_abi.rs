@@ -128,3 +128,23 @@ fn the_memory_budget_counts_the_calls_batch() {
     assert_eq!(segment(model, &v, &params), prosam_status::Ok, "{}", last_error());
     unsafe { prosam_model_free(model) };
 }
+
+// ---- 11. The log callback may call back into the library ----
+
+unsafe extern "C" fn replaces_itself(_level: prosam_log_level, _message: *const c_char, _user: *mut c_void) {
+    unsafe { prosam_set_log_callback(None, std::ptr::null_mut()) };
+}
+
+#[test]
+fn a_log_callback_that_replaces_itself_does_not_deadlock() {
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        unsafe { prosam_set_log_callback(Some(replaces_itself), std::ptr::null_mut()) };
+        let mut model = std::ptr::null_mut();
+        // A failed load logs its error through the callback.
+        let status = unsafe { prosam_model_load(c"/nonexistent/model.safetensors".as_ptr(), std::ptr::null(), &mut model) };
+        done.send(status).unwrap();
+    });
+    let status = wait.recv_timeout(std::time::Duration::from_secs(30)).expect("prosam_model_load deadlocked in its log callback");
+    assert_eq!(status, prosam_status::Io);
+}
