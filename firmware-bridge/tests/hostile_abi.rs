@@ -148,3 +148,21 @@ fn a_log_callback_that_replaces_itself_does_not_deadlock() {
     let status = wait.recv_timeout(std::time::Duration::from_secs(30)).expect("prosam_model_load deadlocked in its log callback");
     assert_eq!(status, prosam_status::Io);
 }
+
+// ---- 14. Thread counts are bounded ----
+
+#[test]
+fn an_absurd_thread_count_is_refused() {
+    let dir = common::scratch_dir("abi_threads");
+    let path = CString::new(coarse_model(&dir).to_str().unwrap()).unwrap();
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let params = prosam_model_params { n_threads: i32::MAX, ..prosam_model_default_params() };
+        let mut model = std::ptr::null_mut();
+        let status = unsafe { prosam_model_load(path.as_ptr(), &params, &mut model) };
+        done.send((status, last_error())).unwrap();
+    });
+    let (status, message) = wait.recv_timeout(std::time::Duration::from_secs(30)).expect("loading with n_threads INT32_MAX hung");
+    assert_eq!(status, prosam_status::InvalidArgument, "{message}");
+    assert!(message.contains("n_threads"), "{message}");
+}

@@ -456,3 +456,14 @@ fn latin1_paths_work_end_to_end() {
         serde_json::from_slice::<serde_json::Value>(&listing.stdout).unwrap();
     }
 }
+
+// ---- 14. Thread counts are bounded ----
+
+#[test]
+fn an_absurd_thread_count_is_refused_at_once() {
+    let dir = common::scratch_dir("hostile_threads");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let result = prosam_limited(8 << 20, 30, &["--threads", "1000000", "info", s(&model)]);
+    assert_eq!(result.status.code(), Some(1), "{:?}\n{}", result.status, stderr(&result));
+    assert!(stderr(&result).contains("--threads"), "{}", stderr(&result));
+}
