@@ -467,3 +467,21 @@ fn an_absurd_thread_count_is_refused_at_once() {
     assert_eq!(result.status.code(), Some(1), "{:?}\n{}", result.status, stderr(&result));
     assert!(stderr(&result).contains("--threads"), "{}", stderr(&result));
 }
+
+// ---- 12. Every output is checked before any work ----
+
+#[test]
+fn outputs_that_cannot_be_written_fail_before_inference() {
+    let dir = common::scratch_dir("hostile_late_failures");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let ct = dir.join("ct.nii.gz");
+    small_ct(&ct, |_| {});
+    let seg = dir.join("seg.nii.gz");
+    let missing = dir.join("no_such_folder").join("stats.json");
+    assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", s(&missing), "-q"], &[s(&missing)]);
+    assert!(!seg.exists(), "the label map was written before the --stats folder was found missing");
+    // A name that fits the folder but whose temporary sibling would not (255 bytes a name).
+    let long = dir.join(format!("s.{}.json", "x".repeat(240)));
+    assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", s(&long), "-q"], &["too long"]);
+    assert!(!seg.exists(), "the label map was written before the --stats name was found too long");
+}
