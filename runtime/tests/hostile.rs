@@ -485,3 +485,23 @@ fn outputs_that_cannot_be_written_fail_before_inference() {
     assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", s(&long), "-q"], &["too long"]);
     assert!(!seg.exists(), "the label map was written before the --stats name was found too long");
 }
+
+// ---- 13. Temporary files of live runs are never removed, whatever their PID namespace ----
+
+#[test]
+fn a_locked_temporary_file_survives_another_runs_cleanup() {
+    use std::os::fd::AsRawFd;
+    let dir = common::scratch_dir("hostile_temp_locks");
+    // A PID no process here has (above Linux's largest pid_max): as a run in another PID
+    // namespace looks from this one.
+    let foreign = dir.join(".prosam-tmp-999999999-0.nii.gz");
+    let file = std::fs::File::create(&foreign).unwrap();
+    // The live writer holds its file locked.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    prosam_models::temp_file::write_via_temp(&dir.join("out.json"), |tmp| std::fs::write(tmp, b"{}")).unwrap();
+    assert!(foreign.exists(), "another run's locked temporary file was removed");
+    // Once its writer is gone (the lock released with the file), the next write removes it.
+    drop(file);
+    prosam_models::temp_file::write_via_temp(&dir.join("out.json"), |tmp| std::fs::write(tmp, b"{}")).unwrap();
+    assert!(!foreign.exists(), "a dead run's temporary file was left");
+}
