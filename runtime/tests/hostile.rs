@@ -505,3 +505,48 @@ fn a_locked_temporary_file_survives_another_runs_cleanup() {
     prosam_models::temp_file::write_via_temp(&dir.join("out.json"), |tmp| std::fs::write(tmp, b"{}")).unwrap();
     assert!(!foreign.exists(), "a dead run's temporary file was left");
 }
+
+// ---- 15. Messages that say what happened ----
+
+#[test]
+fn a_fifo_input_is_named_for_what_it_is() {
+    let dir = common::scratch_dir("hostile_fifo_input");
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let fifo = dir.join("ct.nii");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let out = dir.join("seg.nii.gz");
+    let text = assert_fails(&["segment", "-m", s(&model), "-i", s(&fifo), "-o", s(&out), "-q"], &[s(&fifo), "not a regular file"]);
+    assert!(!text.contains("no such file"), "{text}");
+}
+
+/// A 1 MiB tmpfs mounted for the test (root only), unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(path: PathBuf) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&path).status();
+        ok.is_ok_and(|s| s.success()).then_some(SmallDisk(path))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_said_once_in_words() {
+    let dir = common::scratch_dir("hostile_full_disk");
+    let Some(disk) = SmallDisk::mount(dir.join("small_disk")) else {
+        eprintln!("skipping: cannot mount a tmpfs (not root)");
+        return;
+    };
+    let model = model_with(&dir, "coarse", |_, _| {});
+    let out = disk.0.join("f16.safetensors");
+    let text = assert_fails(&["quantize", "-m", s(&model), "--to", "f16", "-o", s(&out)], &[s(&out), "No space left on device"]);
+    assert_eq!(text.matches("No space left").count(), 1, "{text}");
+    assert!(!text.contains("Os {"), "{text}");
+    assert!(common::temp_files_in(&disk.0).is_empty(), "a temporary file was left on the full disk");
+}
