@@ -166,3 +166,84 @@ fn an_absurd_thread_count_is_refused() {
     assert_eq!(status, prosam_status::InvalidArgument, "{message}");
     assert!(message.contains("n_threads"), "{message}");
 }
+
+// ---- 15. Messages and callbacks as the header states them ----
+
+#[test]
+fn dimensions_too_large_are_called_too_large() {
+    let data = [0f32; 8];
+    let mut v = volume(&data, prosam_voxel_type::Float32, [2, 2, 2]);
+    v.dims = [1 << 40, 2, 2];
+    let checked = check_volume(&v).unwrap_err();
+    assert!(checked.contains("too large") && !checked.contains("positive"), "{checked}");
+}
+
+static PROGRESS: std::sync::Mutex<Vec<(i32, i32)>> = std::sync::Mutex::new(Vec::new());
+
+unsafe extern "C" fn record_progress(done: i32, total: i32, _user: *mut c_void) -> i32 {
+    PROGRESS.lock().unwrap().push((done, total));
+    0
+}
+
+#[test]
+fn progress_is_reported_after_every_batch_and_only_then() {
+    let dir = common::scratch_dir("abi_progress");
+    let model = load(&coarse_model(&dir));
+    let n = DIMS.iter().product::<i64>() as usize;
+    let data = smooth(n);
+    let params = prosam_segment_params { progress: Some(record_progress), batch: 2, ..prosam_segment_default_params() };
+    assert_eq!(segment(model, &volume(&data, prosam_voxel_type::Float32, DIMS), &params), prosam_status::Ok);
+    let calls = PROGRESS.lock().unwrap().clone();
+    let total = calls[0].1;
+    let expected: Vec<(i32, i32)> = (1..=total.div_ceil(2)).map(|b| ((2 * b).min(total), total)).collect();
+    assert_eq!(calls, expected, "one call after each batch of 2 windows");
+    unsafe { prosam_model_free(model) };
+}
+
+/// The shared library the tests' build made (target/<profile>/libprosam.so).
+fn shared_library() -> Option<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let lib = exe.parent()?.parent()?.join("libprosam.so");
+    lib.is_file().then_some(lib)
+}
+
+#[test]
+fn the_library_exports_only_the_documented_functions() {
+    let Some(lib) = shared_library() else {
+        eprintln!("skipping: no libprosam.so beside the tests (run `cargo build --release --workspace` first)");
+        return;
+    };
+    let out = std::process::Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().expect("nm runs");
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    let header = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/prosam.h")).unwrap();
+    for name in symbols.lines().filter_map(|l| l.split_whitespace().last()).filter(|n| n.starts_with("prosam_")) {
+        assert!(header.contains(&format!("{name}(")), "{name} is exported but not in prosam.h");
+    }
+}
+
+const PANIC_CHILD: &str = "PROSAM_TEST_PANIC_CHILD";
+static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+unsafe extern "C" fn collect_log(_level: prosam_log_level, message: *const c_char, _user: *mut c_void) {
+    LOGGED.lock().unwrap().push(unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned());
+}
+
+#[test]
+fn a_caught_panic_reaches_the_log_callback_not_the_hosts_stderr() {
+    if std::env::var_os(PANIC_CHILD).is_some() {
+        unsafe { prosam_set_log_callback(Some(collect_log), std::ptr::null_mut()) };
+        assert_eq!(prosam::test_support::panic_inside_the_library(), prosam_status::Internal);
+        assert!(last_error().contains("internal error"), "{}", last_error());
+        let logged = LOGGED.lock().unwrap().join("\n");
+        assert!(logged.contains("deliberate test panic"), "the log callback got: {logged}");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["a_caught_panic_reaches_the_log_callback_not_the_hosts_stderr", "--exact", "--nocapture"])
+        .env(PANIC_CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked at"), "the panic was printed on the host's stderr:\n{stderr}");
+}
