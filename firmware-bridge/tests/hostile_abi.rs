@@ -247,3 +247,46 @@ fn a_caught_panic_reaches_the_log_callback_not_the_hosts_stderr() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked at"), "the panic was printed on the host's stderr:\n{stderr}");
 }
+
+// ---- 6. The default memory budget is the process's effective limit ----
+
+const RLIMIT_CHILD: &str = "PROSAM_TEST_RLIMIT_CHILD";
+
+#[test]
+fn under_an_address_space_limit_a_large_volume_is_refused_not_aborted() {
+    if let Some(dir) = std::env::var_os(RLIMIT_CHILD) {
+        let model = load(&coarse_model(Path::new(&dir)));
+        // 512 x 512 x 1000 voxels over a few bytes: overlapping strides address a tiny buffer.
+        let data = [0i16; 4096];
+        let mut v = volume(&data, prosam_voxel_type::Int16, [512, 512, 1000]);
+        v.strides = [1, 1, 1];
+        v.affine[0] = 0.7;
+        v.affine[5] = 0.7;
+        v.affine[10] = 1.0;
+        let mut labels = Vec::new();
+        labels.try_reserve_exact(512 * 512 * 1000).unwrap();
+        labels.resize(512 * 512 * 1000, 0u8);
+        for budget in [0, u64::MAX] {
+            let params = prosam_segment_params { max_memory_bytes: budget, ..prosam_segment_default_params() };
+            let status = unsafe { prosam_segment(model, &v, &params, labels.as_mut_ptr(), labels.len()) };
+            assert_eq!(status, prosam_status::OutOfMemory, "budget {budget}: {}", last_error());
+            assert!(last_error().contains("memory budget"), "{}", last_error());
+        }
+        return;
+    }
+    let dir = common::scratch_dir("abi_rlimit");
+    let script = "ulimit -v 2097152; exec \"$0\" under_an_address_space_limit_a_large_volume_is_refused_not_aborted --exact --nocapture";
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .arg(std::env::current_exe().unwrap())
+        .env(RLIMIT_CHILD, &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the child under ulimit -v 2G failed or died ({:?}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
