@@ -246,7 +246,7 @@ fn checkpoint_with_pickle(path: &Path, pickle: &[u8]) {
 fn crafted_checkpoint_pickles_are_refused_within_bounds() {
     let dir = common::scratch_dir("hostile_pickles");
     let out = dir.join("out.safetensors");
-    // Memo references that nest: each level is a list of four references to the previous one,
+    // Memo references that nest: each level is a tuple of four references to the previous one,
     // which an unpickler that copies memo entries materialises 4^24 times.
     let mut memo_bomb = b"\x80\x02]q\x00".to_vec();
     for level in 0u8..24 {
@@ -254,7 +254,7 @@ fn crafted_checkpoint_pickles_are_refused_within_bounds() {
         for _ in 0..4 {
             memo_bomb.extend([b'h', level]);
         }
-        memo_bomb.extend([b'l', b'q', level + 1]);
+        memo_bomb.extend([b't', b'q', level + 1]);
     }
     memo_bomb.push(b'.');
     // Three million nested one-tuples: a recursive reader or destructor overflows its stack.
