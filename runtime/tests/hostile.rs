@@ -177,10 +177,7 @@ fn outputs_that_are_devices_fifos_or_folders_are_refused_and_left_alone() {
 /// crafted file makes it allocate shows as an abort or a kill instead of the host machine's
 /// memory filling.
 fn prosam_limited(limit_kib: u64, seconds: u64, args: &[&str]) -> Output {
-    let mut script = format!("ulimit -v {limit_kib}; exec timeout -s KILL {seconds} \"$0\"");
-    for i in 1..=args.len() {
-        script.push_str(&format!(" \"${i}\""));
-    }
+    let script = format!("ulimit -v {limit_kib}; exec timeout -s KILL {seconds} \"$0\" \"$@\"");
     Command::new("sh")
         .arg("-c")
         .arg(script)
@@ -444,7 +441,7 @@ fn latin1_paths_work_end_to_end() {
     assert!(out.is_file() && stats.is_file());
     let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     assert!(report["provenance"]["input"].as_str().unwrap().contains("ller"), "{report}");
-    let info = Command::new(env!("CARGO_BIN_EXE_prosam")).args(["info", "--json"]).arg(&model).output().unwrap();
+    let info = Command::new(env!("CARGO_BIN_EXE_prosam")).args(["info", "--json", "-m"]).arg(&model).output().unwrap();
     assert!(info.status.success(), "{:?}\n{}", info.status, stderr(&info));
     serde_json::from_slice::<serde_json::Value>(&info.stdout).unwrap();
     if let Some(series) = common::shared_folder("data/example_ct_dicom") {
@@ -463,7 +460,7 @@ fn latin1_paths_work_end_to_end() {
 fn an_absurd_thread_count_is_refused_at_once() {
     let dir = common::scratch_dir("hostile_threads");
     let model = model_with(&dir, "coarse", |_, _| {});
-    let result = prosam_limited(8 << 20, 30, &["--threads", "1000000", "info", s(&model)]);
+    let result = prosam_limited(8 << 20, 30, &["--threads", "1000000", "info", "-m", s(&model)]);
     assert_eq!(result.status.code(), Some(1), "{:?}\n{}", result.status, stderr(&result));
     assert!(stderr(&result).contains("--threads"), "{}", stderr(&result));
 }
