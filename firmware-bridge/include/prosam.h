@@ -23,6 +23,8 @@
 #define PROSAM_VERSION_MAJOR 0
 #define PROSAM_VERSION_MINOR 1
 #define PROSAM_VERSION_PATCH 0
+/* The most compute threads a model may have (prosam_model_params.n_threads). */
+#define PROSAM_MAX_THREADS 1024
 #define PROSAM_VERSION_STRING "0.1.0"
 /* The ABI version, also the SONAME suffix: libprosam.so.2. */
 #define PROSAM_ABI_VERSION 2
@@ -112,13 +114,16 @@ typedef enum {
 // A loaded model: opaque. Create with prosam_model_load, release with prosam_model_free.
 typedef struct prosam_model prosam_model;
 
-// Receives the library's log lines. `message` is valid only during the call. May be called from
-// any thread that calls into the library, concurrently.
+// Receives the library's log lines, among them the message of a panic the library caught (which
+// is not printed on stderr). `message` is valid only during the call. May be called from any
+// thread that calls into the library, concurrently. It may call prosam_set_log_callback itself;
+// the change applies from the next line on.
 typedef void (*prosam_log_fn)(prosam_log_level level, const char *message, void *user_data);
 
 // How to load a model. Get one from prosam_model_default_params() and change what you need.
 typedef struct {
-  // Compute threads for this model's calls; 0 = the machine's physical cores.
+  // Compute threads for this model's calls, at most PROSAM_MAX_THREADS (1024); 0 = the machine's
+  // physical cores.
   int32_t n_threads;
   // One of prosam_device (the first GPU of its kind). CUDA and Metal need a library built with
   // the `cuda` or `metal` feature; without it, or without the GPU, loading returns
@@ -128,10 +133,10 @@ typedef struct {
   int32_t precision;
 } prosam_model_params;
 
-// Called after every batch of windows with the windows done and their total. Return 0 to go on,
-// anything else to cancel (prosam_segment then returns PROSAM_STATUS_CANCELLED). Called from one
-// of the model's compute threads, never concurrently within one prosam_segment call, and never
-// after that call has returned.
+// Called after every batch of windows with the windows done (1 to total) and their total. Return
+// 0 to go on, anything else to cancel (prosam_segment then returns PROSAM_STATUS_CANCELLED).
+// Called from one of the model's compute threads, never concurrently within one prosam_segment
+// call, and never after that call has returned.
 typedef int32_t (*prosam_progress_fn)(int32_t done, int32_t total, void *user_data);
 
 // How to segment. Get one from prosam_segment_default_params() and change what you need.
@@ -152,9 +157,15 @@ typedef struct {
   // prosam_model_label_name gives them) to keep; every other organ becomes background. NULL
   // keeps all. Borrowed for the duration of the call only.
   const char *organs;
-  // The most memory the call may use, in bytes, checked from the volume's size before
-  // anything is allocated (PROSAM_STATUS_OUT_OF_MEMORY beyond it). 0: the machine's physical
-  // memory. Default 0.
+  // The most memory the call may use, in bytes, checked from the volume's size and this call's
+  // options (the batch included) before anything is allocated (PROSAM_STATUS_OUT_OF_MEMORY
+  // beyond it). 0: the process's effective limit, the smallest of physical memory, the cgroup's
+  // memory.max and RLIMIT_AS less what the process already maps, with a 10% margin. A larger
+  // value is capped at that limit. Default 0.
+  //
+  // Allocations inside the network's forward pass (Candle's tensors) cannot fail gracefully:
+  // the estimate is what keeps them within the limit, and a host that shrinks the limit during
+  // a call (setrlimit from another thread) can still see an allocation failure abort.
   uint64_t max_memory_bytes;
 } prosam_segment_params;
 

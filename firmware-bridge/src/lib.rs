@@ -116,14 +116,16 @@ pub enum prosam_log_level {
     Info = 2,
 }
 
-/// Called after every batch of windows with the windows done and their total. Return 0 to go on,
-/// anything else to cancel (prosam_segment then returns PROSAM_STATUS_CANCELLED). Called from one
-/// of the model's compute threads, never concurrently within one prosam_segment call, and never
-/// after that call has returned.
+/// Called after every batch of windows with the windows done (1 to total) and their total. Return
+/// 0 to go on, anything else to cancel (prosam_segment then returns PROSAM_STATUS_CANCELLED).
+/// Called from one of the model's compute threads, never concurrently within one prosam_segment
+/// call, and never after that call has returned.
 pub type prosam_progress_fn = Option<unsafe extern "C" fn(done: i32, total: i32, user_data: *mut c_void) -> i32>;
 
-/// Receives the library's log lines. `message` is valid only during the call. May be called from
-/// any thread that calls into the library, concurrently.
+/// Receives the library's log lines, among them the message of a panic the library caught (which
+/// is not printed on stderr). `message` is valid only during the call. May be called from any
+/// thread that calls into the library, concurrently. It may call prosam_set_log_callback itself;
+/// the change applies from the next line on.
 pub type prosam_log_fn =
     Option<unsafe extern "C" fn(level: prosam_log_level, message: *const c_char, user_data: *mut c_void)>;
 
@@ -131,7 +133,8 @@ pub type prosam_log_fn =
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct prosam_model_params {
-    /// Compute threads for this model's calls; 0 = the machine's physical cores.
+    /// Compute threads for this model's calls, at most PROSAM_MAX_THREADS (1024); 0 = the machine's
+    /// physical cores.
     pub n_threads: i32,
     /// One of prosam_device (the first GPU of its kind). CUDA and Metal need a library built with
     /// the `cuda` or `metal` feature; without it, or without the GPU, loading returns
@@ -186,9 +189,15 @@ pub struct prosam_segment_params {
     /// prosam_model_label_name gives them) to keep; every other organ becomes background. NULL
     /// keeps all. Borrowed for the duration of the call only.
     pub organs: *const c_char,
-    /// The most memory the call may use, in bytes, checked from the volume's size before
-    /// anything is allocated (PROSAM_STATUS_OUT_OF_MEMORY beyond it). 0: the machine's physical
-    /// memory. Default 0.
+    /// The most memory the call may use, in bytes, checked from the volume's size and this call's
+    /// options (the batch included) before anything is allocated (PROSAM_STATUS_OUT_OF_MEMORY
+    /// beyond it). 0: the process's effective limit, the smallest of physical memory, the cgroup's
+    /// memory.max and RLIMIT_AS less what the process already maps, with a 10% margin. A larger
+    /// value is capped at that limit. Default 0.
+    ///
+    /// Allocations inside the network's forward pass (Candle's tensors) cannot fail gracefully:
+    /// the estimate is what keeps them within the limit, and a host that shrinks the limit during
+    /// a call (setrlimit from another thread) can still see an allocation failure abort.
     pub max_memory_bytes: u64,
 }
 
@@ -217,13 +226,39 @@ fn set_error(message: &str) {
 }
 
 fn log(level: prosam_log_level, message: &str) {
-    let sink = LOG.read().unwrap_or_else(|e| e.into_inner());
-    if let Some(sink) = sink.as_ref() {
+    // Copied out, so that no lock is held while the callback runs: it may set a new callback.
+    let sink = LOG.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| (s.callback, s.user_data));
+    if let Some((callback, user_data)) = sink {
         let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
         // SAFETY: the caller registered this function pointer and user data for this purpose.
-        unsafe { (sink.callback)(level, text.as_ptr(), sink.user_data as *mut c_void) };
+        unsafe { callback(level, text.as_ptr(), user_data as *mut c_void) };
     }
 }
+
+thread_local! {
+    /// Set while this thread runs an entry point: its panics are the library's to report.
+    static IN_ENTRY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs, once, a panic hook that keeps the library's panics (on a thread inside an entry
+/// point, or on one of its compute threads) off the host's stderr: [`entry`] reports them through
+/// the log callback and the status. Other panics go to the hook that was there before.
+fn quiet_library_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let ours = IN_ENTRY.with(|e| e.get())
+                || std::thread::current().name().is_some_and(|n| n.starts_with(THREAD_PREFIX));
+            if !ours {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// The names of a model's compute threads start with this.
+const THREAD_PREFIX: &str = "prosam-";
 
 /// A failed call: its status and message.
 struct Failure(prosam_status, String);
@@ -239,12 +274,12 @@ fn from_runtime(e: prosam_runtime::Error) -> Failure {
         R::Io { .. } | R::Model(M::Io { .. }) => prosam_status::Io,
         R::Model(_) => prosam_status::Model,
         R::Cancelled => prosam_status::Cancelled,
-        R::Options(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } | R::LabelMap { .. } => {
+        R::Options(_) | R::NonFinite(_) | R::Nifti { .. } | R::Npy { .. } | R::Dicom { .. } | R::LabelMap { .. } => {
             prosam_status::InvalidArgument
         }
         R::Device(_) => prosam_status::Unsupported,
         R::Candle(_) => prosam_status::Internal,
-        R::Memory { .. } => prosam_status::OutOfMemory,
+        R::Memory { .. } | R::Allocation { .. } => prosam_status::OutOfMemory,
     };
     Failure(status, e.to_string())
 }
@@ -252,7 +287,11 @@ fn from_runtime(e: prosam_runtime::Error) -> Failure {
 /// Runs an entry point: clears the thread's error, maps failures and panics to status codes.
 fn entry(f: impl FnOnce() -> Result<(), Failure>) -> prosam_status {
     set_error("");
-    match catch_unwind(AssertUnwindSafe(f)) {
+    quiet_library_panics();
+    let outer = IN_ENTRY.with(|e| e.replace(true));
+    let outcome = catch_unwind(AssertUnwindSafe(f));
+    IN_ENTRY.with(|e| e.set(outer));
+    match outcome {
         Ok(Ok(())) => prosam_status::Ok,
         Ok(Err(Failure(status, message))) => {
             log(prosam_log_level::Error, &message);
@@ -266,6 +305,7 @@ fn entry(f: impl FnOnce() -> Result<(), Failure>) -> prosam_status {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             let message = format!("internal error (a bug in prosam, please report it): {what}");
+            log(prosam_log_level::Error, &message);
             set_error(&message);
             prosam_status::Internal
         }
@@ -362,8 +402,12 @@ pub unsafe extern "C" fn prosam_model_load(
             unsafe { CStr::from_ptr(path) }.to_str().map_err(|_| invalid("prosam_model_load: path is not UTF-8"))?;
         // SAFETY: NULL or a valid struct, per the contract.
         let params = if params.is_null() { prosam_model_default_params() } else { unsafe { *params } };
-        if params.n_threads < 0 {
-            return Err(invalid(format!("prosam_model_load: n_threads {} is negative", params.n_threads)));
+        if params.n_threads < 0 || params.n_threads as usize > prosam_runtime::resources::MAX_THREADS {
+            return Err(invalid(format!(
+                "prosam_model_load: n_threads {} is outside 0..={}",
+                params.n_threads,
+                prosam_runtime::resources::MAX_THREADS
+            )));
         }
         let device = match params.device {
             0 => DeviceChoice::Cpu,
@@ -392,7 +436,7 @@ pub unsafe extern "C" fn prosam_model_load(
         let threads = if params.n_threads == 0 { 0 } else { params.n_threads as usize };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
-            .thread_name(|i| format!("prosam-{i}"))
+            .thread_name(|i| format!("{THREAD_PREFIX}{i}"))
             .build()
             .map_err(|e| Failure(prosam_status::Internal, format!("cannot start compute threads: {e}")))?;
         let meta = segmenter.metadata();
@@ -545,8 +589,15 @@ pub fn check_volume(v: &prosam_volume) -> Result<CheckedVolume, String> {
     };
     let mut dims = [0usize; 3];
     for a in 0..3 {
-        if v.dims[a] <= 0 || v.dims[a] > i32::MAX as i64 {
+        if v.dims[a] <= 0 {
             return Err(format!("prosam_segment: volume->dims[{a}] = {} must be positive", v.dims[a]));
+        }
+        if v.dims[a] > i32::MAX as i64 {
+            return Err(format!(
+                "prosam_segment: volume->dims[{a}] = {} is too large (at most {})",
+                v.dims[a],
+                i32::MAX
+            ));
         }
         if v.strides[a] == 0 {
             return Err(format!("prosam_segment: volume->strides[{a}] is 0"));
@@ -599,14 +650,16 @@ pub fn check_volume(v: &prosam_volume) -> Result<CheckedVolume, String> {
     })
 }
 
-/// Copies the caller's voxels into HU, stored first axis fastest.
+/// Copies the caller's voxels into HU, stored first axis fastest; `None` when the copy cannot be
+/// allocated.
 ///
 /// # Safety
 /// `data` must be readable at every element offset in `checked.span`.
 #[doc(hidden)]
-pub unsafe fn gather(data: *const c_void, checked: &CheckedVolume) -> Volume {
+pub unsafe fn gather(data: *const c_void, checked: &CheckedVolume) -> Option<Volume> {
     let CheckedVolume { dims, strides, slope, intercept, .. } = *checked;
-    let mut out = Vec::with_capacity(checked.voxels());
+    let mut out = Vec::new();
+    out.try_reserve_exact(checked.voxels()).ok()?;
     macro_rules! gather {
         ($t:ty) => {{
             let base = data as *const $t;
@@ -630,7 +683,7 @@ pub unsafe fn gather(data: *const c_void, checked: &CheckedVolume) -> Volume {
         prosam_voxel_type::Uint16 => gather!(u16),
         prosam_voxel_type::Float32 => gather!(f32),
     }
-    Volume { dims, data: out, affine: checked.affine }
+    Some(Volume { dims, data: out, affine: checked.affine })
 }
 
 /// Segments a volume into `labels`: one uint8 label per voxel, dense, first dimension fastest
@@ -698,22 +751,27 @@ pub unsafe extern "C" fn prosam_segment(
         }
         let checked = check_volume(volume).map_err(invalid)?;
         let budget = match params.max_memory_bytes {
-            0 => MemoryBudget::machine(),
-            n => MemoryBudget::new(n),
+            0 => MemoryBudget::effective(),
+            n => MemoryBudget::new(n).capped(),
         };
         let shape = VolumeShape { dims: checked.dims, affine: checked.affine, read_bytes: 4 * checked.voxels() as u64 };
-        budget
-            .check(model.segmenter.memory_need(&shape), || format!("prosam_segment: a {:?} volume", checked.dims))
-            .map_err(from_runtime)?;
-        // SAFETY: forwarded contract on the volume's data.
-        let input = unsafe { gather(volume.data, &checked) };
         let segmenter = model.segmenter.with_options(options);
+        let what = || format!("prosam_segment: a {:?} volume", checked.dims);
+        budget.check(segmenter.memory_need(&shape), what).map_err(from_runtime)?;
+        // SAFETY: forwarded contract on the volume's data.
+        let input = unsafe { gather(volume.data, &checked) }
+            .ok_or_else(|| from_runtime(prosam_runtime::Error::Allocation { what: what(), bytes: shape.read_bytes }))?;
+        if let Some(bad) = input.non_finite() {
+            return Err(invalid(format!("prosam_segment: the volume holds {bad}")));
+        }
         let (callback, user_data) = (params.progress, params.progress_user_data as usize);
         let mut progress = move |done: usize, total: usize| -> bool {
             match callback {
+                // The runtime's first call (0 of N, before any window) is not forwarded: the
+                // header promises a call after every batch.
                 // SAFETY: the caller's callback, called as its contract says.
-                Some(f) => unsafe { f(done as i32, total as i32, user_data as *mut c_void) == 0 },
-                None => true,
+                Some(f) if done > 0 => unsafe { f(done as i32, total as i32, user_data as *mut c_void) == 0 },
+                _ => true,
             }
         };
         let mut result = model.pool.install(move || segmenter.segment(input, &mut progress)).map_err(from_runtime)?;
@@ -733,10 +791,14 @@ pub unsafe extern "C" fn prosam_segment(
     })
 }
 
-/// Panics inside the library, so that tests can check that a panic becomes
-/// PROSAM_STATUS_INTERNAL and the process goes on. Not part of the public header.
+/// For the Rust tests only: not an exported symbol of the C library.
 #[doc(hidden)]
-#[unsafe(no_mangle)]
-pub extern "C" fn prosam_internal_test_panic() -> prosam_status {
-    entry(|| panic!("deliberate test panic"))
+pub mod test_support {
+    use super::*;
+
+    /// Panics inside an entry point, so that tests can check that a panic becomes
+    /// PROSAM_STATUS_INTERNAL, reaches the log callback and the process goes on.
+    pub fn panic_inside_the_library() -> prosam_status {
+        entry(|| panic!("deliberate test panic"))
+    }
 }

@@ -111,17 +111,16 @@ fn the_memory_budget_counts_the_calls_batch() {
     let data = smooth(n);
     let v = volume(&data, prosam_voxel_type::Float32, dims);
     let segmenter = Segmenter::load(&path, SegmentOptions::default()).unwrap();
-    let affine = prosam_runtime::volume::Affine::from_rows([
-        [2.0, 0.0, 0.0, 0.0],
-        [0.0, 2.0, 0.0, 0.0],
-        [0.0, 0.0, 2.0, 0.0],
-    ]);
+    let affine =
+        prosam_runtime::volume::Affine::from_rows([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]);
     let shape = VolumeShape { dims: dims.map(|d| d as usize), affine, read_bytes: 4 * n as u64 };
-    let need = |batch| segmenter.with_options(SegmentOptions { batch, ..SegmentOptions::default() }).memory_need(&shape);
+    let need =
+        |batch| segmenter.with_options(SegmentOptions { batch, ..SegmentOptions::default() }).memory_need(&shape);
     let (one, six) = (need(1), need(6));
     assert!(six > one + (64 << 20), "batch 6 should need clearly more: {one} vs {six}");
     let model = load(&path);
-    let params = prosam_segment_params { batch: 6, max_memory_bytes: (one + six) / 2, ..prosam_segment_default_params() };
+    let params =
+        prosam_segment_params { batch: 6, max_memory_bytes: (one + six) / 2, ..prosam_segment_default_params() };
     let status = segment(model, &v, &params);
     assert_eq!(status, prosam_status::OutOfMemory, "batch 6 ran under a budget it needs more than: {}", last_error());
     let params = prosam_segment_params { batch: 1, ..params };
@@ -142,10 +141,13 @@ fn a_log_callback_that_replaces_itself_does_not_deadlock() {
         unsafe { prosam_set_log_callback(Some(replaces_itself), std::ptr::null_mut()) };
         let mut model = std::ptr::null_mut();
         // A failed load logs its error through the callback.
-        let status = unsafe { prosam_model_load(c"/nonexistent/model.safetensors".as_ptr(), std::ptr::null(), &mut model) };
+        let status =
+            unsafe { prosam_model_load(c"/nonexistent/model.safetensors".as_ptr(), std::ptr::null(), &mut model) };
         done.send(status).unwrap();
     });
-    let status = wait.recv_timeout(std::time::Duration::from_secs(30)).expect("prosam_model_load deadlocked in its log callback");
+    let status = wait
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("prosam_model_load deadlocked in its log callback");
     assert_eq!(status, prosam_status::Io);
 }
 
@@ -162,7 +164,8 @@ fn an_absurd_thread_count_is_refused() {
         let status = unsafe { prosam_model_load(path.as_ptr(), &params, &mut model) };
         done.send((status, last_error())).unwrap();
     });
-    let (status, message) = wait.recv_timeout(std::time::Duration::from_secs(30)).expect("loading with n_threads INT32_MAX hung");
+    let (status, message) =
+        wait.recv_timeout(std::time::Duration::from_secs(30)).expect("loading with n_threads INT32_MAX hung");
     assert_eq!(status, prosam_status::InvalidArgument, "{message}");
     assert!(message.contains("n_threads"), "{message}");
 }

@@ -52,6 +52,6 @@ fuzz_target!(|bytes: &[u8]| {
     let buffer = vec![0u8; elements * checked.element_size()];
     volume.data = buffer.as_ptr().wrapping_offset(-low as isize * checked.element_size() as isize).cast();
     // SAFETY: `buffer` covers exactly the checked span's elements.
-    let out = unsafe { gather(volume.data, &checked) };
+    let out = unsafe { gather(volume.data, &checked) }.expect("a volume of at most 2^20 voxels is allocated");
     assert_eq!(out.data.len(), checked.voxels());
 });

@@ -57,7 +57,7 @@ pub struct ModelGrid {
     /// Network input, C order (axis 0 slowest), `dims`.
     pub data: Vec<f32>,
     pub dims: [usize; 3],
-    /// Affine of the model grid (RAS-oriented, model spacing).
+    /// Affine of the model grid (oriented onto the model's axis codes, model spacing).
     pub affine: Affine,
     /// The stored grid's size and how the oriented grid indexes it.
     pub stored_dims: [usize; 3],
@@ -163,16 +163,21 @@ impl Segmenter {
         let model: u64 = model_dims.iter().fold(1, |a, &d| a.saturating_mul(d));
         let classes = self.metadata.labels.len() as u64;
         let f32s = |n: u64| memory::bytes_of(n, 4);
-        let roi_voxels: u64 = roi.iter().product::<u64>() * self.options.batch as u64;
+        let product = |v: &[u64]| v.iter().fold(1, |a: u64, &b| a.saturating_mul(b));
+        // A batch is never larger than the windows there are.
+        let batch = (self.options.batch as u64).min(window_count(model_dims, roi, self.options.overlap));
+        let roi_voxels = product(&roi).saturating_mul(batch);
         let preprocess = f32s(stored).saturating_add(f32s(model));
         let network = match &self.metadata.architecture {
             // Its logits twice (tensor and copy) and the activations, measured at 20 + 8 *
             // feature_size float32 ROI volumes (fs 12: 114, fs 24: 208) and counted as 24 + 10 *
             // feature_size for the allocator's slack.
-            Architecture::SwinUnetr(config) => f32s(roi_voxels * (24 + 2 * classes + 10 * config.feature_size as u64)),
+            Architecture::SwinUnetr(config) => {
+                f32s(roi_voxels.saturating_mul(24 + 2 * classes + 10 * config.feature_size as u64))
+            }
             // Crop by crop: the logits of the batch, and one crop's working set.
             Architecture::AutoProSam(config) => {
-                f32s(roi_voxels * 2 * classes).saturating_add(f32s(teacher_activation_floats(config)))
+                f32s(roi_voxels.saturating_mul(2 * classes)).saturating_add(f32s(teacher_activation_floats(config)))
             }
         };
         // While the windows run: the grid (and its padded copy where the grid is smaller than the
@@ -180,10 +185,9 @@ impl Segmenter {
         // working grid), the model planes the label restore holds, the labels and one batch of
         // windows through the network.
         let working: [u64; 3] = [0, 1, 2].map(|a| model_dims[a].max(roi[a]));
-        let product = |v: [u64; 3]| v.into_iter().fold(1, u64::saturating_mul);
-        let padded_copy = if working == model_dims { 0 } else { product(working) };
-        let slab = product([classes + 1, roi[0].min(working[0]), working[1].saturating_mul(working[2])]);
-        let restore_planes = product([classes, MAX_HELD_PLANES as u64, model_dims[1].saturating_mul(model_dims[2])]);
+        let padded_copy = if working == model_dims { 0 } else { product(&working) };
+        let slab = product(&[classes + 1, roi[0].min(working[0]), working[1], working[2]]);
+        let restore_planes = product(&[classes, MAX_HELD_PLANES as u64, model_dims[1], model_dims[2]]);
         let infer = f32s(model.saturating_add(padded_copy).saturating_add(slab).saturating_add(restore_planes))
             .saturating_add(stored)
             .saturating_add(network);
@@ -249,13 +253,23 @@ impl Segmenter {
     /// The whole pipeline. The volume is consumed so that its voxels are freed once resampled;
     /// labels are filled in as the sliding window finishes model planes, so the class
     /// probabilities of the whole grid are never held.
+    /// A volume with a NaN or an infinite value is refused ([`Error::NonFinite`]).
     pub fn segment(&self, volume: Volume, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Segmentation> {
+        if let Some(bad) = volume.non_finite() {
+            return Err(Error::NonFinite(format!("the volume holds {bad}")));
+        }
         let t0 = Instant::now();
         let dims = volume.dims;
         let grid = self.preprocess(&volume)?;
         drop(volume);
         let t1 = Instant::now();
-        let mut labels = vec![0u8; dims.iter().product()];
+        let voxels: usize = dims.iter().product();
+        let mut labels = Vec::new();
+        labels.try_reserve_exact(voxels).map_err(|_| Error::Allocation {
+            what: format!("the {} x {} x {} label map", dims[0], dims[1], dims[2]),
+            bytes: voxels as u64,
+        })?;
+        labels.resize(voxels, 0u8);
         let mut restore = self.label_restore(&grid, &mut labels);
         let mut restoring = Duration::ZERO;
         self.probability_planes(&grid, progress, &mut |x, p| {
@@ -274,6 +288,17 @@ impl Segmenter {
     }
 }
 
+/// An upper bound on the sliding windows over a grid of `dims` (MONAI's placement: windows
+/// `roi * (1 - overlap)` apart, at least one voxel, the last one flush with the end), saturating.
+fn window_count(dims: [u64; 3], roi: [u64; 3], overlap: f64) -> u64 {
+    (0..3)
+        .map(|a| {
+            let step = ((roi[a] as f64 * (1.0 - overlap)) as u64).max(1);
+            dims[a].saturating_sub(roi[a]).div_ceil(step) + 1
+        })
+        .fold(1, u64::saturating_mul)
+}
+
 /// An upper estimate of the f32 values the teacher holds at once for one crop without a gradient
 /// graph: the crop up-sampled along two axes, one block's token tensors (input, adapter, norm,
 /// q/k/v, attention and projection outputs: 8 token-sized tensors, and the MLP's hidden layer
@@ -290,10 +315,13 @@ fn teacher_activation_floats(cfg: &prosam_models::autoprosam::Config) -> u64 {
     upsampled + tokens + scores + decoder
 }
 
-/// How a stored grid maps onto `metadata`'s model grid: the orientation to RAS, the oriented
-/// affine, and the model grid's size (MONAI's `Spacing` rounding).
+/// How a stored grid maps onto `metadata`'s model grid: the orientation onto the model's axis
+/// codes (RAS for MONAI's BTCV models), the oriented affine, and the model grid's size (MONAI's
+/// `Spacing` rounding).
 pub fn model_grid_of(metadata: &Metadata, affine: &Affine, stored: [usize; 3]) -> (Orientation, Affine, [usize; 3]) {
-    let orientation = Orientation::to_ras(affine);
+    // The metadata's codes were validated when the model file was read.
+    let orientation =
+        Orientation::to_codes(affine, &metadata.axis_codes).unwrap_or_else(|| Orientation::to_ras(affine));
     let oriented_dims = orientation.oriented_dims(stored);
     let oriented_affine = orientation.oriented_affine(affine, stored);
     let (old, new) = (oriented_affine.spacing(), metadata.spacing);
@@ -301,7 +329,7 @@ pub fn model_grid_of(metadata: &Metadata, affine: &Affine, stored: [usize; 3]) -
     (orientation, oriented_affine, dims)
 }
 
-/// A volume on `metadata`'s grid, still in HU: orientation to RAS, then trilinear resampling to
+/// A volume on `metadata`'s grid, still in HU: orientation onto its axis codes, then trilinear resampling to
 /// the model spacing. The intensity transform is the caller's ([`intensity::apply`]), so that
 /// training can crop in HU and let each network normalise its own way.
 pub fn to_model_grid(metadata: &Metadata, volume: &Volume) -> ModelGrid {
@@ -321,7 +349,7 @@ pub fn to_model_grid(metadata: &Metadata, volume: &Volume) -> ModelGrid {
     }
 }
 
-/// A label map (stored as a volume of label numbers) on `metadata`'s grid: orientation to RAS,
+/// A label map (stored as a volume of label numbers) on `metadata`'s grid: orientation onto its axis codes,
 /// then nearest-neighbour resampling to the model spacing (MONAI's `Spacingd` with
 /// `mode="nearest"` for labels), C order.
 pub fn labels_to_model_grid(metadata: &Metadata, labels: &Volume) -> (Vec<u8>, [usize; 3]) {

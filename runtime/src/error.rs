@@ -34,6 +34,10 @@ pub enum Error {
     #[error("cancelled by the caller")]
     Cancelled,
 
+    /// A volume with NaN or infinite values, refused before they reach the network.
+    #[error("{0}")]
+    NonFinite(String),
+
     /// Pipeline options out of range.
     #[error("invalid options: {0}")]
     Options(String),
@@ -41,6 +45,11 @@ pub enum Error {
     /// A run that would need more memory than its budget.
     #[error("{what} needs about {}, over the memory budget of {}", crate::memory::format_bytes(*need), crate::memory::MemoryBudget::new(*budget))]
     Memory { what: String, need: u64, budget: u64 },
+
+    /// An allocation that failed although the estimate fitted the budget (the limit shrank, or
+    /// another part of the process took the memory): refused, not aborted.
+    #[error("cannot allocate {} for {what}", crate::memory::format_bytes(*bytes))]
+    Allocation { what: String, bytes: u64 },
 
     /// A label map JSON (`{"source": target}`) that cannot be read.
     #[error("{}: {reason}", path.display())]
@@ -52,3 +61,19 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error and its causes on one line, each cause said once: prosam's errors already include
+/// their source's text (`out.nii.gz: Is a directory`), which the chain would repeat.
+pub fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+    }
+    text
+}

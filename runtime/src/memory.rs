@@ -16,10 +16,23 @@ impl MemoryBudget {
         MemoryBudget(bytes)
     }
 
-    /// The machine's physical memory, the default: a run that needs more can only end in swap
-    /// or the OOM killer. Unlimited where the figure is unknown (no Linux `/proc/meminfo`).
-    pub fn machine() -> Self {
-        crate::resources::proc_kb("/proc/meminfo", "MemTotal:").map_or(Self::UNLIMITED, |kb| MemoryBudget(kb * 1024))
+    /// The default budget: [`EFFECTIVE_SHARE`] of the smallest limit this process runs under, so
+    /// that a run that cannot fit is refused instead of ending in an allocation failure (an abort),
+    /// swap or the OOM killer. The limits: physical memory (`/proc/meminfo`), the cgroup's
+    /// `memory.max` (v2; `memory.limit_in_bytes` in v1) less what the cgroup already uses besides
+    /// this process, and the address-space limit (RLIMIT_AS, `ulimit -v`) less what the process
+    /// already maps (its code, the loaded model, thread stacks and heap: `VmSize`).
+    /// Unlimited where none is known.
+    pub fn effective() -> Self {
+        let limit =
+            [physical_bytes(), cgroup_available_bytes(), address_space_available_bytes()].into_iter().flatten().min();
+        limit.map_or(Self::UNLIMITED, |bytes| MemoryBudget((bytes as f64 * EFFECTIVE_SHARE) as u64))
+    }
+
+    /// This budget, or the effective one ([`MemoryBudget::effective`]) where that is smaller: a
+    /// budget above what the process can allocate would only let a run abort.
+    pub fn capped(self) -> Self {
+        MemoryBudget(self.0.min(Self::effective().0))
     }
 
     pub fn bytes(self) -> u64 {
@@ -52,6 +65,57 @@ impl MemoryBudget {
     pub fn check(self, need: u64, what: impl FnOnce() -> String) -> Result<()> {
         if need > self.0 { Err(Error::Memory { what: what(), need, budget: self.0 }) } else { Ok(()) }
     }
+}
+
+/// The share of the smallest memory limit that the default budget allows: the rest is headroom
+/// for what the estimates do not count (allocator fragmentation, the C library's own buffers).
+pub const EFFECTIVE_SHARE: f64 = 0.9;
+
+fn physical_bytes() -> Option<u64> {
+    crate::resources::proc_kb("/proc/meminfo", "MemTotal:").map(|kb| kb.saturating_mul(1024))
+}
+
+/// The cgroup's memory limit less what the rest of the cgroup uses (its usage less this process's
+/// resident memory), where a limit is set.
+fn cgroup_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read_u64 = |path: String| std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok();
+    let own = crate::resources::proc_kb("/proc/self/status", "VmRSS:").unwrap_or(0).saturating_mul(1024);
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let (limit, usage) = if controllers.is_empty() {
+            let dir = format!("/sys/fs/cgroup{path}");
+            (read_u64(format!("{dir}/memory.max")), read_u64(format!("{dir}/memory.current")))
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let dir = format!("/sys/fs/cgroup/memory{path}");
+            (read_u64(format!("{dir}/memory.limit_in_bytes")), read_u64(format!("{dir}/memory.usage_in_bytes")))
+        } else {
+            continue;
+        };
+        // "max" (v2) does not parse; v1 writes a huge number for no limit.
+        if let Some(limit) = limit.filter(|&l| l < 1 << 60) {
+            let others = usage.unwrap_or(0).saturating_sub(own);
+            return Some(limit.saturating_sub(others));
+        }
+    }
+    None
+}
+
+/// RLIMIT_AS less the address space the process already uses, where a limit is set.
+fn address_space_available_bytes() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+            return None;
+        }
+        let used = crate::resources::proc_kb("/proc/self/status", "VmSize:")?.saturating_mul(1024);
+        Some(limit.rlim_cur.saturating_sub(used))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
 }
 
 impl std::fmt::Display for MemoryBudget {
@@ -129,6 +193,7 @@ mod tests {
         let text = budget.check(3 << 29, || "segmenting ct.nii".into()).unwrap_err().to_string();
         assert!(text.contains("segmenting ct.nii") && text.contains("1.50 GiB") && text.contains("1.00 GiB"), "{text}");
         assert_eq!(format_bytes(1000), "1000 bytes");
-        assert!(MemoryBudget::machine().bytes() > 1 << 20);
+        assert!(MemoryBudget::effective().bytes() > 1 << 20);
+        assert!(MemoryBudget::new(u64::MAX).capped() == MemoryBudget::effective());
     }
 }

@@ -1,6 +1,18 @@
 //! Memory figures of the running process and the machine, for the CLI's reports and the memory
 //! budget (Linux `/proc`; `None` elsewhere).
 
+/// The most compute threads prosam starts: far more than any CPU prosam runs on has cores, and
+/// few enough that a mistyped count (`--threads 1000000`) is an error, not a hang.
+pub const MAX_THREADS: usize = 1024;
+
+/// A thread count between 1 and [`MAX_THREADS`], or why not.
+pub fn check_threads(threads: usize) -> Result<(), String> {
+    if threads == 0 || threads > MAX_THREADS {
+        return Err(format!("{threads} threads is outside 1..={MAX_THREADS}"));
+    }
+    Ok(())
+}
+
 /// A `kB` field (`VmRSS:`, `MemTotal:`) of a `/proc` file such as `/proc/self/status`, in kB.
 pub fn proc_kb(file: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;

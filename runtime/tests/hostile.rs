@@ -161,14 +161,18 @@ fn outputs_that_are_devices_fifos_or_folders_are_refused_and_left_alone() {
     for special in special_files(&dir) {
         let p = s(&special);
         assert_fails(&["quantize", "-m", s(&model), "--to", "f16", "-o", p], &[p, "not a regular file"]);
-        assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", p, "-q"], &[p, "not a regular file"]);
+        assert_fails(
+            &["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", p, "-q"],
+            &[p, "not a regular file"],
+        );
         assert!(is_special(&special), "{p} was replaced");
         assert!(!seg.exists(), "the label map was written before the --stats output was refused");
     }
     // A folder is not a file output: one clear message, not the OS's twice.
     let folder = dir.join("a_folder.nii.gz");
     std::fs::create_dir(&folder).unwrap();
-    let text = assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&folder), "-q"], &[s(&folder), "is a folder"]);
+    let text =
+        assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&folder), "-q"], &[s(&folder), "is a folder"]);
     assert!(!text.to_lowercase().contains("is a directory"), "{text}");
     assert!(folder.is_dir());
 }
@@ -195,7 +199,8 @@ fn a_model_file_declaring_a_huge_network_is_refused_before_anything_is_built() {
     let ct = dir.join("ct.nii.gz");
     small_ct(&ct, |_| {});
     let out = dir.join("seg.nii.gz");
-    let cases: [(&str, fn(&mut Config), &str); 4] = [
+    type Case = (&'static str, fn(&mut Config), &'static str);
+    let cases: [Case; 4] = [
         ("depths", |c| c.depths[3] = 50_000_000, "depths"),
         ("window", |c| c.window_size = 4000, "window_size"),
         ("features", |c| c.feature_size = 12 << 20, "feature_size"),
@@ -220,8 +225,13 @@ fn a_model_file_declaring_a_huge_network_is_refused_before_anything_is_built() {
     assert!(stderr(&result).contains("roi_size"), "{}", stderr(&result));
     // A configuration that is in bounds but does not match the stored tensors names the first
     // difference.
-    let other = model_with(&dir, "fs24", |m, _| m.architecture = prosam_models::format::Architecture::SwinUnetr(Config::small()));
-    assert_fails(&["segment", "-m", s(&other), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&other), "patch_embed.proj.weight"]);
+    let other = model_with(&dir, "fs24", |m, _| {
+        m.architecture = prosam_models::format::Architecture::SwinUnetr(Config::small())
+    });
+    assert_fails(
+        &["segment", "-m", s(&other), "-i", s(&ct), "-o", s(&out), "-q"],
+        &[s(&other), "patch_embed.proj.weight"],
+    );
 }
 
 // ---- 4. A crafted checkpoint's pickle is bounded in memory, nesting and opcodes ----
@@ -334,11 +344,8 @@ fn memory_estimates_grow_with_the_batch_and_never_wrap() {
     use prosam_runtime::memory::VolumeShape;
     let dir = common::scratch_dir("hostile_estimate_wrap");
     let model = model_with(&dir, "coarse", |_, _| {});
-    let affine = prosam_runtime::volume::Affine::from_rows([
-        [0.8, 0.0, 0.0, 0.0],
-        [0.0, 0.8, 0.0, 0.0],
-        [0.0, 0.0, 1.0, 0.0],
-    ]);
+    let affine =
+        prosam_runtime::volume::Affine::from_rows([[0.8, 0.0, 0.0, 0.0], [0.0, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]);
     let shape = VolumeShape { dims: [512, 512, 400], affine, read_bytes: 4 * 512 * 512 * 400 };
     let need = |batch: usize| {
         Segmenter::load(&model, SegmentOptions { batch, ..SegmentOptions::default() }).unwrap().memory_need(&shape)
@@ -373,11 +380,19 @@ fn a_models_axis_codes_decide_how_its_input_is_oriented() {
     };
     let (ras, lps) = (save("RAS"), save("LPS"));
     let dims = [48, 40, 24];
-    let data: Vec<f32> = (0..48 * 40 * 24).map(|v| 300.0 * ((v as f32) * 0.037).sin() + (v % 48) as f32 * 5.0).collect();
-    let ct = Volume { dims, data: data.clone(), affine: Affine::from_rows([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]) };
+    let data: Vec<f32> =
+        (0..48 * 40 * 24).map(|v| 300.0 * ((v as f32) * 0.037).sin() + (v % 48) as f32 * 5.0).collect();
+    let ct = Volume {
+        dims,
+        data: data.clone(),
+        affine: Affine::from_rows([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]),
+    };
     // The same voxels turned half a circle about the body axis: its RAS view is the first one's
     // LPS view.
-    let turned = Volume { affine: Affine::from_rows([[-2.0, 0.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]), ..ct.clone() };
+    let turned = Volume {
+        affine: Affine::from_rows([[-2.0, 0.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]),
+        ..ct.clone()
+    };
     let probs = |seg: &Segmenter, v: &Volume| seg.probabilities(&seg.preprocess(v).unwrap(), &mut |_, _| true).unwrap();
     let lps_on_ct = probs(&lps, &ct);
     assert_eq!(lps_on_ct, probs(&ras, &turned), "the LPS model did not see its input in LPS order");
@@ -400,7 +415,8 @@ fn models_whose_labels_cannot_be_written_are_refused_at_load() {
     let metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 32, 32], ..Metadata::btcv("wide", cfg.clone()) };
     prosam_models::format::save(&wide, metadata, &common::random_weights(&cfg, 0.05)).unwrap();
     assert_fails(&["segment", "-m", s(&wide), "-i", s(&ct), "-o", s(&out), "-q"], &[s(&wide), "300", "256"]);
-    let bad_names: [(&str, fn(&mut Vec<String>), &str); 3] = [
+    type Case = (&'static str, fn(&mut Vec<String>), &'static str);
+    let bad_names: [Case; 3] = [
         ("duplicate", |l| l[3] = l[2].clone(), "right_kidney"),
         ("control", |l| l[4] = "gall\nbladder".into(), "control"),
         ("empty", |l| l[5] = String::new(), "empty"),
@@ -475,7 +491,10 @@ fn outputs_that_cannot_be_written_fail_before_inference() {
     small_ct(&ct, |_| {});
     let seg = dir.join("seg.nii.gz");
     let missing = dir.join("no_such_folder").join("stats.json");
-    assert_fails(&["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", s(&missing), "-q"], &[s(&missing)]);
+    assert_fails(
+        &["segment", "-m", s(&model), "-i", s(&ct), "-o", s(&seg), "--stats", s(&missing), "-q"],
+        &[s(&missing)],
+    );
     assert!(!seg.exists(), "the label map was written before the --stats folder was found missing");
     // A name that fits the folder but whose temporary sibling would not (255 bytes a name).
     let long = dir.join(format!("s.{}.json", "x".repeat(240)));
@@ -546,7 +565,10 @@ fn a_full_disk_is_said_once_in_words() {
     };
     let model = model_with(&dir, "coarse", |_, _| {});
     let out = disk.0.join("f16.safetensors");
-    let text = assert_fails(&["quantize", "-m", s(&model), "--to", "f16", "-o", s(&out)], &[s(&out), "No space left on device"]);
+    let text = assert_fails(
+        &["quantize", "-m", s(&model), "--to", "f16", "-o", s(&out)],
+        &[s(&out), "No space left on device"],
+    );
     assert_eq!(text.matches("No space left").count(), 1, "{text}");
     assert!(!text.contains("Os {"), "{text}");
     assert!(common::temp_files_in(&disk.0).is_empty(), "a temporary file was left on the full disk");

@@ -353,15 +353,18 @@ struct TrainTeacher {
 fn main() {
     prosam_runtime::resources::retain_freed_memory();
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    }
-    let result = match cli.command {
-        Command::TrainTeacher(args) => train_teacher(args, cli.quiet),
-        Command::Distill(args) => distill(args, cli.quiet),
-    };
+    let result = (|| {
+        if let Some(n) = cli.threads {
+            prosam_runtime::resources::check_threads(n).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        }
+        match cli.command {
+            Command::TrainTeacher(args) => train_teacher(args, cli.quiet),
+            Command::Distill(args) => distill(args, cli.quiet),
+        }
+    })();
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", prosam_runtime::error::chain_text(&e));
         std::process::exit(1);
     }
 }

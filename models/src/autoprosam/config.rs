@@ -219,6 +219,28 @@ impl Config {
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be positive"));
         }
+        // Far above SAM ViT-H (embed 1280, depth 32, 16 heads): a crafted model file cannot make
+        // prosam build a network that fills the memory.
+        let limits = [
+            ("crop", self.crop, 512),
+            ("upsample", self.upsample, 16),
+            ("patch", self.patch, 64),
+            ("embed_dim", self.embed_dim, 2048),
+            ("depth", self.depth, 64),
+            ("num_heads", self.num_heads, 64),
+            ("mlp_ratio", self.mlp_ratio, 16),
+            ("sam_window", self.sam_window, 64),
+            ("cubic_window", self.cubic_window, 32),
+            ("out_chans", self.out_chans, 1024),
+            ("adapter_dim", self.adapter_dim, 2048),
+            ("apg_base", self.apg_base, 1024),
+            ("decoder_channels", self.decoder_channels, 1024),
+            ("n_out", self.n_out, 1024),
+            ("sam_img_size", self.sam_img_size, 4096),
+        ];
+        if let Some((name, value, limit)) = limits.iter().find(|(_, v, limit)| v > limit) {
+            return bad(format!("{name} {value} is over prosam's limit of {limit}"));
+        }
         if !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!("{} heads do not divide embed_dim {}", self.num_heads, self.embed_dim));
         }

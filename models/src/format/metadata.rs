@@ -87,6 +87,38 @@ impl Intensity {
         Intensity::ScaleWindow { a_min: -175.0, a_max: 250.0, b_min: 0.0, b_max: 1.0, clip: true }
     }
 
+    /// The transform of one HU value, in float32 as MONAI applies it (and the runtime does).
+    pub fn map_f32(&self) -> impl Fn(f32) -> f32 + Sync + Send + Copy {
+        let (scale, a0, span, b0, b_span, lo, hi, clip) = match *self {
+            // ScaleIntensityRange: (x - a_min) / (a_max - a_min), then * (b_max - b_min) + b_min, then clip.
+            Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip } => (
+                true,
+                a_min as f32,
+                (a_max - a_min) as f32,
+                b_min as f32,
+                (b_max - b_min) as f32,
+                b_min.min(b_max) as f32,
+                b_min.max(b_max) as f32,
+                clip,
+            ),
+            // Clip to [lower, upper], then (x - mean) / std.
+            Intensity::ClipZScore { lower, upper, mean, std } => {
+                (false, mean as f32, std as f32, 0.0, 0.0, lower as f32, upper as f32, true)
+            }
+        };
+        move |x: f32| {
+            if scale {
+                let y = (x - a0) / span * b_span + b0;
+                if clip { y.clamp(lo, hi) } else { y }
+            } else {
+                (x.clamp(lo, hi) - a0) / span
+            }
+        }
+    }
+
+    /// Refuses parameters that are not finite, an empty window, and parameters whose float32
+    /// arithmetic overflows on CT values (-32768..65535 HU, every integer CT type's range): each
+    /// would silently turn a whole CT into NaN or infinity.
     pub fn validate(&self) -> Result<(), String> {
         match *self {
             Intensity::ScaleWindow { a_min, a_max, b_min, b_max, .. } => {
@@ -98,6 +130,13 @@ impl Intensity {
                 if ![lower, upper, mean, std].iter().all(|v| v.is_finite()) || upper <= lower || std <= 0.0 {
                     return Err(format!("clip {lower}..{upper} with std {std} is invalid"));
                 }
+            }
+        }
+        let map = self.map_f32();
+        for hu in [-32768.0f32, -1024.0, 0.0, 3071.0, 65535.0] {
+            let y = map(hu);
+            if !y.is_finite() {
+                return Err(format!("intensity transform ({self}) maps {hu} HU to {y} in float32"));
             }
         }
         Ok(())
@@ -255,15 +294,20 @@ impl Metadata {
         }
     }
 
-    /// Checks the fields against each other and against the architecture.
+    /// Checks the fields against each other and against the architecture, and every size
+    /// against prosam's limits, before anything is built from them.
     pub fn validate(&self) -> Result<(), String> {
         let arch = &self.architecture;
         arch.validate().map_err(|e| e.to_string())?;
         if self.labels.len() != arch.out_channels() {
             return Err(format!("{} label names for {} output channels", self.labels.len(), arch.out_channels()));
         }
-        if self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(format!("spacing {:?} must be positive", self.spacing));
+        check_labels(&self.labels)?;
+        if self.spacing.iter().any(|s| !(s.is_finite() && *s >= MIN_SPACING_MM && *s <= MAX_SPACING_MM)) {
+            return Err(format!("spacing {:?} must lie in {MIN_SPACING_MM}..{MAX_SPACING_MM} mm", self.spacing));
+        }
+        if self.roi_size.iter().any(|&r| r > MAX_ROI) {
+            return Err(format!("roi_size {:?} is over prosam's limit of {MAX_ROI} voxels an axis", self.roi_size));
         }
         if !is_axis_codes(&self.axis_codes) {
             return Err(format!("axis codes `{}` are not three of L/R, P/A, I/S on distinct axes", self.axis_codes));
@@ -279,6 +323,51 @@ impl Metadata {
         arch.check_input(&roi_shape).map_err(|e| format!("roi_size {:?}: {e}", self.roi_size))?;
         self.intensity.validate()
     }
+}
+
+/// The most classes a model may have: label maps are uint8.
+pub const MAX_CLASSES: usize = 256;
+
+/// The longest label name, in bytes: names become file names (`liver.nii.gz`).
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// The largest sliding window, per axis.
+pub const MAX_ROI: usize = 512;
+
+/// The model spacing's bounds, in mm.
+pub const MIN_SPACING_MM: f64 = 0.05;
+pub const MAX_SPACING_MM: f64 = 50.0;
+
+/// Label names that fit a uint8 map and can be file names, log lines and JSON keys as they are:
+/// at most [`MAX_CLASSES`], each non-empty, unique, without control characters or path
+/// separators, not `.` or `..`, at most [`MAX_LABEL_BYTES`].
+fn check_labels(labels: &[String]) -> Result<(), String> {
+    if labels.len() > MAX_CLASSES {
+        return Err(format!(
+            "{} classes, but label maps are uint8 and hold at most {MAX_CLASSES} (labels 0..255)",
+            labels.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, name) in labels.iter().enumerate() {
+        let problem = if name.is_empty() {
+            Some("is empty".to_string())
+        } else if name.len() > MAX_LABEL_BYTES {
+            Some(format!("is longer than {MAX_LABEL_BYTES} bytes"))
+        } else if name.chars().any(char::is_control) {
+            Some("holds a control character".to_string())
+        } else if name.contains(['/', '\\']) || name == "." || name == ".." {
+            Some("is not usable as a file name (a path separator, `.` or `..`)".to_string())
+        } else if !seen.insert(name.as_str()) {
+            Some("appears twice".to_string())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(format!("label {i} {name:?} {problem}"));
+        }
+    }
+    Ok(())
 }
 
 /// Three orientation letters, one per anatomical axis (e.g. `RAS`, `LPS`).

@@ -1,7 +1,8 @@
 //! The prosam model file: one safetensors file holding the weights under the source framework's key
 //! names (MONAI's for SwinUNETR), with JSON metadata under the `prosam` key of the safetensors
-//! header. The metadata carries a SHA-256 of the weights, verified at every load; weights are read
-//! through a memory map.
+//! header. The metadata carries a SHA-256 of the weights, verified at every load. The file is read
+//! into memory, not mapped: a cart that replaces a model in place while another process loads it
+//! must cost that load an error, not a SIGBUS.
 //!
 //! Recomputable buffers (SwinUNETR's `relative_position_index`) are not stored.
 
@@ -110,17 +111,17 @@ pub fn save(path: &Path, mut metadata: Metadata, tensors: &[(String, Tensor)]) -
     Ok(metadata)
 }
 
-/// A model file, memory-mapped (or built into the binary), its metadata parsed and its checksum
-/// verified.
+/// A model file read into memory (or built into the binary), its metadata parsed, its checksum
+/// verified, its architecture checked against the stored tensors and its weights finite.
 pub struct ModelFile {
     path: PathBuf,
-    mmap: ModelBytes,
+    bytes: ModelBytes,
     metadata: Metadata,
 }
 
 /// Where a model file's bytes live.
 enum ModelBytes {
-    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
     /// Compiled into the binary (`include_bytes!`): the runtime's demo model.
     Static(&'static [u8]),
 }
@@ -129,10 +130,40 @@ impl std::ops::Deref for ModelBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            ModelBytes::Mapped(m) => m,
+            ModelBytes::Read(v) => v,
             ModelBytes::Static(b) => b,
         }
     }
+}
+
+/// Reads a whole file whose size must not change while it is read: a model being replaced in
+/// place (truncated, then rewritten) is an error that says so.
+fn read_stable(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(Error::ModelFile { path: path.to_path_buf(), reason: "not a regular file".into() });
+    }
+    let size = meta.len();
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(usize::try_from(size).unwrap_or(usize::MAX)).map_err(|_| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("cannot allocate {size} bytes to read it"),
+    })?;
+    (&mut file).take(size).read_to_end(&mut bytes).map_err(io)?;
+    let now = file.metadata().map_err(io)?.len();
+    if bytes.len() as u64 != size || now != size {
+        return Err(Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the file changed while it was read ({size} bytes at open, {} read, {now} now); is it being replaced?",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -142,14 +173,13 @@ impl std::fmt::Debug for ModelFile {
 }
 
 impl ModelFile {
-    /// Maps the file, parses the header and metadata, and verifies the weights' checksum.
+    /// Reads the file, parses the header and metadata, verifies the weights' checksum, checks the
+    /// declared architecture against the stored tensors' names and shapes, and that every weight
+    /// is finite.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        // SAFETY: the map is read-only; prosam never writes model files in place (saves go through a
-        // temporary file and a rename), so the mapped pages do not change under us.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
-        Self::parse(path, ModelBytes::Mapped(mmap))
+        let bytes = read_stable(&path)?;
+        Self::parse(path, ModelBytes::Read(bytes))
     }
 
     /// A model file compiled into the binary; `name` stands for its path in messages.
@@ -157,11 +187,11 @@ impl ModelFile {
         Self::parse(PathBuf::from(name), ModelBytes::Static(bytes))
     }
 
-    fn parse(path: PathBuf, mmap: ModelBytes) -> Result<Self> {
+    fn parse(path: PathBuf, bytes: ModelBytes) -> Result<Self> {
         let bad = |reason: String| Error::ModelFile { path: path.clone(), reason };
         let st =
-            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let json = header
             .metadata()
             .as_ref()
@@ -183,8 +213,14 @@ impl ModelFile {
         if found != metadata.checksum {
             return Err(Error::ChecksumMismatch { path, expected: metadata.checksum.clone(), found });
         }
+        let infos: HashMap<String, Vec<usize>> =
+            tensors.iter().map(|(name, view)| (name.clone(), stored_shape(name, view.shape()))).collect();
+        check_weights(&metadata.architecture.parameter_shapes(), &infos, &metadata.quantized, &path)?;
+        for (name, view) in &tensors {
+            check_finite(name, view).map_err(&bad)?;
+        }
         drop(st);
-        Ok(Self { path, mmap, metadata })
+        Ok(Self { path, bytes, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -197,11 +233,11 @@ impl ModelFile {
 
     /// Size of the file in bytes.
     pub fn file_size(&self) -> usize {
-        self.mmap.len()
+        self.bytes.len()
     }
 
     fn safetensors(&self) -> Result<safetensors::SafeTensors<'_>> {
-        safetensors::SafeTensors::deserialize(&self.mmap)
+        safetensors::SafeTensors::deserialize(&self.bytes)
             .map_err(|e| Error::ModelFile { path: self.path.clone(), reason: e.to_string() })
     }
 
@@ -213,7 +249,7 @@ impl ModelFile {
         Ok(infos)
     }
 
-    /// Every tensor, copied out of the map onto `device`.
+    /// Every tensor, copied out of the file's bytes onto `device`.
     pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         let st = self.safetensors()?;
         let mut out = HashMap::new();
@@ -229,7 +265,6 @@ impl ModelFile {
     pub fn network(&self, dtype: DType, device: &Device) -> Result<Network> {
         let tensors = self.tensors(device)?;
         let arch = &self.metadata.architecture;
-        check_weights(&arch.parameter_shapes(), &tensors, &self.metadata.quantized, &self.path)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Ok(match arch {
             Architecture::SwinUnetr(config) => {
@@ -255,12 +290,70 @@ impl ModelFile {
     }
 }
 
-/// Checks that `tensors` hold every parameter of `expected`, each with its shape, either dense
-/// or, for the keys in `quantized`, as Q8_0 blocks of the right size; the errors name the key and
-/// both shapes. Tensors the network does not use are reported too.
+/// A stored tensor's shape as [`check_weights`] compares it: the shape itself, or for Q8_0
+/// blocks (`KEY.q8_0`) their byte count.
+fn stored_shape(name: &str, shape: &[usize]) -> Vec<usize> {
+    if name.ends_with(&format!(".{}", crate::ops::quantized::Q8_SUFFIX)) {
+        vec![shape.iter().product()]
+    } else {
+        shape.to_vec()
+    }
+}
+
+/// Refuses a stored float tensor with a NaN or an infinity (in a Q8_0 tensor, a block scale),
+/// naming the tensor, the count and the first element.
+fn check_finite(name: &str, view: &safetensors::tensor::TensorView<'_>) -> std::result::Result<(), String> {
+    use crate::ops::quantized::Q8_BLOCK_BYTES;
+    use safetensors::Dtype;
+    let data = view.data();
+    let (count, first) = match view.dtype() {
+        Dtype::F32 => {
+            count_non_finite(data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite()))
+        }
+        Dtype::F64 => {
+            count_non_finite(data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()).is_finite()))
+        }
+        Dtype::F16 => {
+            count_non_finite(data.chunks_exact(2).map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).is_finite()))
+        }
+        Dtype::BF16 => {
+            count_non_finite(data.chunks_exact(2).map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).is_finite()))
+        }
+        // Q8_0 blocks: an f16 scale, then 32 int8 values.
+        Dtype::U8 => count_non_finite(
+            data.chunks_exact(Q8_BLOCK_BYTES).map(|b| half::f16::from_le_bytes([b[0], b[1]]).is_finite()),
+        ),
+        _ => (0, 0),
+    };
+    if count > 0 {
+        return Err(format!(
+            "tensor `{name}` holds {count} non-finite value(s) (NaN or infinite), the first at element {first}"
+        ));
+    }
+    Ok(())
+}
+
+/// How many of `finite` are false, and the index of the first.
+fn count_non_finite(finite: impl Iterator<Item = bool>) -> (usize, usize) {
+    let (mut count, mut first) = (0, 0);
+    for (i, ok) in finite.enumerate() {
+        if !ok {
+            if count == 0 {
+                first = i;
+            }
+            count += 1;
+        }
+    }
+    (count, first)
+}
+
+/// Checks that `tensors` (their shapes, by name) hold every parameter of `expected`, each with its
+/// shape, either dense or, for the keys in `quantized`, as Q8_0 blocks of the right size (byte
+/// tensors are given by their byte count); the errors name the key and both shapes. Tensors the
+/// network does not use are reported too. Run on the file's header, before any tensor is built.
 pub fn check_weights(
     expected: &[(String, Vec<usize>)],
-    tensors: &HashMap<String, Tensor>,
+    tensors: &HashMap<String, Vec<usize>>,
     quantized: &std::collections::BTreeMap<String, QuantizedTensor>,
     path: &Path,
 ) -> Result<()> {
@@ -287,12 +380,8 @@ pub fn check_weights(
             let rows = shape[0];
             let cols: usize = shape[1..].iter().product();
             let bytes = rows * padded_cols(cols) / Q8_BLOCK * Q8_BLOCK_BYTES;
-            if t.dtype() != DType::U8 || t.elem_count() != bytes {
-                return Err(bad(format!(
-                    "`{q_key}` holds {} {:?} values, expected {bytes} Q8_0 bytes for {shape:?}",
-                    t.elem_count(),
-                    t.dtype()
-                )));
+            if t.as_slice() != [bytes] {
+                return Err(bad(format!("`{q_key}` has shape {t:?}, expected {bytes} Q8_0 bytes for {shape:?}")));
             }
             used.insert(q_key);
             continue;
@@ -305,12 +394,12 @@ pub fn check_weights(
                     expected: shape.clone(),
                 });
             }
-            Some(t) if t.dims() != shape.as_slice() => {
+            Some(t) if t != shape => {
                 return Err(Error::ShapeMismatch {
                     path: path.to_path_buf(),
                     key: key.clone(),
                     expected: shape.clone(),
-                    found: t.dims().to_vec(),
+                    found: t.clone(),
                 });
             }
             Some(_) => {

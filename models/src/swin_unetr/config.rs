@@ -74,6 +74,22 @@ pub struct Config {
 /// Spatial down-sampling from the input to the bottleneck: the patch embedding and four merges.
 pub const TOTAL_STRIDE: usize = 32;
 
+/// The largest sizes a SwinUNETR configuration may declare, far above any published one (MONAI's
+/// BTCV model: feature size 48, depths 2, window 7), so that a crafted model file cannot make
+/// prosam build, or list the parameters of, a network that fills the memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub feature_size: usize,
+    /// Swin blocks in one stage.
+    pub depth: usize,
+    pub window_size: usize,
+}
+
+pub const LIMITS: Limits =
+    Limits { in_channels: 16, out_channels: 1024, feature_size: 384, depth: 32, window_size: 16 };
+
 impl Config {
     /// The BTCV student at a given feature size: 1 CT channel in, 14 classes out, MONAI defaults.
     pub fn btcv(feature_size: usize) -> Self {
@@ -120,11 +136,27 @@ impl Config {
         self.feature_size << s
     }
 
-    /// Rejects what MONAI's constructor rejects, and what prosam does not implement.
+    /// Rejects what MONAI's constructor rejects, what prosam does not implement, and sizes past
+    /// [`LIMITS`]: a model file's configuration is checked before anything is built from it.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::InvalidConfig(m));
         if self.in_channels == 0 || self.out_channels == 0 {
             return fail("in_channels and out_channels must be positive".into());
+        }
+        let sizes = [
+            ("in_channels", self.in_channels, LIMITS.in_channels),
+            ("out_channels", self.out_channels, LIMITS.out_channels),
+            ("feature_size", self.feature_size, LIMITS.feature_size),
+            ("window_size", self.window_size, LIMITS.window_size),
+        ];
+        if let Some((name, value, limit)) = sizes.iter().find(|(_, v, limit)| v > limit) {
+            return fail(format!("{name} {value} is over prosam's limit of {limit}"));
+        }
+        if let Some(d) = self.depths.iter().find(|&&d| d > LIMITS.depth) {
+            return fail(format!(
+                "depths {:?}: {d} blocks in a stage is over prosam's limit of {}",
+                self.depths, LIMITS.depth
+            ));
         }
         if self.feature_size == 0 || !self.feature_size.is_multiple_of(12) {
             return fail(format!("feature_size {} is not a positive multiple of 12", self.feature_size));

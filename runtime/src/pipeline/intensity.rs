@@ -5,21 +5,8 @@ use rayon::prelude::*;
 
 /// Applies `intensity` in place.
 pub fn apply(intensity: &Intensity, data: &mut [f32]) {
-    match *intensity {
-        Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip } => {
-            // ScaleIntensityRange: (x - a_min) / (a_max - a_min), then * (b_max - b_min) + b_min, then clip.
-            let (a0, span, b0, b_span) = (a_min as f32, (a_max - a_min) as f32, b_min as f32, (b_max - b_min) as f32);
-            let (lo, hi) = (b_min.min(b_max) as f32, b_min.max(b_max) as f32);
-            data.par_iter_mut().for_each(|v| {
-                let y = (*v - a0) / span * b_span + b0;
-                *v = if clip { y.clamp(lo, hi) } else { y };
-            });
-        }
-        Intensity::ClipZScore { lower, upper, mean, std } => {
-            let (lo, hi, m, s) = (lower as f32, upper as f32, mean as f32, std as f32);
-            data.par_iter_mut().for_each(|v| *v = (v.clamp(lo, hi) - m) / s);
-        }
-    }
+    let map = intensity.map_f32();
+    data.par_iter_mut().for_each(|v| *v = map(*v));
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ pub struct StudyInfo {
 /// One image file of a series, from its header.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Slice {
+    #[serde(serialize_with = "crate::volume::lossy_path")]
     pub path: PathBuf,
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
@@ -99,6 +100,7 @@ pub struct Series {
 /// A file under the folder that is not a slice of an image series, and why.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Ignored {
+    #[serde(serialize_with = "crate::volume::lossy_path")]
     pub path: PathBuf,
     pub reason: String,
 }
@@ -106,6 +108,7 @@ pub struct Ignored {
 /// What a folder holds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Scan {
+    #[serde(serialize_with = "crate::volume::lossy_path")]
     pub folder: PathBuf,
     pub series: Vec<Series>,
     pub ignored: Vec<Ignored>,
@@ -760,7 +763,7 @@ impl Slice {
 /// Reads a series to a volume in HU, after checking that it is one (see [`Series::geometry`]),
 /// within the machine's memory.
 pub fn read_series(folder: &Path, series: &Series) -> Result<DicomInput> {
-    read_series_admitting(folder, series, &memory::admit_read(MemoryBudget::machine()))
+    read_series_admitting(folder, series, &memory::admit_read(MemoryBudget::effective()))
 }
 
 /// As [`read_series`], asking `admit` before any pixel data is read or decoded.
@@ -782,16 +785,17 @@ pub fn read_series_admitting(folder: &Path, series: &Series, admit: Admit) -> Re
     data.par_chunks_mut(nx * ny)
         .zip(geometry.order.par_iter())
         .try_for_each(|(out, &i)| decode_slice(&series.slices[i], out).map_err(|e| bad(&series.slices[i].path, e)))?;
-    Ok(DicomInput {
-        volume: Volume { dims: geometry.dims, data, affine: geometry.affine },
-        series: series.clone(),
-        geometry,
-    })
+    let volume = Volume { dims: geometry.dims, data, affine: geometry.affine };
+    if let Some(bad_values) = volume.non_finite() {
+        let file = &series.slices[geometry.order[bad_values.first[2]]].path;
+        return Err(bad(folder, format!("{bad_values} (in {})", file.display())));
+    }
+    Ok(DicomInput { volume, series: series.clone(), geometry })
 }
 
 /// Finds the series in `folder` ([`Scan::select`]) and reads it.
 pub fn read(folder: &Path, select: Option<&str>) -> Result<DicomInput> {
-    read_admitting(folder, select, &memory::admit_read(MemoryBudget::machine()))
+    read_admitting(folder, select, &memory::admit_read(MemoryBudget::effective()))
 }
 
 /// As [`read`], asking `admit` before any pixel data is read or decoded.

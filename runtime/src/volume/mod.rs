@@ -28,6 +28,45 @@ impl Volume {
     pub fn voxel_count(&self) -> usize {
         self.dims.iter().product()
     }
+
+    /// The voxels that are NaN or infinite, if any: one would spread through every window the
+    /// resampling and the network touch, and erase the organs there without a word.
+    pub fn non_finite(&self) -> Option<NonFinite> {
+        NonFinite::find(&self.data, self.dims)
+    }
+}
+
+/// Non-finite values in a volume: how many, and the first one's voxel (i, j, k) in stored order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFinite {
+    pub count: usize,
+    pub first: [usize; 3],
+}
+
+impl NonFinite {
+    /// Scans `data` (x fastest, `dims`).
+    pub fn find(data: &[f32], dims: [usize; 3]) -> Option<NonFinite> {
+        use rayon::prelude::*;
+        let count = data.par_iter().filter(|v| !v.is_finite()).count();
+        if count == 0 {
+            return None;
+        }
+        let at = data.iter().position(|v| !v.is_finite()).expect("counted above");
+        let first = [at % dims[0], at / dims[0] % dims[1], at / (dims[0] * dims[1])];
+        Some(NonFinite { count, first })
+    }
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [i, j, k] = self.first;
+        write!(
+            f,
+            "{} non-finite voxel value(s) (NaN or infinite, after the file's scaling), the first at voxel ({i}, {j}, {k}); \
+             prosam refuses them rather than let them erase the organs around them",
+            self.count
+        )
+    }
 }
 
 /// A CT as read from disk, with what its writers need: the NIfTI header to copy, or the DICOM
@@ -43,6 +82,7 @@ impl CtInput {
     /// Reads a NIfTI-1 file or a folder holding a DICOM series (`series` picks one of several; see
     /// [`dicom::Scan::select`]), asking `admit` before allocating for the voxels.
     pub fn read(path: &std::path::Path, series: Option<&str>, admit: crate::memory::Admit) -> crate::Result<CtInput> {
+        check_input_file(path)?;
         if path.is_dir() {
             return Ok(CtInput::Dicom(dicom::read_admitting(path, series, admit)?));
         }
@@ -81,6 +121,24 @@ impl CtInput {
             CtInput::Dicom(d) => nifti::header_for(&d.volume.affine, d.volume.dims),
         }
     }
+}
+
+/// Refuses an input that is missing, or is neither a file nor a folder (a FIFO would block the
+/// reader until something writes to it; a device is no CT), saying which.
+pub fn check_input_file(path: &std::path::Path) -> crate::Result<()> {
+    let reason = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() || m.is_dir() => return Ok(()),
+        Ok(_) => "is not a regular file (a device, FIFO or socket); give a NIfTI file or a DICOM folder",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no such file or folder",
+        Err(source) => return Err(crate::Error::Io { path: path.to_path_buf(), source }),
+    };
+    Err(crate::Error::Nifti { path: path.to_path_buf(), reason: reason.into() })
+}
+
+/// Serialises a path as a string, with any bytes that are not UTF-8 (a Latin-1 folder name from an
+/// old PACS export) replaced by U+FFFD: serde's own path serialiser fails on them.
+pub fn lossy_path<S: serde::Serializer>(path: &std::path::Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
 }
 
 /// Whether `path` is a file with the DICOM preamble ("DICM" at byte 128).

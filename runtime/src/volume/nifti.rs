@@ -171,13 +171,14 @@ fn decode<const N: usize>(
 
 /// Reads a NIfTI-1 file (`.nii` or `.nii.gz`) into HU, within the machine's memory.
 pub fn read(path: &Path) -> Result<NiftiInput> {
-    read_admitting(path, &memory::admit_read(MemoryBudget::machine()))
+    read_admitting(path, &memory::admit_read(MemoryBudget::effective()))
 }
 
 /// Reads a NIfTI-1 file, asking `admit` before allocating for the voxels.
 pub fn read_admitting(path: &Path, admit: Admit) -> Result<NiftiInput> {
-    if !path.is_file() {
-        return Err(bad(path, "no such file"));
+    super::check_input_file(path)?;
+    if path.is_dir() {
+        return Err(bad(path, "is a folder, not a NIfTI file"));
     }
     let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     read_from(std::io::BufReader::new(file), path, admit)
@@ -255,7 +256,11 @@ fn read_stream(mut source: impl Read, path: &Path, admit: Admit) -> Result<Nifti
         NiftiType::Float64 => decode::<8>(&raw, big, f64::from_le_bytes, scale),
         _ => unreachable!("element_size accepted only the types above"),
     };
-    Ok(NiftiInput { volume: Volume { dims, data, affine }, header })
+    let volume = Volume { dims, data, affine };
+    if let Some(bad_values) = volume.non_finite() {
+        return Err(bad(path, bad_values.to_string()));
+    }
+    Ok(NiftiInput { volume, header })
 }
 
 /// An I/O error's text, with a short end of the stream called truncation.

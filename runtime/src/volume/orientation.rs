@@ -65,6 +65,36 @@ impl Orientation {
         Orientation { source_axis, flip }
     }
 
+    /// The orientation onto `codes` (three of L/R, P/A, I/S, as nibabel and MONAI's
+    /// `Orientation(axcodes=...)` take them: `LPS` makes oriented axis 0 run towards the patient's
+    /// left): the RAS orientation, each axis reversed where its letter is L, P or I. `None` for
+    /// codes that are not three distinct anatomical axes.
+    pub fn to_codes(affine: &Affine, codes: &str) -> Option<Orientation> {
+        let ras = Orientation::to_ras(affine);
+        let letters: Vec<char> = codes.chars().collect();
+        let &[a, b, c] = letters.as_slice() else { return None };
+        let mut source_axis = [0; 3];
+        let mut flip = [false; 3];
+        let mut seen = [false; 3];
+        for (k, letter) in [a, b, c].into_iter().enumerate() {
+            let (world, negative) = match letter.to_ascii_uppercase() {
+                'R' => (0, false),
+                'L' => (0, true),
+                'A' => (1, false),
+                'P' => (1, true),
+                'S' => (2, false),
+                'I' => (2, true),
+                _ => return None,
+            };
+            if std::mem::replace(&mut seen[world], true) {
+                return None;
+            }
+            source_axis[k] = ras.source_axis[world];
+            flip[k] = ras.flip[world] != negative;
+        }
+        Some(Orientation { source_axis, flip })
+    }
+
     pub fn is_identity(&self) -> bool {
         self.source_axis == [0, 1, 2] && self.flip == [false; 3]
     }
@@ -136,5 +166,23 @@ mod tests {
         let (c, s) = (20f64.to_radians().cos(), 20f64.to_radians().sin());
         let a = Affine::from_rows([[c, -s, 0.0, 0.0], [s, c, 0.0, 0.0], [0.0, 0.0, -2.0, 0.0]]);
         assert_eq!(Orientation::to_ras(&a), Orientation { source_axis: [0, 1, 2], flip: [false, false, true] });
+    }
+
+    #[test]
+    fn axis_codes_reverse_and_permute_the_ras_view() {
+        // Stored RAS at 2 mm: LPS reverses the first two axes, SAR permutes them.
+        let a = Affine::from_rows([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]);
+        assert_eq!(Orientation::to_codes(&a, "RAS"), Some(Orientation::to_ras(&a)));
+        assert_eq!(
+            Orientation::to_codes(&a, "LPS"),
+            Some(Orientation { source_axis: [0, 1, 2], flip: [true, true, false] })
+        );
+        assert_eq!(
+            Orientation::to_codes(&a, "SAR"),
+            Some(Orientation { source_axis: [2, 1, 0], flip: [false, false, false] })
+        );
+        for bad in ["RRS", "RA", "XYZ", "RASR"] {
+            assert_eq!(Orientation::to_codes(&a, bad), None, "{bad}");
+        }
     }
 }

@@ -68,7 +68,8 @@ pub fn from_state_dict(state_dict: Vec<(String, Tensor)>, options: MonaiOptions,
         }
     })?;
     config.validate()?;
-    check_weights(&config.parameter_shapes(), &tensors, &Default::default(), path)?;
+    let shapes = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    check_weights(&config.parameter_shapes(), &shapes, &Default::default(), path)?;
     let ordered = config
         .parameter_shapes()
         .into_iter()

@@ -133,11 +133,52 @@ fn check_archive(path: &Path) -> std::result::Result<std::collections::HashMap<S
     Ok(sizes)
 }
 
-/// Walks the opcodes candle's unpickler reads, checking every length against the bytes that
-/// remain. Stops at STOP or at an opcode candle does not know (it rejects those itself).
+/// The most objects candle's unpickler may build for one pickle: a state_dict of thousands of
+/// tensors makes tens of thousands; each object costs candle 50 to 100 bytes.
+pub const MAX_PICKLE_OBJECTS: u64 = 4_000_000;
+
+/// The deepest nesting of objects: a state_dict nests about six deep. Candle reads and drops
+/// objects recursively, so a deeper one would overflow the stack.
+pub const MAX_PICKLE_DEPTH: u32 = 200;
+
+/// What candle's unpickler would hold for one stack entry: how many objects, how deeply nested.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    objects: u64,
+    depth: u32,
+    mark: bool,
+}
+
+impl Held {
+    const LEAF: Held = Held { objects: 1, depth: 1, mark: false };
+
+    /// A container of `parts`.
+    fn of(parts: &[Held]) -> Held {
+        Held {
+            objects: parts.iter().map(|p| p.objects).fold(1, u64::saturating_add),
+            depth: parts.iter().map(|p| p.depth).max().unwrap_or(0) + 1,
+            mark: false,
+        }
+    }
+
+    /// `self` with `parts` added to it (APPEND, SETITEMS, ...).
+    fn extended(self, parts: &[Held]) -> Held {
+        let more = Held::of(parts);
+        Held { objects: self.objects.saturating_add(more.objects - 1), depth: self.depth.max(more.depth), mark: false }
+    }
+}
+
+/// Runs the opcodes candle's unpickler reads on sizes instead of objects, before candle does:
+/// every length is checked against the bytes that remain, and the objects candle would build
+/// (memo entries are copied on every get and put) are counted and their nesting measured,
+/// within [`MAX_PICKLE_OBJECTS`] and [`MAX_PICKLE_DEPTH`]. Stops at STOP, and where candle
+/// would stop with an error of its own (an unknown opcode, a missing memo entry, an empty stack).
 fn check_pickle(bytes: &[u8]) -> std::result::Result<(), String> {
     let mut at = 0usize;
     let arg = |at: usize, n: usize| bytes.get(at + 1..at + 1 + n).ok_or_else(|| format!("truncated at byte {at}"));
+    let mut stack: Vec<Held> = Vec::new();
+    let mut memo: std::collections::HashMap<u32, Held> = std::collections::HashMap::new();
+    let mut built = 0u64;
     while at < bytes.len() {
         let op = bytes[at];
         let width = match op {
@@ -187,6 +228,84 @@ fn check_pickle(bytes: &[u8]) -> std::result::Result<(), String> {
         if at + 1 + width > bytes.len() {
             return Err(format!("truncated at byte {at}"));
         }
+        let memo_key = |w: usize| -> u32 {
+            let b = &bytes[at + 1..at + 1 + w];
+            if w == 1 { b[0] as u32 } else { u32::from_le_bytes(b.try_into().expect("4 bytes")) }
+        };
+        // The stack entries an opcode takes: the top `n`, or those above the last mark.
+        let pop = |stack: &mut Vec<Held>, n: usize| stack.len().checked_sub(n).map(|from| stack.split_off(from));
+        let to_mark = |stack: &mut Vec<Held>| {
+            let mark = stack.iter().rposition(|h| h.mark)?;
+            let parts = stack.split_off(mark + 1);
+            stack.pop();
+            Some(parts)
+        };
+        let pushed = match op {
+            0x80 => None,
+            b'(' => Some(Held { objects: 1, depth: 0, mark: true }),
+            b'X' | b'c' | 0x8a | b'K' | b'M' | b'J' | b'G' | b')' | b'N' | 0x88 | 0x89 | b'}' | b'd' | b']' => {
+                Some(Held::LEAF)
+            }
+            b'h' | b'j' => match memo.get(&memo_key(width)) {
+                Some(&held) => Some(held),
+                None => return Ok(()),
+            },
+            b'q' | b'r' => match stack.last() {
+                Some(&top) => {
+                    built = built.saturating_add(top.objects);
+                    memo.insert(memo_key(width), top);
+                    None
+                }
+                None => return Ok(()),
+            },
+            b'Q' | 0x85 | 0x86 | 0x87 | b'R' | 0x81 | b'b' => {
+                let n = match op {
+                    b'Q' | 0x85 => 1,
+                    0x86 | b'R' | 0x81 | b'b' => 2,
+                    _ => 3,
+                };
+                match pop(&mut stack, n) {
+                    Some(parts) => Some(Held::of(&parts)),
+                    None => return Ok(()),
+                }
+            }
+            b't' => match to_mark(&mut stack) {
+                Some(parts) => Some(Held::of(&parts)),
+                None => return Ok(()),
+            },
+            b'a' | b's' | b'e' | b'u' => {
+                let parts = match op {
+                    b'a' => pop(&mut stack, 1),
+                    b's' => pop(&mut stack, 2),
+                    _ => to_mark(&mut stack),
+                };
+                match (parts, stack.pop()) {
+                    (Some(parts), Some(container)) => Some(container.extended(&parts)),
+                    _ => return Ok(()),
+                }
+            }
+            _ => unreachable!("every opcode above has its effect"),
+        };
+        if let Some(held) = pushed {
+            if held.depth > MAX_PICKLE_DEPTH {
+                return Err(format!(
+                    "objects nest {} deep at byte {at}, deeper than a state_dict's {MAX_PICKLE_DEPTH}",
+                    held.depth
+                ));
+            }
+            if matches!(op, b'h' | b'j') {
+                built = built.saturating_add(held.objects);
+            } else {
+                built = built.saturating_add(1);
+            }
+            stack.push(held);
+        }
+        if built > MAX_PICKLE_OBJECTS {
+            return Err(format!(
+                "unpickling would build more than {MAX_PICKLE_OBJECTS} objects by byte {at} (memo references \
+                 copied over and over, or a flood of objects): not a state_dict"
+            ));
+        }
         at += 1 + width;
     }
     Ok(())
@@ -194,7 +313,7 @@ fn check_pickle(bytes: &[u8]) -> std::result::Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_pickle;
+    use super::*;
 
     #[test]
     fn pickle_lengths_are_checked_against_the_pickle() {
@@ -206,5 +325,25 @@ mod tests {
         assert!(check_pickle(b"\x80\x02\x8a\x09\x01").unwrap_err().contains("9-byte integer"));
         assert!(check_pickle(b"\x80\x02ctorch\n").unwrap_err().contains("GLOBAL"));
         assert!(check_pickle(b"\x80").unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn pickle_objects_are_counted_and_their_nesting_bounded() {
+        // A dict of two string -> tuple entries, as state_dicts are made: well within bounds.
+        assert!(check_pickle(b"\x80\x02}q\x00(X\x01\x00\x00\x00aK\x01K\x02\x86X\x01\x00\x00\x00bh\x00\x85u.").is_ok());
+        // A memo entry that holds two copies of the previous one, 30 times over: 2^30 objects.
+        let mut bomb = b"\x80\x02N".to_vec();
+        for level in 0u8..30 {
+            bomb.extend([b'q', level, b'h', level, 0x86]);
+        }
+        bomb.push(b'.');
+        assert!(check_pickle(&bomb).unwrap_err().contains("objects"));
+        // Nesting one past the bound is refused; at the bound it is not.
+        let nested = |n: usize| [&b"\x80\x02N"[..], &vec![0x85u8; n], b"."].concat();
+        assert!(check_pickle(&nested(MAX_PICKLE_DEPTH as usize - 1)).is_ok());
+        assert!(check_pickle(&nested(MAX_PICKLE_DEPTH as usize)).unwrap_err().contains("nest"));
+        // The same bounds hold through marks: a tuple of marks' contents.
+        let marks = [&b"\x80\x02"[..], &vec![b'('; 300], b"N", &vec![b't'; 300], b"."].concat();
+        assert!(check_pickle(&marks).unwrap_err().contains("nest"));
     }
 }

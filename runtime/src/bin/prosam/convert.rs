@@ -129,7 +129,7 @@ fn parse_labels(spec: &str) -> anyhow::Result<Vec<String>> {
 
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
     let source = args.monai.as_ref().or(args.autoprosam.as_ref()).expect("clap requires one source").clone();
-    super::ensure_distinct(&args.output, &[&source])?;
+    super::check_output_path(&args.output, &[&source])?;
     let name = args
         .name
         .clone()

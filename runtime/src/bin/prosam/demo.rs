@@ -86,7 +86,7 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         report["model"] = serde_json::json!(meta.name);
         report["seed"] = serde_json::json!(args.seed);
         report["phase"] = serde_json::json!(phantom.phase);
-        report["files"] = serde_json::json!({"ct": ct, "truth": truth, "segmentation": seg});
+        report["files"] = serde_json::json!({"ct": ct.to_string_lossy(), "truth": truth.to_string_lossy(), "segmentation": seg.to_string_lossy()});
         report["seconds"] = serde_json::json!({"phantom": t_made, "segment": result.times.preprocess.as_secs_f64() + result.times.infer.as_secs_f64() + result.times.restore.as_secs_f64(), "total": seconds});
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {

@@ -60,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.json {
         let report = serde_json::json!({
-            "folder": args.folder,
+            "folder": args.folder.to_string_lossy(),
             "series": reports,
             "ignored": scan.ignored,
         });

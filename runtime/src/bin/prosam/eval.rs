@@ -141,8 +141,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let metrics = compare(&pred, &truth, (&args.pred, &args.truth), args.tolerance_mm)?;
     if args.json {
         let mut r = report(&metrics, args.tolerance_mm);
-        r["pred"] = serde_json::json!(args.pred);
-        r["truth"] = serde_json::json!(args.truth);
+        r["pred"] = serde_json::json!(args.pred.to_string_lossy());
+        r["truth"] = serde_json::json!(args.truth.to_string_lossy());
         outln!("{}", serde_json::to_string_pretty(&r)?)?;
     } else {
         print_table(&metrics, args.tolerance_mm)?;

@@ -21,7 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> {
-    super::ensure_distinct(&args.output, &[&args.input, &args.model])?;
+    super::check_output_path(&args.output, &[&args.input, &args.model])?;
     let super::LoadedModel { net, device, dtype, load_s, resident_mib: resident, .. } =
         super::load_model(&args.model, device)?;
 

@@ -21,7 +21,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tensors = file.tensor_infos()?;
     if args.json {
         let report = serde_json::json!({
-            "path": args.model,
+            "path": args.model.to_string_lossy(),
             "file_bytes": file.file_size(),
             "parameters": parameters,
             "tensors": tensors.len(),

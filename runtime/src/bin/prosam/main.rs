@@ -68,7 +68,7 @@ enum Command {
 /// Sizes the thread pools before any of them starts: rayon's (Candle's matrix products) and
 /// Candle's own pool for element-wise and quantized kernels, which read these variables.
 fn set_threads(threads: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(threads > 0, "--threads must be at least 1");
+    prosam_runtime::resources::check_threads(threads).map_err(|e| anyhow::anyhow!("--threads: {e}"))?;
     // SAFETY: called first thing in main, before any other thread exists.
     unsafe {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -111,7 +111,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", prosam_runtime::error::chain_text(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -164,8 +164,10 @@ pub(crate) fn load_model(path: &std::path::Path, device: DeviceChoice) -> anyhow
     Ok(LoadedModel { file, net, device, dtype, load_s, resident_mib: prosam_runtime::resources::resident_mib() })
 }
 
-/// Refuses an output path that names one of the inputs: an input is never overwritten.
-pub(crate) fn ensure_distinct(output: &std::path::Path, inputs: &[&std::path::Path]) -> anyhow::Result<()> {
+/// Checks an output before any work: it names none of the inputs (an input is never
+/// overwritten), and it can be written ([`prosam_models::temp_file::check_writable`]: a regular
+/// file or nothing yet, in a folder that exists, with room for its temporary name).
+pub(crate) fn check_output_path(output: &std::path::Path, inputs: &[&std::path::Path]) -> anyhow::Result<()> {
     let canonical_out = output.parent().and_then(|p| {
         let dir = if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p };
         dir.canonicalize().ok().map(|d| d.join(output.file_name().unwrap_or_default()))
@@ -182,5 +184,6 @@ pub(crate) fn ensure_distinct(output: &std::path::Path, inputs: &[&std::path::Pa
             input.display()
         );
     }
+    prosam_models::temp_file::check_writable(output)?;
     Ok(())
 }

@@ -21,7 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
-    super::ensure_distinct(&args.output, &[&args.model])?;
+    super::check_output_path(&args.output, &[&args.model])?;
     let to: Precision = args.to.parse().map_err(anyhow::Error::msg)?;
     let file = ModelFile::open(&args.model)?;
     let mut tensors: Vec<_> = file.tensors(&Device::Cpu)?.into_iter().collect();

@@ -58,7 +58,8 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Refuse, before reading the voxels, a CT whose run would need more memory than this
-    /// (4G, 512M, ...; default: the machine's physical memory).
+    /// (4G, 512M, ...; default and cap: 90% of the process's effective limit, the smallest of
+    /// physical memory, the cgroup's memory.max and `ulimit -v`).
     #[arg(long, value_name = "SIZE")]
     max_memory: Option<String>,
 }
@@ -70,9 +71,10 @@ enum OutputKind {
     DicomSeg,
 }
 
-/// Fails early, before minutes of inference, when an output cannot be written.
+/// What an output is by its name; whether it can be written was checked with the others
+/// ([`super::check_output_path`]).
 fn check_output(output: &Path) -> anyhow::Result<OutputKind> {
-    let name = output.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = output.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let kind = if name.ends_with(".nii") || name.ends_with(".nii.gz") {
         OutputKind::Nifti
     } else if name.ends_with(".dcm") {
@@ -80,16 +82,6 @@ fn check_output(output: &Path) -> anyhow::Result<OutputKind> {
     } else {
         bail!("{}: the output must end in .nii, .nii.gz or .dcm", output.display());
     };
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        bail!("{}: the output folder {} does not exist", output.display(), dir.display());
-    }
-    let probe = dir.join(format!("{}{}", prosam_models::temp_file::TEMP_PREFIXES[1], std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write in {}", output.display(), dir.display()))?;
-    let _ = std::fs::remove_file(&probe);
     Ok(kind)
 }
 
@@ -102,7 +94,7 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         let mut others: Vec<&Path> = vec![&args.input];
         others.extend(args.model.as_deref());
         others.extend(outputs[..n].iter().map(PathBuf::as_path));
-        super::ensure_distinct(out, &others)?;
+        super::check_output_path(out, &others)?;
         let out_dir = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.canonicalize().ok(),
             _ => std::env::current_dir().ok(),
@@ -128,8 +120,8 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         args.input.display()
     );
     let budget = match &args.max_memory {
-        Some(text) => MemoryBudget::parse(text).map_err(|e| anyhow::anyhow!("--max-memory: {e}"))?,
-        None => MemoryBudget::machine(),
+        Some(text) => MemoryBudget::parse(text).map_err(|e| anyhow::anyhow!("--max-memory: {e}"))?.capped(),
+        None => MemoryBudget::effective(),
     };
     let blend: Blend = args.blend.parse().map_err(anyhow::Error::msg)?;
     let options = SegmentOptions { overlap: args.overlap, blend, batch: args.batch };
@@ -216,8 +208,8 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         "prosam_version": env!("CARGO_PKG_VERSION"),
         "model": meta.name,
         "model_checksum": meta.checksum,
-        "input": args.input,
-        "output": args.output,
+        "input": args.input.to_string_lossy(),
+        "output": args.output.to_string_lossy(),
         "series": match &input {
             CtInput::Dicom(d) => Some(d.series.uid.clone()),
             CtInput::Nifti(_) => None,
