@@ -12,7 +12,12 @@
 //! (partial volume), gets a smooth texture per tissue and Gaussian noise, and is stored at a
 //! random spacing and axis orientation (see [`PhantomOptions`]).
 
+mod real;
+
+pub use real::{LabelAnatomy, generate_from};
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -77,22 +82,39 @@ pub struct Phantom {
 pub fn generate(seed: u64, options: &PhantomOptions) -> Phantom {
     let mut rng = Rng::new(seed ^ 0x5048_414E_544F_4D00);
     let anatomy = Anatomy::random(&mut rng);
+    let scan =
+        Scan { field_of_view_mm: options.field_of_view_mm, center_mm: [0.0; 3], blur: 0.45, noise_hu: (6.0, 22.0) };
+    render(&anatomy, &mut rng, options, &scan)
+}
+
+/// Where and how an anatomy is scanned: the field of view (mm, centred on `center_mm` in the
+/// scanner's RAS frame), the blur in voxels (partial volume), the range of the noise's standard
+/// deviation in HU.
+struct Scan {
+    field_of_view_mm: [f64; 3],
+    center_mm: [f64; 3],
+    blur: f64,
+    noise_hu: (f64, f64),
+}
+
+/// The CT and labels of `anatomy` on a grid drawn from `options` (spacing, axis flips) and `scan`.
+fn render(anatomy: &Anatomy, rng: &mut Rng, options: &PhantomOptions, scan: &Scan) -> Phantom {
     let span = |r: (f64, f64), rng: &mut Rng| r.0 + (r.1 - r.0) * rng.uniform();
-    let in_plane = span(options.in_plane_mm, &mut rng);
-    let spacing = [in_plane, in_plane, span(options.slice_mm, &mut rng)];
-    let fov = options.field_of_view_mm;
+    let in_plane = span(options.in_plane_mm, rng);
+    let spacing = [in_plane, in_plane, span(options.slice_mm, rng)];
+    let fov = scan.field_of_view_mm;
     let dims: [usize; 3] = std::array::from_fn(|a| (fov[a] / spacing[a]).round().max(1.0) as usize);
     let flips: [bool; 3] =
         if options.random_orientation { [rng.chance(0.5), rng.chance(0.5), rng.chance(0.2)] } else { [false; 3] };
-    // Voxel (i, j, k) to RAS mm, the grid centred on the origin, each axis possibly reversed.
+    // Voxel (i, j, k) to RAS mm, the grid centred on the scan's centre, each axis possibly reversed.
     let mut rows = [[0.0; 4]; 3];
     for a in 0..3 {
         let sign = if flips[a] { -1.0 } else { 1.0 };
         rows[a][a] = sign * spacing[a];
-        rows[a][3] = -sign * spacing[a] * (dims[a] as f64 - 1.0) / 2.0;
+        rows[a][3] = scan.center_mm[a] - sign * spacing[a] * (dims[a] as f64 - 1.0) / 2.0;
     }
     let affine = Affine::from_rows(rows);
-    let noise_sigma = 6.0 + 16.0 * rng.uniform();
+    let noise_sigma = span(scan.noise_hu, rng);
     let noise_seed = rng.next_u64();
 
     let plane = dims[0] * dims[1];
@@ -108,7 +130,7 @@ pub fn generate(seed: u64, options: &PhantomOptions) -> Phantom {
             }
         }
     });
-    blur(&mut hu, dims, 0.45);
+    blur(&mut hu, dims, scan.blur);
     hu.par_chunks_mut(plane).enumerate().for_each(|(k, slice)| {
         let mut rng = Rng::new(noise_seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         for v in slice {
@@ -349,14 +371,26 @@ struct Anatomy {
     muscle_hu: f64,
     tissues: Vec<Tissue>,
     phase: &'static str,
+    /// Organs from a real label map, in place of the drawn ones (label-driven synthesis).
+    real: Option<real::RealOrgans>,
 }
 
-impl Anatomy {
-    fn random(rng: &mut Rng) -> Anatomy {
-        use label::*;
-        let size = 0.88 + 0.22 * rng.uniform();
-        let body = [160.0 * size * (0.95 + 0.1 * rng.uniform()), 115.0 * size * (0.92 + 0.16 * rng.uniform())];
-        let s = |x: f64, y: f64, z: f64| [x * size, y * size, z];
+/// A contrast phase's organ values in HU, with per-case jitter.
+#[derive(Debug, Clone, Copy)]
+struct Contrast {
+    phase: &'static str,
+    liver: f64,
+    spleen: f64,
+    pancreas: f64,
+    kidney: f64,
+    aorta: f64,
+    veins: f64,
+    /// The stomach's and bowel's wall.
+    wall: f64,
+}
+
+impl Contrast {
+    fn random(rng: &mut Rng) -> Contrast {
         let n = |rng: &mut Rng, sd: f64| sd * rng.normal();
         // Contrast phase: organ enhancement in HU before per-case jitter.
         let (phase, liver, spleen, pancreas, kidney, aorta, veins, wall) = match rng.below(10) {
@@ -367,68 +401,21 @@ impl Anatomy {
         let (liver, spleen, pancreas, wall) =
             (liver + n(rng, 8.0), spleen + n(rng, 8.0), pancreas + n(rng, 6.0), wall + n(rng, 6.0));
         let (kidney, aorta, veins) = (kidney + n(rng, 15.0), aorta + n(rng, 25.0), veins + n(rng, 15.0));
-        let mut tissues = Vec::new();
-        let mut add = |t: Tissue| tissues.push(t);
+        Contrast { phase, liver, spleen, pancreas, kidney, aorta, veins, wall }
+    }
+}
 
-        // Spine: vertebral bodies with discs every ~30 mm, the canal, the posterior arch.
-        let bone = 250.0 + 80.0 * rng.uniform();
-        add(Tissue::layered(
-            Shape::tube(rng, &[s(0.0, -72.0, 140.0), s(0.0, -70.0, 0.0), s(0.0, -66.0, -140.0)], &[22.0, 23.0, 24.0]),
-            0,
-            650.0,
-            bone,
-            0.2,
-            rng,
-        ));
-        let disc_phase = 30.0 * rng.uniform();
-        for level in -5..=5 {
-            let z = disc_phase + 30.0 * level as f64;
-            add(Tissue::new(
-                Shape::tube(rng, &[s(0.0, -70.0, z - 3.0), s(0.0, -70.0, z + 3.0)], &[22.0, 22.0]),
-                0,
-                85.0,
-                rng,
-            ));
-        }
-        add(Tissue::layered(
-            Shape::tube(rng, &[s(0.0, -104.0, 140.0), s(0.0, -102.0, -140.0)], &[17.0, 17.0]),
-            0,
-            600.0,
-            15.0,
-            0.4,
-            rng,
-        ));
-        // Paraspinal muscles, psoas growing downwards.
-        for x in [-40.0, 40.0] {
-            add(Tissue::new(
-                Shape::tube(rng, &[s(x, -100.0, 140.0), s(x, -100.0, -140.0)], &[26.0, 28.0]),
-                0,
-                55.0,
-                rng,
-            ));
-            add(Tissue::new(
-                Shape::tube(rng, &[s(x * 1.1, -62.0, 10.0), s(x * 1.2, -58.0, -140.0)], &[6.0, 24.0]),
-                0,
-                55.0,
-                rng,
-            ));
-        }
-        // Bowel loops (unlabelled), low in the abdomen, some with gas.
-        for _ in 0..4 + rng.below(5) {
-            let c = s(n(rng, 60.0), 30.0 + n(rng, 25.0), -60.0 + n(rng, 35.0));
-            let mut loop_ = Tissue::layered(
-                Shape::blob(rng, c, [25.0, 18.0, 22.0], 40.0, 0.15),
-                0,
-                45.0,
-                15.0 + 15.0 * rng.uniform(),
-                0.25,
-                rng,
-            );
-            if rng.chance(0.6) {
-                loop_.air_above = Some(c[1] + 5.0 * rng.normal());
-            }
-            add(loop_);
-        }
+impl Anatomy {
+    fn random(rng: &mut Rng) -> Anatomy {
+        use label::*;
+        let size = 0.88 + 0.22 * rng.uniform();
+        let body = [160.0 * size * (0.95 + 0.1 * rng.uniform()), 115.0 * size * (0.92 + 0.16 * rng.uniform())];
+        let s = |x: f64, y: f64, z: f64| [x * size, y * size, z];
+        let n = |rng: &mut Rng, sd: f64| sd * rng.normal();
+        let Contrast { phase, liver, spleen, pancreas, kidney, aorta, veins, wall } = Contrast::random(rng);
+        let mut tissues = Vec::new();
+        add_skeleton_and_gut(rng, size, false, &mut tissues);
+        let mut add = |t: Tissue| tissues.push(t);
         // The organs.
         add(Tissue::new(Shape::blob(rng, s(-62.0, 5.0, 45.0), [82.0, 76.0, 63.0], 8.0, 0.12), LIVER, liver, rng));
         add(Tissue::new(Shape::blob(rng, s(10.0, 38.0, 62.0), [45.0, 28.0, 28.0], 10.0, 0.1), LIVER, liver, rng));
@@ -519,23 +506,7 @@ impl Anatomy {
             veins,
             rng,
         ));
-        // Ribs in the upper abdomen: bands of bone just inside the muscle wall, tilted.
-        let rib_start = -20.0 + 20.0 * rng.uniform();
-        let mut z = rib_start;
-        while z < 150.0 {
-            for side in [-1.0, 1.0] {
-                let points: Vec<[f64; 3]> = (0..=8)
-                    .map(|i| {
-                        let angle = (-95.0 + 140.0 * i as f64 / 8.0f64).to_radians();
-                        let rx = body[0] - 32.0;
-                        let ry = body[1] - 30.0;
-                        [side * rx * angle.cos(), ry * angle.sin(), z + 0.25 * (angle.to_degrees() + 95.0)]
-                    })
-                    .collect();
-                add(Tissue::layered(Shape::tube(rng, &points, &vec![5.0; points.len()]), 0, 700.0, 300.0, 0.4, rng));
-            }
-            z += 24.0 + 4.0 * rng.uniform();
-        }
+        add_ribs(rng, body, &mut tissues);
         let pose = random_rotation(rng, 4.0);
         let shift = [n(rng, 6.0), n(rng, 6.0), n(rng, 12.0)];
         Anatomy {
@@ -549,6 +520,7 @@ impl Anatomy {
             muscle_hu: 50.0 + n(rng, 6.0),
             tissues,
             phase,
+            real: None,
         }
     }
 
@@ -573,6 +545,12 @@ impl Anatomy {
         } else {
             self.fat_hu + 10.0
         };
+        if let Some(real) = &self.real
+            && inward > self.fat + self.muscle + 6.0
+            && let Some(v) = real.above_diaphragm(q)
+        {
+            value = v;
+        }
         let mut label = 0;
         for t in &self.tissues {
             if let Some(v) = t.value(q) {
@@ -580,7 +558,99 @@ impl Anatomy {
                 label = t.label;
             }
         }
+        if let Some((v, l)) = self.real.as_ref().and_then(|real| real.organ(q)) {
+            value = v;
+            label = l;
+        }
         (value, label)
+    }
+}
+
+/// The spine (vertebral bodies with discs, the canal, the posterior arch), paraspinal and psoas
+/// muscles, and unlabelled bowel loops low in the abdomen, for a patient of `size`, in the
+/// layout's frame (+x toward the patient's left, +y anterior, +z superior; the spine's axis at
+/// x = 0, y = -70 mm). `flat_discs`: discs 7 mm high; otherwise the drawn phantoms' discs, tube
+/// segments whose rounded ends (22 mm) cover most of each vertebral body, kept so that a seed
+/// still gives the phantom the demo student was trained and scored on.
+fn add_skeleton_and_gut(rng: &mut Rng, size: f64, flat_discs: bool, tissues: &mut Vec<Tissue>) {
+    let s = |x: f64, y: f64, z: f64| [x * size, y * size, z];
+    let n = |rng: &mut Rng, sd: f64| sd * rng.normal();
+    let mut add = |t: Tissue| tissues.push(t);
+    // Spine: vertebral bodies with discs every ~30 mm, the canal, the posterior arch.
+    let bone = 250.0 + 80.0 * rng.uniform();
+    add(Tissue::layered(
+        Shape::tube(rng, &[s(0.0, -72.0, 140.0), s(0.0, -70.0, 0.0), s(0.0, -66.0, -140.0)], &[22.0, 23.0, 24.0]),
+        0,
+        650.0,
+        bone,
+        0.2,
+        rng,
+    ));
+    let disc_phase = 30.0 * rng.uniform();
+    for level in -5..=5 {
+        let z = disc_phase + 30.0 * level as f64;
+        let disc = if flat_discs {
+            Shape::blob(rng, s(0.0, -70.0, z), [23.0, 23.0, 3.5], 4.0, 0.05)
+        } else {
+            Shape::tube(rng, &[s(0.0, -70.0, z - 3.0), s(0.0, -70.0, z + 3.0)], &[22.0, 22.0])
+        };
+        add(Tissue::new(disc, 0, 85.0, rng));
+    }
+    add(Tissue::layered(
+        Shape::tube(rng, &[s(0.0, -104.0, 140.0), s(0.0, -102.0, -140.0)], &[17.0, 17.0]),
+        0,
+        600.0,
+        15.0,
+        0.4,
+        rng,
+    ));
+    // Paraspinal muscles, psoas growing downwards.
+    for x in [-40.0, 40.0] {
+        add(Tissue::new(Shape::tube(rng, &[s(x, -100.0, 140.0), s(x, -100.0, -140.0)], &[26.0, 28.0]), 0, 55.0, rng));
+        add(Tissue::new(
+            Shape::tube(rng, &[s(x * 1.1, -62.0, 10.0), s(x * 1.2, -58.0, -140.0)], &[6.0, 24.0]),
+            0,
+            55.0,
+            rng,
+        ));
+    }
+    // Bowel loops (unlabelled), low in the abdomen, some with gas.
+    for _ in 0..4 + rng.below(5) {
+        let c = s(n(rng, 60.0), 30.0 + n(rng, 25.0), -60.0 + n(rng, 35.0));
+        let mut loop_ = Tissue::layered(
+            Shape::blob(rng, c, [25.0, 18.0, 22.0], 40.0, 0.15),
+            0,
+            45.0,
+            15.0 + 15.0 * rng.uniform(),
+            0.25,
+            rng,
+        );
+        if rng.chance(0.6) {
+            loop_.air_above = Some(c[1] + 5.0 * rng.normal());
+        }
+        add(loop_);
+    }
+}
+
+/// Ribs in the upper abdomen, inside a body of semi-axes `body` (mm).
+fn add_ribs(rng: &mut Rng, body: [f64; 2], tissues: &mut Vec<Tissue>) {
+    let mut add = |t: Tissue| tissues.push(t);
+    // Ribs in the upper abdomen: bands of bone just inside the muscle wall, tilted.
+    let rib_start = -20.0 + 20.0 * rng.uniform();
+    let mut z = rib_start;
+    while z < 150.0 {
+        for side in [-1.0, 1.0] {
+            let points: Vec<[f64; 3]> = (0..=8)
+                .map(|i| {
+                    let angle = (-95.0 + 140.0 * i as f64 / 8.0f64).to_radians();
+                    let rx = body[0] - 32.0;
+                    let ry = body[1] - 30.0;
+                    [side * rx * angle.cos(), ry * angle.sin(), z + 0.25 * (angle.to_degrees() + 95.0)]
+                })
+                .collect();
+            add(Tissue::layered(Shape::tube(rng, &points, &vec![5.0; points.len()]), 0, 700.0, 300.0, 0.4, rng));
+        }
+        z += 24.0 + 4.0 * rng.uniform();
     }
 }
 
@@ -612,6 +682,55 @@ pub fn write_dataset(
     options: &PhantomOptions,
     progress: &mut dyn FnMut(&WrittenCase),
 ) -> Result<Vec<WrittenCase>> {
+    let make = |seed: u64, _: bool| {
+        let p = generate(seed, options);
+        let description = format!("prosam synthetic phantom, seed {seed}, {}", p.phase);
+        (p, description)
+    };
+    let about =
+        "Synthetic abdominal CT phantoms made by `prosam phantom`: shapes with CT-like intensities, not patient data";
+    write_cases(dir, seeds, validation, ("prosam phantoms", about), &make, progress)
+}
+
+/// Writes synthetic CTs built around real label maps ([`generate_from`]) in [`write_dataset`]'s
+/// layout: the training cases (all but the last `validation`) cycle through `training`, the
+/// validation cases through `held_out` (or `training` when it is empty), so that validation can
+/// be on anatomy training never saw.
+pub fn write_anatomy_dataset(
+    dir: &Path,
+    seeds: &[u64],
+    validation: usize,
+    training: &[Arc<LabelAnatomy>],
+    held_out: &[Arc<LabelAnatomy>],
+    options: &PhantomOptions,
+    progress: &mut dyn FnMut(&WrittenCase),
+) -> Result<Vec<WrittenCase>> {
+    if training.is_empty() {
+        return Err(Error::Options("no anatomy to build the training cases around".into()));
+    }
+    let held_out = if held_out.is_empty() { training } else { held_out };
+    let make = |seed: u64, validating: bool| {
+        let pool = if validating { held_out } else { training };
+        let anatomy = &pool[(seed % pool.len() as u64) as usize];
+        let p = generate_from(seed, anatomy, options);
+        let description = format!("prosam synthetic CT on {}, seed {seed}, {}", anatomy.name, p.phase);
+        (p, description)
+    };
+    let about = "Synthetic abdominal CTs made by `prosam phantom --anatomy`: real organ label maps (research use) \
+                 deformed, with a drawn body and randomised intensities; not patient images";
+    write_cases(dir, seeds, validation, ("prosam label-driven synthesis", about), &make, progress)
+}
+
+/// Writes the cases `make(seed, is_validation)` gives (the CT and its description) and the
+/// dataset.json (see [`write_dataset`]).
+fn write_cases(
+    dir: &Path,
+    seeds: &[u64],
+    validation: usize,
+    (title, about): (&str, &str),
+    make: &dyn Fn(u64, bool) -> (Phantom, String),
+    progress: &mut dyn FnMut(&WrittenCase),
+) -> Result<Vec<WrittenCase>> {
     if validation > seeds.len() {
         return Err(Error::Options(format!("{validation} validation cases out of {}", seeds.len())));
     }
@@ -620,11 +739,11 @@ pub fn write_dataset(
         std::fs::create_dir_all(&d).map_err(|source| Error::Io { path: d.clone(), source })?;
     }
     let mut written = Vec::with_capacity(seeds.len());
-    for &seed in seeds {
-        let p = generate(seed, options);
+    let split = seeds.len() - validation;
+    for (n, &seed) in seeds.iter().enumerate() {
+        let (p, description) = make(seed, n >= split);
         let name = format!("{}.nii.gz", case_name(seed));
         let (image, label) = (dir.join("imagesTr").join(&name), dir.join("labelsTr").join(&name));
-        let description = format!("prosam synthetic phantom, seed {seed}, {}", p.phase);
         crate::volume::nifti::write_ct(&image, &p.image, &description)?;
         let header = crate::volume::nifti::header_for(&p.image.affine, p.image.dims);
         crate::volume::nifti::write_labels(&label, &p.labels, p.image.dims, &header, &description)?;
@@ -637,15 +756,14 @@ pub fn write_dataset(
         let name = format!("{}.nii.gz", case_name(c.seed));
         serde_json::json!({"image": format!("imagesTr/{name}"), "label": format!("labelsTr/{name}")})
     };
-    let split = seeds.len() - validation;
     let labels: serde_json::Map<String, serde_json::Value> = prosam_models::format::BTCV_LABELS
         .iter()
         .enumerate()
         .map(|(i, n)| (i.to_string(), serde_json::Value::from(*n)))
         .collect();
     let json = serde_json::json!({
-        "name": "prosam phantoms",
-        "description": "Synthetic abdominal CT phantoms made by `prosam phantom`: shapes with CT-like intensities, not patient data",
+        "name": title,
+        "description": about,
         "reference": "prosam",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
