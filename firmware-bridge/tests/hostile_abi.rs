@@ -9,22 +9,9 @@ use std::ffi::{CStr, CString, c_char, c_void};
 use std::path::{Path, PathBuf};
 
 use prosam::*;
-use prosam_models::format::Metadata;
-use prosam_models::swin_unetr::Config;
 
 fn last_error() -> String {
     unsafe { CStr::from_ptr(prosam_last_error()) }.to_string_lossy().into_owned()
-}
-
-/// A random-weight fs 12 student on a coarse grid with the smallest window: a fraction of a
-/// second per small volume.
-fn coarse_model(dir: &Path) -> PathBuf {
-    let cfg = Config::tiny();
-    let tensors = common::random_weights(&cfg, 0.05);
-    let metadata = Metadata { spacing: [4.0, 4.0, 4.0], roi_size: [64, 32, 32], ..Metadata::btcv("coarse", cfg) };
-    let path = dir.join("coarse.safetensors");
-    prosam_models::format::save(&path, metadata, &tensors).unwrap();
-    path
 }
 
 fn load(path: &Path) -> *mut prosam_model {
@@ -72,7 +59,7 @@ fn smooth(n: usize) -> Vec<f32> {
 #[test]
 fn a_volume_with_non_finite_values_is_refused_naming_the_count_and_the_first() {
     let dir = common::scratch_dir("abi_nan");
-    let model = load(&coarse_model(&dir));
+    let model = load(&common::coarse_model(&dir));
     let n = DIMS.iter().product::<i64>() as usize;
     let mut data = smooth(n);
     data[7 + 40 * (2 + 36 * 3)] = f32::NAN;
@@ -105,7 +92,7 @@ fn the_memory_budget_counts_the_calls_batch() {
     use prosam_runtime::engine::{SegmentOptions, Segmenter};
     use prosam_runtime::memory::VolumeShape;
     let dir = common::scratch_dir("abi_batch_budget");
-    let path = coarse_model(&dir);
+    let path = common::coarse_model(&dir);
     let dims = [200i64, 200, 120];
     let n = dims.iter().product::<i64>() as usize;
     let data = smooth(n);
@@ -156,7 +143,7 @@ fn a_log_callback_that_replaces_itself_does_not_deadlock() {
 #[test]
 fn an_absurd_thread_count_is_refused() {
     let dir = common::scratch_dir("abi_threads");
-    let path = CString::new(coarse_model(&dir).to_str().unwrap()).unwrap();
+    let path = CString::new(common::coarse_model(&dir).to_str().unwrap()).unwrap();
     let (done, wait) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let params = prosam_model_params { n_threads: i32::MAX, ..prosam_model_default_params() };
@@ -191,7 +178,7 @@ unsafe extern "C" fn record_progress(done: i32, total: i32, _user: *mut c_void) 
 #[test]
 fn progress_is_reported_after_every_batch_and_only_then() {
     let dir = common::scratch_dir("abi_progress");
-    let model = load(&coarse_model(&dir));
+    let model = load(&common::coarse_model(&dir));
     let n = DIMS.iter().product::<i64>() as usize;
     let data = smooth(n);
     let params = prosam_segment_params { progress: Some(record_progress), batch: 2, ..prosam_segment_default_params() };
@@ -258,7 +245,7 @@ const RLIMIT_CHILD: &str = "PROSAM_TEST_RLIMIT_CHILD";
 #[test]
 fn under_an_address_space_limit_a_large_volume_is_refused_not_aborted() {
     if let Some(dir) = std::env::var_os(RLIMIT_CHILD) {
-        let model = load(&coarse_model(Path::new(&dir)));
+        let model = load(&common::coarse_model(Path::new(&dir)));
         // 512 x 512 x 1000 voxels over a few bytes: overlapping strides address a tiny buffer.
         let data = [0i16; 4096];
         let mut v = volume(&data, prosam_voxel_type::Int16, [512, 512, 1000]);
