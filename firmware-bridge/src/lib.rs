@@ -761,9 +761,6 @@ pub unsafe extern "C" fn prosam_segment(
         // SAFETY: forwarded contract on the volume's data.
         let input = unsafe { gather(volume.data, &checked) }
             .ok_or_else(|| from_runtime(prosam_runtime::Error::Allocation { what: what(), bytes: shape.read_bytes }))?;
-        if let Some(bad) = input.non_finite() {
-            return Err(invalid(format!("prosam_segment: the volume holds {bad}")));
-        }
         let (callback, user_data) = (params.progress, params.progress_user_data as usize);
         let mut progress = move |done: usize, total: usize| -> bool {
             match callback {

@@ -89,30 +89,33 @@ impl Intensity {
 
     /// The transform of one HU value, in float32 as MONAI applies it (and the runtime does).
     pub fn map_f32(&self) -> impl Fn(f32) -> f32 + Sync + Send + Copy {
-        let (scale, a0, span, b0, b_span, lo, hi, clip) = match *self {
-            // ScaleIntensityRange: (x - a_min) / (a_max - a_min), then * (b_max - b_min) + b_min, then clip.
-            Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip } => (
-                true,
-                a_min as f32,
-                (a_max - a_min) as f32,
-                b_min as f32,
-                (b_max - b_min) as f32,
-                b_min.min(b_max) as f32,
-                b_min.max(b_max) as f32,
+        /// The transform's constants, converted to f32 once.
+        #[derive(Clone, Copy)]
+        enum F32 {
+            Window { a0: f32, span: f32, b0: f32, b_span: f32, lo: f32, hi: f32, clip: bool },
+            ZScore { lo: f32, hi: f32, mean: f32, std: f32 },
+        }
+        let constants = match *self {
+            Intensity::ScaleWindow { a_min, a_max, b_min, b_max, clip } => F32::Window {
+                a0: a_min as f32,
+                span: (a_max - a_min) as f32,
+                b0: b_min as f32,
+                b_span: (b_max - b_min) as f32,
+                lo: b_min.min(b_max) as f32,
+                hi: b_min.max(b_max) as f32,
                 clip,
-            ),
-            // Clip to [lower, upper], then (x - mean) / std.
+            },
             Intensity::ClipZScore { lower, upper, mean, std } => {
-                (false, mean as f32, std as f32, 0.0, 0.0, lower as f32, upper as f32, true)
+                F32::ZScore { lo: lower as f32, hi: upper as f32, mean: mean as f32, std: std as f32 }
             }
         };
-        move |x: f32| {
-            if scale {
+        move |x: f32| match constants {
+            // ScaleIntensityRange: (x - a_min) / (a_max - a_min), then * (b_max - b_min) + b_min, then clip.
+            F32::Window { a0, span, b0, b_span, lo, hi, clip } => {
                 let y = (x - a0) / span * b_span + b0;
                 if clip { y.clamp(lo, hi) } else { y }
-            } else {
-                (x.clamp(lo, hi) - a0) / span
             }
+            F32::ZScore { lo, hi, mean, std } => (x.clamp(lo, hi) - mean) / std,
         }
     }
 
@@ -309,7 +312,7 @@ impl Metadata {
         if self.roi_size.iter().any(|&r| r > MAX_ROI) {
             return Err(format!("roi_size {:?} is over prosam's limit of {MAX_ROI} voxels an axis", self.roi_size));
         }
-        if !is_axis_codes(&self.axis_codes) {
+        if parse_axis_codes(&self.axis_codes).is_none() {
             return Err(format!("axis codes `{}` are not three of L/R, P/A, I/S on distinct axes", self.axis_codes));
         }
         if (self.precision == Precision::Int8) == self.quantized.is_empty() {
@@ -370,20 +373,29 @@ fn check_labels(labels: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Three orientation letters, one per anatomical axis (e.g. `RAS`, `LPS`).
-fn is_axis_codes(codes: &str) -> bool {
-    let axis = |c: char| match c {
-        'L' | 'R' => Some(0),
-        'P' | 'A' => Some(1),
-        'I' | 'S' => Some(2),
-        _ => None,
-    };
-    let axes: Option<Vec<usize>> = codes.chars().map(axis).collect();
-    match axes {
-        Some(mut a) if a.len() == 3 => {
-            a.sort();
-            a == [0, 1, 2]
+/// Axis codes as nibabel and MONAI write them (`RAS`, `LPS`, ...), letter by letter: for each
+/// array axis, the anatomical axis it runs along (0 left-right, 1 posterior-anterior, 2
+/// inferior-superior) and whether it runs toward L, P or I. `None` unless three letters name three
+/// distinct anatomical axes.
+pub fn parse_axis_codes(codes: &str) -> Option<[(usize, bool); 3]> {
+    let letters: Vec<char> = codes.chars().collect();
+    let &[a, b, c] = letters.as_slice() else { return None };
+    let mut seen = [false; 3];
+    let mut axes = [(0, false); 3];
+    for (k, letter) in [a, b, c].into_iter().enumerate() {
+        let axis = match letter.to_ascii_uppercase() {
+            'R' => (0, false),
+            'L' => (0, true),
+            'A' => (1, false),
+            'P' => (1, true),
+            'S' => (2, false),
+            'I' => (2, true),
+            _ => return None,
+        };
+        if std::mem::replace(&mut seen[axis.0], true) {
+            return None;
         }
-        _ => false,
+        axes[k] = axis;
     }
+    Some(axes)
 }

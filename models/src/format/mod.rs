@@ -213,8 +213,13 @@ impl ModelFile {
         if found != metadata.checksum {
             return Err(Error::ChecksumMismatch { path, expected: metadata.checksum.clone(), found });
         }
-        let infos: HashMap<String, Vec<usize>> =
-            tensors.iter().map(|(name, view)| (name.clone(), stored_shape(name, view.shape()))).collect();
+        let mut infos = HashMap::with_capacity(tensors.len());
+        for (name, view) in &tensors {
+            if is_q8(name) && view.dtype() != safetensors::Dtype::U8 {
+                return Err(bad(format!("`{name}` holds {:?} values, not Q8_0 bytes", view.dtype())));
+            }
+            infos.insert(name.clone(), stored_shape(name, view.shape()));
+        }
         check_weights(&metadata.architecture.parameter_shapes(), &infos, &metadata.quantized, &path)?;
         for (name, view) in &tensors {
             check_finite(name, view).map_err(&bad)?;
@@ -293,11 +298,12 @@ impl ModelFile {
 /// A stored tensor's shape as [`check_weights`] compares it: the shape itself, or for Q8_0
 /// blocks (`KEY.q8_0`) their byte count.
 fn stored_shape(name: &str, shape: &[usize]) -> Vec<usize> {
-    if name.ends_with(&format!(".{}", crate::ops::quantized::Q8_SUFFIX)) {
-        vec![shape.iter().product()]
-    } else {
-        shape.to_vec()
-    }
+    if is_q8(name) { vec![shape.iter().product()] } else { shape.to_vec() }
+}
+
+/// Whether a stored tensor's name marks Q8_0 blocks (`KEY.q8_0`).
+fn is_q8(name: &str) -> bool {
+    name.strip_suffix(crate::ops::quantized::Q8_SUFFIX).is_some_and(|key| key.ends_with('.'))
 }
 
 /// Refuses a stored float tensor with a NaN or an infinity (in a Q8_0 tensor, a block scale),

@@ -55,25 +55,8 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 /// (`LAS`: axis 0 toward the patient's left, 1 anterior, 2 superior).
 fn affine_of_codes(codes: &str, spacing: f64) -> Option<Affine> {
     let mut rows = [[0.0; 4]; 3];
-    let mut seen = [false; 3];
-    let letters: Vec<char> = codes.chars().map(|c| c.to_ascii_uppercase()).collect();
-    if letters.len() != 3 {
-        return None;
-    }
-    for (axis, letter) in letters.into_iter().enumerate() {
-        let (world, sign) = match letter {
-            'R' => (0, 1.0),
-            'L' => (0, -1.0),
-            'A' => (1, 1.0),
-            'P' => (1, -1.0),
-            'S' => (2, 1.0),
-            'I' => (2, -1.0),
-            _ => return None,
-        };
-        if std::mem::replace(&mut seen[world], true) {
-            return None;
-        }
-        rows[world][axis] = sign * spacing;
+    for (axis, (world, negative)) in prosam_models::format::metadata::parse_axis_codes(codes)?.into_iter().enumerate() {
+        rows[world][axis] = if negative { -spacing } else { spacing };
     }
     Some(Affine::from_rows(rows))
 }

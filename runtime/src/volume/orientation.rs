@@ -70,29 +70,12 @@ impl Orientation {
     /// left): the RAS orientation, each axis reversed where its letter is L, P or I. `None` for
     /// codes that are not three distinct anatomical axes.
     pub fn to_codes(affine: &Affine, codes: &str) -> Option<Orientation> {
+        let axes = prosam_models::format::metadata::parse_axis_codes(codes)?;
         let ras = Orientation::to_ras(affine);
-        let letters: Vec<char> = codes.chars().collect();
-        let &[a, b, c] = letters.as_slice() else { return None };
-        let mut source_axis = [0; 3];
-        let mut flip = [false; 3];
-        let mut seen = [false; 3];
-        for (k, letter) in [a, b, c].into_iter().enumerate() {
-            let (world, negative) = match letter.to_ascii_uppercase() {
-                'R' => (0, false),
-                'L' => (0, true),
-                'A' => (1, false),
-                'P' => (1, true),
-                'S' => (2, false),
-                'I' => (2, true),
-                _ => return None,
-            };
-            if std::mem::replace(&mut seen[world], true) {
-                return None;
-            }
-            source_axis[k] = ras.source_axis[world];
-            flip[k] = ras.flip[world] != negative;
-        }
-        Some(Orientation { source_axis, flip })
+        Some(Orientation {
+            source_axis: axes.map(|(world, _)| ras.source_axis[world]),
+            flip: axes.map(|(world, negative)| ras.flip[world] != negative),
+        })
     }
 
     pub fn is_identity(&self) -> bool {
