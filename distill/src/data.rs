@@ -37,6 +37,10 @@ pub struct Dataset {
     pub validation: Vec<Entry>,
     /// The `labels` object, when the file has one: class number to name.
     pub labels: Option<BTreeMap<usize, String>>,
+    /// `name: description` from the Decathlon fields, for the trained model's provenance.
+    pub about: Option<String>,
+    /// The `licence` (or `license`) field: the terms a model trained on the data inherits.
+    pub licence: Option<String>,
 }
 
 impl Dataset {
@@ -84,7 +88,13 @@ impl Dataset {
             ),
             _ => None,
         };
-        Ok(Self { path: path.to_path_buf(), training, validation, labels })
+        let text = |key: &str| json.get(key).and_then(|v| v.as_str()).map(str::trim).filter(|t| !t.is_empty());
+        let about = match (text("name"), text("description")) {
+            (Some(name), Some(description)) => Some(format!("{name}: {description}")),
+            (name, description) => name.or(description).map(str::to_string),
+        };
+        let licence = text("licence").or_else(|| text("license")).map(str::to_string);
+        Ok(Self { path: path.to_path_buf(), training, validation, labels, about, licence })
     }
 }
 

@@ -341,6 +341,32 @@ fn phantoms_distill_segment_and_evaluate_through_the_binaries() {
     let record: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert!(record["mean_nsd"].is_number() && record["dice"].is_object(), "{record}");
     let student = out.join("student.safetensors");
+    // The student carries its data's provenance; `provenance` copies it with an intended use,
+    // the weights (checksum) unchanged, and never over its input.
+    let info = |model: &Path| -> serde_json::Value {
+        serde_json::from_str(&run(Command::new(&prosam).args(["info", "--json", "-m"]).arg(model))).unwrap()
+    };
+    let meta = info(&student)["metadata"].clone();
+    assert!(meta["training_data"].as_str().unwrap().starts_with("prosam phantoms: "), "{meta}");
+    assert!(meta["licence"].as_str().unwrap().contains("Apache-2.0"), "{meta}");
+    let copy = dir.join("stamped.safetensors");
+    let provenance = |output: &Path| {
+        let mut cmd = Command::new(&distill);
+        cmd.args(["provenance", "--intended-use", "tests only", "--name", "stamped", "-m"])
+            .arg(&student)
+            .arg("--data")
+            .arg(data.join("dataset.json"))
+            .arg("-o")
+            .arg(output);
+        cmd
+    };
+    run(&mut provenance(&copy));
+    let stamped = info(&copy)["metadata"].clone();
+    assert_eq!((stamped["intended_use"].as_str(), stamped["name"].as_str()), (Some("tests only"), Some("stamped")));
+    assert_eq!(stamped["checksum"], meta["checksum"]);
+    let refused = provenance(&student).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("refusing to overwrite"), "{err}");
     let seg = dir.join("seg.nii.gz");
     let image = &dataset.validation[0].image;
     run(Command::new(&prosam)

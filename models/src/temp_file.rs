@@ -57,6 +57,25 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     sibling(path, TEMP_PREFIXES[0], COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Checks an output path before any work: it is none of `inputs` (an input is never
+/// overwritten, whatever path spells it) and [`check_writable`].
+pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let canonical_out = output.parent().and_then(|p| {
+        let dir = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+        dir.canonicalize().ok().map(|d| d.join(output.file_name().unwrap_or_default()))
+    });
+    for input in inputs {
+        let same = match (&canonical_out, input.canonicalize()) {
+            (Some(o), Ok(i)) => *o == i,
+            _ => output == *input,
+        };
+        if same {
+            return Err(io_error(output, format!("is the input {}: refusing to overwrite an input", input.display())));
+        }
+    }
+    check_writable(output)
+}
+
 /// Refuses a destination that exists and is not a regular file: the rename would replace a
 /// device node, a FIFO or a socket (system-wide, for one in /dev), and a folder is no file.
 pub fn check_destination(path: &Path) -> Result<()> {

@@ -39,6 +39,28 @@ enum Command {
     TrainTeacher(TrainTeacher),
     /// Train a SwinUNETR student on (1 - lambda) DiceCE(labels) + lambda KD(teacher).
     Distill(Distill),
+    /// Copy a model file with its provenance set: what it was trained on and its licence (from a
+    /// dataset.json), and its intended use. The weights are copied bit for bit.
+    Provenance(Provenance),
+}
+
+#[derive(clap::Args)]
+struct Provenance {
+    /// The model file to copy.
+    #[arg(short, long, value_name = "MODEL")]
+    model: PathBuf,
+    /// The dataset.json the model was trained on: its `name`, `description` and `licence`.
+    #[arg(long, value_name = "dataset.json")]
+    data: PathBuf,
+    /// What the model is for, and what not.
+    #[arg(long, value_name = "TEXT")]
+    intended_use: Option<String>,
+    /// A new name for the model's metadata.
+    #[arg(long)]
+    name: Option<String>,
+    /// The copy (never the input).
+    #[arg(short, long, value_name = "FILE")]
+    output: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +125,43 @@ struct Distill {
     cache: Option<PathBuf>,
     #[arg(long)]
     max_minutes: Option<f64>,
+    /// What the student is for, and what not, recorded in its file (`prosam info` shows it with the
+    /// data set's description and licence).
+    #[arg(long, value_name = "TEXT")]
+    intended_use: Option<String>,
+}
+
+/// Records in `metadata` where its training data came from and on what terms.
+fn set_provenance(metadata: &mut Metadata, dataset: &Dataset, intended_use: Option<&str>) -> anyhow::Result<()> {
+    metadata.training_data = dataset.about.clone();
+    metadata.licence = dataset.licence.clone();
+    if let Some(text) = intended_use {
+        metadata.intended_use = Some(text.to_string());
+    }
+    metadata.validate().map_err(|e| anyhow::anyhow!("{}: {e}", dataset.path.display()))
+}
+
+fn provenance(args: Provenance) -> anyhow::Result<()> {
+    prosam_models::temp_file::check_output(&args.output, &[&args.model, &args.data])?;
+    let dataset = Dataset::load(&args.data)?;
+    let file = prosam_models::format::ModelFile::open(&args.model)?;
+    let mut metadata = file.metadata().clone();
+    if let Some(name) = &args.name {
+        metadata.name = name.clone();
+    }
+    set_provenance(&mut metadata, &dataset, args.intended_use.as_deref())?;
+    let mut tensors: Vec<_> = file.tensors(&candle_core::Device::Cpu)?.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let written = prosam_models::format::save(&args.output, metadata, &tensors)?;
+    anyhow::ensure!(
+        written.checksum == file.metadata().checksum,
+        "{}: the weights changed in the copy ({} became {})",
+        args.output.display(),
+        file.metadata().checksum,
+        written.checksum
+    );
+    eprintln!("{}: {} with its provenance", args.output.display(), written.name);
+    Ok(())
 }
 
 fn parse_spacing(text: &str) -> anyhow::Result<[f64; 3]> {
@@ -207,6 +266,7 @@ fn distill(args: Distill, quiet: bool) -> anyhow::Result<()> {
             teacher.as_ref().map_or("none".into(), |t| format!("{} {}", t.metadata.name, t.metadata.checksum))
         ));
         metadata.validate().map_err(anyhow::Error::msg)?;
+        set_provenance(&mut metadata, &dataset, args.intended_use.as_deref())?;
         let weights = match &args.init {
             Some(path) => {
                 prosam_models::format::ModelFile::open(path)?.tensors(&device)?.into_iter().collect::<Vec<_>>()
@@ -361,6 +421,7 @@ fn main() {
         match cli.command {
             Command::TrainTeacher(args) => train_teacher(args, cli.quiet),
             Command::Distill(args) => distill(args, cli.quiet),
+            Command::Provenance(args) => provenance(args),
         }
     })();
     if let Err(e) = result {

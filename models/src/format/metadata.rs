@@ -218,6 +218,16 @@ pub struct Metadata {
     /// The prosam version that wrote the file.
     #[serde(default)]
     pub writer: Option<String>,
+    /// What the weights were trained on (for `prosam-distill`: the data set's name and
+    /// description from its dataset.json), so that the provenance travels with the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_data: Option<String>,
+    /// The terms the weights may be used under, inherited from their training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub licence: Option<String>,
+    /// What the model is for, and what not (e.g. not for clinical decisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intended_use: Option<String>,
     /// Weights stored in a quantized encoding, by their key (the stored tensor is `KEY.q8_0`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub quantized: std::collections::BTreeMap<String, QuantizedTensor>,
@@ -274,6 +284,9 @@ impl Metadata {
             checksum: String::new(),
             source: None,
             writer: Some(format!("prosam {}", env!("CARGO_PKG_VERSION"))),
+            training_data: None,
+            licence: None,
+            intended_use: None,
             quantized: Default::default(),
         }
     }
@@ -306,6 +319,15 @@ impl Metadata {
             return Err(format!("{} label names for {} output channels", self.labels.len(), arch.out_channels()));
         }
         check_labels(&self.labels)?;
+        for (field, text) in [
+            ("source", &self.source),
+            ("writer", &self.writer),
+            ("training_data", &self.training_data),
+            ("licence", &self.licence),
+            ("intended_use", &self.intended_use),
+        ] {
+            check_note(field, text.as_deref())?;
+        }
         if self.spacing.iter().any(|s| !(s.is_finite() && *s >= MIN_SPACING_MM && *s <= MAX_SPACING_MM)) {
             return Err(format!("spacing {:?} must lie in {MIN_SPACING_MM}..{MAX_SPACING_MM} mm", self.spacing));
         }
@@ -344,6 +366,22 @@ pub const MAX_SPACING_MM: f64 = 50.0;
 /// Label names that fit a uint8 map and can be file names, log lines and JSON keys as they are:
 /// at most [`MAX_CLASSES`], each non-empty, unique, without control characters or path
 /// separators, not `.` or `..`, at most [`MAX_LABEL_BYTES`].
+/// The longest free-text field (provenance, licence, intended use) a model file may carry.
+pub const MAX_NOTE_BYTES: usize = 4096;
+
+/// Free text is printed by `prosam info`: bounded, and no control characters that could drive a
+/// terminal.
+fn check_note(field: &str, text: Option<&str>) -> Result<(), String> {
+    let Some(text) = text else { return Ok(()) };
+    if text.len() > MAX_NOTE_BYTES {
+        return Err(format!("{field} is {} bytes, over the limit of {MAX_NOTE_BYTES}", text.len()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(format!("{field} holds a control character"));
+    }
+    Ok(())
+}
+
 fn check_labels(labels: &[String]) -> Result<(), String> {
     if labels.len() > MAX_CLASSES {
         return Err(format!(

@@ -689,7 +689,8 @@ pub fn write_dataset(
     };
     let about =
         "Synthetic abdominal CT phantoms made by `prosam phantom`: shapes with CT-like intensities, not patient data";
-    write_cases(dir, seeds, validation, ("prosam phantoms", about), &make, progress)
+    let licence = "Apache-2.0, like prosam: drawn by prosam, no third-party data";
+    write_cases(dir, seeds, validation, ("prosam phantoms", about, licence), &make, progress)
 }
 
 /// Writes synthetic CTs built around real label maps ([`generate_from`]) in [`write_dataset`]'s
@@ -718,16 +719,18 @@ pub fn write_anatomy_dataset(
     };
     let about = "Synthetic abdominal CTs made by `prosam phantom --anatomy`: real organ label maps (research use) \
                  deformed, with a drawn body and randomised intensities; not patient images";
-    write_cases(dir, seeds, validation, ("prosam label-driven synthesis", about), &make, progress)
+    let licence = "Research use only: built on the BTCV organ label maps (Multi-Atlas Labeling Beyond the Cranial \
+                   Vault, MICCAI 2015, Synapse), whose terms a model trained on these cases inherits";
+    write_cases(dir, seeds, validation, ("prosam label-driven synthesis", about, licence), &make, progress)
 }
 
 /// Writes the cases `make(seed, is_validation)` gives (the CT and its description) and the
-/// dataset.json (see [`write_dataset`]).
+/// dataset.json (see [`write_dataset`]) with the data set's name, description and licence.
 fn write_cases(
     dir: &Path,
     seeds: &[u64],
     validation: usize,
-    (title, about): (&str, &str),
+    (title, about, licence): (&str, &str, &str),
     make: &dyn Fn(u64, bool) -> (Phantom, String),
     progress: &mut dyn FnMut(&WrittenCase),
 ) -> Result<Vec<WrittenCase>> {
@@ -764,6 +767,7 @@ fn write_cases(
     let json = serde_json::json!({
         "name": title,
         "description": about,
+        "licence": licence,
         "reference": "prosam",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},

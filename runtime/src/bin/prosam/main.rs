@@ -57,7 +57,7 @@ enum Command {
     Info(info::Args),
     /// Run the raw network on a float32 array (1, C, D, H, W) from .npy and write the logits as .npy.
     Forward(forward::Args),
-    /// Make a synthetic phantom, segment it with the built-in demo model and score the result.
+    /// Make a synthetic phantom, segment it with the built-in model and score the result.
     Demo(demo::Args),
     /// Per-organ Dice, normalized surface Dice and HD95 of a label map against the truth.
     Eval(eval::Args),
@@ -168,22 +168,5 @@ pub(crate) fn load_model(path: &std::path::Path, device: DeviceChoice) -> anyhow
 /// overwritten), and it can be written ([`prosam_models::temp_file::check_writable`]: a regular
 /// file or nothing yet, in a folder that exists, with room for its temporary name).
 pub(crate) fn check_output_path(output: &std::path::Path, inputs: &[&std::path::Path]) -> anyhow::Result<()> {
-    let canonical_out = output.parent().and_then(|p| {
-        let dir = if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p };
-        dir.canonicalize().ok().map(|d| d.join(output.file_name().unwrap_or_default()))
-    });
-    for input in inputs {
-        let same = match (&canonical_out, input.canonicalize()) {
-            (Some(o), Ok(i)) => *o == i,
-            _ => output == *input,
-        };
-        anyhow::ensure!(
-            !same,
-            "the output {} is the input {}: refusing to overwrite an input",
-            output.display(),
-            input.display()
-        );
-    }
-    prosam_models::temp_file::check_writable(output)?;
-    Ok(())
+    Ok(prosam_models::temp_file::check_output(output, inputs)?)
 }
