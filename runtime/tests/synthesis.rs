@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use prosam_runtime::phantom::{LabelAnatomy, PhantomOptions, generate_from, label};
+use prosam_runtime::phantom::{Bowel, LabelAnatomy, PhantomOptions, generate_from, label};
 
 fn coarse() -> PhantomOptions {
     PhantomOptions { in_plane_mm: (3.0, 3.5), slice_mm: (3.0, 4.0), ..PhantomOptions::default() }
@@ -55,6 +55,45 @@ fn synthetic_cts_on_real_anatomy_keep_organs_on_their_side() {
         let other = generate_from(seed + 1, &anatomy, &coarse());
         assert_ne!(p.labels, other.labels, "{case}: seeds do not vary the case");
         eprintln!("{case} seed {seed}: {:?} voxels, {}, aorta at {aorta:.0?}", p.image.dims, p.phase);
+    }
+}
+
+#[test]
+fn packed_bowel_fills_the_free_space_and_changes_nothing_else() {
+    let Some(dir) = common::shared_folder("data/btcv_labels") else { return };
+    let anatomy = Arc::new(LabelAnatomy::read(&dir.join("0003.nii.gz"), Some("LAS")).unwrap());
+    for seed in [3u64, 4] {
+        let packed = generate_from(seed, &anatomy, &coarse());
+        let loops = generate_from(seed, &anatomy, &PhantomOptions { bowel: Bowel::Loops, ..coarse() });
+        assert_eq!((packed.labels.as_slice(), packed.image.dims), (loops.labels.as_slice(), loops.image.dims));
+        // Unlabelled voxels that are soft tissue or fluid (bowel, wall, muscle) or gas inside the
+        // body: the packed bowel turns visceral fat into loops.
+        let count = |p: &prosam_runtime::phantom::Phantom, range: std::ops::Range<f32>| {
+            p.image.data.iter().zip(&p.labels).filter(|&(v, &l)| l == 0 && range.contains(v)).count()
+        };
+        let (soft_packed, soft_loops) = (count(&packed, -20.0..500.0), count(&loops, -20.0..500.0));
+        let (fat_packed, fat_loops) = (count(&packed, -150.0..-60.0), count(&loops, -150.0..-60.0));
+        eprintln!("seed {seed}: soft {soft_loops} -> {soft_packed}, fat {fat_loops} -> {fat_packed} voxels");
+        assert!(soft_packed as f64 > 1.2 * soft_loops as f64 && fat_packed < fat_loops, "seed {seed}");
+    }
+}
+
+#[test]
+fn thin_fields_of_view_are_slabs_through_the_organs() {
+    let Some(dir) = common::shared_folder("data/btcv_labels") else { return };
+    let anatomy = Arc::new(LabelAnatomy::read(&dir.join("0004.nii.gz"), Some("LAS")).unwrap());
+    for seed in 0..4u64 {
+        let slab = generate_from(seed, &anatomy, &PhantomOptions { thin_fov: 1.0, ..coarse() });
+        let whole = generate_from(seed, &anatomy, &PhantomOptions { thin_fov: 0.0, ..coarse() });
+        let z_mm = |p: &prosam_runtime::phantom::Phantom| p.image.dims[2] as f64 * p.image.affine.spacing()[2];
+        let organ_voxels = slab.labels.iter().filter(|&&l| l > 0).count();
+        eprintln!(
+            "seed {seed}: slab {:.0} mm ({organ_voxels} organ voxels), whole {:.0} mm",
+            z_mm(&slab),
+            z_mm(&whole)
+        );
+        assert!((36.0..=104.0).contains(&z_mm(&slab)) && organ_voxels > 1000, "seed {seed}");
+        assert_eq!(slab.phase, whole.phase, "seed {seed}: the slab changed the rest of the case");
     }
 }
 

@@ -12,6 +12,7 @@
 //! (partial volume), gets a smooth texture per tissue and Gaussian noise, and is stored at a
 //! random spacing and axis orientation (see [`PhantomOptions`]).
 
+mod bowel;
 mod real;
 
 pub use real::{LabelAnatomy, generate_from};
@@ -43,8 +44,8 @@ pub mod label {
     pub const LEFT_ADRENAL: u8 = 13;
 }
 
-/// The grid a phantom is stored on.
-#[derive(Debug, Clone, PartialEq)]
+/// The grid a phantom is stored on, and the label-driven synthesis's bowel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PhantomOptions {
     /// In-plane voxel size range in mm (drawn per case).
     pub in_plane_mm: (f64, f64),
@@ -55,6 +56,26 @@ pub struct PhantomOptions {
     pub random_orientation: bool,
     /// Field of view in mm (left-right, anterior-posterior, cranio-caudal).
     pub field_of_view_mm: [f64; 3],
+    /// The bowel of the label-driven synthesis ([`generate_from`]); the drawn phantoms always
+    /// have their few loops.
+    pub bowel: Bowel,
+    /// Share of the label-driven cases whose scan is a thin slab (40-100 mm) through the organs,
+    /// as a partial series or a limited scan range gives: thinner than a network's window, so
+    /// training sees the padding inference adds.
+    pub thin_fov: f64,
+}
+
+/// How the label-driven synthesis fills the free peritoneal space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Bowel {
+    /// Small bowel and colon packed around the organs, as in a real abdomen: loops with walls,
+    /// fluid, oral contrast, gas, gas-fluid levels or stool, mesenteric fat between them.
+    #[default]
+    Packed,
+    /// A few loops low in the abdomen in visceral fat, as the drawn phantoms have (the data the
+    /// first CT-trained student saw).
+    Loops,
 }
 
 impl Default for PhantomOptions {
@@ -64,6 +85,8 @@ impl Default for PhantomOptions {
             slice_mm: (2.0, 3.5),
             random_orientation: true,
             field_of_view_mm: [380.0, 300.0, 250.0],
+            bowel: Bowel::default(),
+            thin_fov: 0.2,
         }
     }
 }
@@ -373,6 +396,8 @@ struct Anatomy {
     phase: &'static str,
     /// Organs from a real label map, in place of the drawn ones (label-driven synthesis).
     real: Option<real::RealOrgans>,
+    /// Bowel packed into the visceral cavity (label-driven synthesis with [`Bowel::Packed`]).
+    bowel: Option<bowel::PackedBowel>,
 }
 
 /// A contrast phase's organ values in HU, with per-case jitter.
@@ -521,6 +546,7 @@ impl Anatomy {
             tissues,
             phase,
             real: None,
+            bowel: None,
         }
     }
 
@@ -543,7 +569,13 @@ impl Anatomy {
         } else if inward < self.fat + self.muscle {
             self.muscle_hu
         } else {
-            self.fat_hu + 10.0
+            match &self.bowel {
+                // The peritoneum a few mm inside the wall.
+                Some(bowel) if inward > self.fat + self.muscle + 3.0 => {
+                    bowel.value(q, self.fat_hu).unwrap_or(self.fat_hu + 10.0)
+                }
+                _ => self.fat_hu + 10.0,
+            }
         };
         if let Some(real) = &self.real
             && inward > self.fat + self.muscle + 6.0
@@ -690,7 +722,7 @@ pub fn write_dataset(
     let about =
         "Synthetic abdominal CT phantoms made by `prosam phantom`: shapes with CT-like intensities, not patient data";
     let licence = "Apache-2.0, like prosam: drawn by prosam, no third-party data";
-    write_cases(dir, seeds, validation, ("prosam phantoms", about, licence), &make, progress)
+    write_cases(dir, seeds, validation, ("prosam phantoms", about, licence), options, &make, progress)
 }
 
 /// Writes synthetic CTs built around real label maps ([`generate_from`]) in [`write_dataset`]'s
@@ -721,16 +753,19 @@ pub fn write_anatomy_dataset(
                  deformed, with a drawn body and randomised intensities; not patient images";
     let licence = "Research use only: built on the BTCV organ label maps (Multi-Atlas Labeling Beyond the Cranial \
                    Vault, MICCAI 2015, Synapse), whose terms a model trained on these cases inherits";
-    write_cases(dir, seeds, validation, ("prosam label-driven synthesis", about, licence), &make, progress)
+    let title = ("prosam label-driven synthesis", about, licence);
+    write_cases(dir, seeds, validation, title, options, &make, progress)
 }
 
 /// Writes the cases `make(seed, is_validation)` gives (the CT and its description) and the
-/// dataset.json (see [`write_dataset`]) with the data set's name, description and licence.
+/// dataset.json (see [`write_dataset`]) with the data set's name, description, licence and the
+/// options that made it.
 fn write_cases(
     dir: &Path,
     seeds: &[u64],
     validation: usize,
     (title, about, licence): (&str, &str, &str),
+    options: &PhantomOptions,
     make: &dyn Fn(u64, bool) -> (Phantom, String),
     progress: &mut dyn FnMut(&WrittenCase),
 ) -> Result<Vec<WrittenCase>> {
@@ -773,6 +808,7 @@ fn write_cases(
         "modality": {"0": "CT"},
         "labels": labels,
         "seeds": seeds,
+        "options": options,
         "numTraining": split,
         "training": written[..split].iter().map(entry).collect::<Vec<_>>(),
         "validation": written[split..].iter().map(entry).collect::<Vec<_>>(),

@@ -5,16 +5,18 @@
 //! pose's small rotation; never mirrored) and placed so that its aorta sits where the drawn
 //! phantoms keep theirs, in front of the spine. Around it the drawn anatomy is built as for a
 //! phantom (skin, subcutaneous and visceral fat, the abdominal wall, spine, paraspinal and psoas
-//! muscles, ribs, bowel loops with gas), the body widened to hold the organs, with the lung bases
-//! above the real diaphragm (the top of liver, spleen and stomach in each column) and the iliac
-//! wings below the kidneys. Organ intensities follow a contrast phase with wide per-case spread;
-//! noise (5-30 HU), blur and the field of view (anywhere from above the lung bases to the pelvis)
-//! are drawn per case.
+//! muscles, ribs; bowel packed into the free peritoneal space, `bowel.rs`, or a few loops), the
+//! body widened to hold the organs, with the lung bases above the real diaphragm (the top of
+//! liver, spleen and stomach in each column) and the iliac wings below the kidneys. Organ
+//! intensities follow a contrast phase with wide per-case spread; noise (5-30 HU), blur and the
+//! field of view (anywhere from above the lung bases to the pelvis, or a thin slab) are drawn per
+//! case.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Anatomy, Contrast, Phantom, PhantomOptions, Scan, Shape, Tissue, Waves, label, render};
+use super::bowel::PackedBowel;
+use super::{Anatomy, Bowel, Contrast, Phantom, PhantomOptions, Scan, Shape, Tissue, Waves, label, render};
 use crate::rng::Rng;
 use crate::volume::Affine;
 use crate::{Error, Result};
@@ -259,11 +261,18 @@ impl RealOrgans {
 
 impl Anatomy {
     /// A patient around the real organs of `anatomy`.
-    fn from_labels(rng: &mut Rng, anatomy: Arc<LabelAnatomy>) -> Anatomy {
+    fn from_labels(rng: &mut Rng, anatomy: Arc<LabelAnatomy>, bowel: Bowel) -> Anatomy {
         let n = |rng: &mut Rng, sd: f64| sd * rng.normal();
         let size = 0.9 + 0.2 * rng.uniform();
         let mut body = [160.0 * size * (0.95 + 0.1 * rng.uniform()), 115.0 * size * (0.92 + 0.16 * rng.uniform())];
         let c = Contrast::random(rng);
+        // The packed bowel draws from its own stream, so that the rest of a case is the same
+        // with either kind of bowel.
+        let bowel = (bowel == Bowel::Packed).then(|| {
+            let mut peek = *rng;
+            let mut own = Rng::new(peek.next_u64() ^ 0x424F_5745_4C5F_5041);
+            PackedBowel::random(&mut own, c.wall)
+        });
         let mut tissues = Vec::new();
         super::add_skeleton_and_gut(rng, size, true, &mut tissues);
         let mut fat = 8.0 + 30.0 * rng.uniform();
@@ -370,6 +379,7 @@ impl Anatomy {
             tissues,
             phase: c.phase,
             real: Some(real),
+            bowel,
         }
     }
 }
@@ -377,14 +387,24 @@ impl Anatomy {
 /// The synthetic CT of `seed` around `anatomy`: deterministic for a seed, an anatomy and options.
 /// The field of view reaches from somewhere between 50 mm below and 40 mm above the organs' top
 /// down to somewhere between 20 mm above the organs' lowest point and 110 mm below it (the
-/// pelvis), so organs are cut by the scan's edge in some cases; in-plane it holds the body.
+/// pelvis), so organs are cut by the scan's edge in some cases; in-plane it holds the body. A
+/// share of the cases ([`PhantomOptions::thin_fov`]) is a slab of 40-100 mm through the organs.
 pub fn generate_from(seed: u64, anatomy: &Arc<LabelAnatomy>, options: &PhantomOptions) -> Phantom {
     let mut rng = Rng::new(seed ^ 0x4C41_4245_4C53_0000);
-    let body = Anatomy::from_labels(&mut rng, anatomy.clone());
+    let body = Anatomy::from_labels(&mut rng, anatomy.clone(), options.bowel);
     let (bottom, top) = anatomy.organ_z;
     let scale_z = body.real.as_ref().map_or(1.0, |r| r.scale[2]);
-    let top = ((top - anatomy.anchor[2]) * scale_z - 50.0 + 90.0 * rng.uniform()).min(150.0);
-    let bottom = ((bottom - anatomy.anchor[2]) * scale_z + 20.0 - 130.0 * rng.uniform()).max(-150.0);
+    let (organ_bottom, organ_top) = ((bottom - anatomy.anchor[2]) * scale_z, (top - anatomy.anchor[2]) * scale_z);
+    let mut top = (organ_top - 50.0 + 90.0 * rng.uniform()).min(150.0);
+    let mut bottom = (organ_bottom + 20.0 - 130.0 * rng.uniform()).max(-150.0);
+    // A thin slab through the organs, drawn from its own stream so that the rest of the case is
+    // the same either way.
+    let mut slab = Rng::new(seed ^ 0x534C_4142_0000_0000);
+    if slab.chance(options.thin_fov) {
+        let thickness = 40.0 + 60.0 * slab.uniform();
+        let centre = organ_bottom + (organ_top - organ_bottom) * slab.uniform();
+        (bottom, top) = ((centre - thickness / 2.0).max(-150.0), (centre + thickness / 2.0).min(150.0));
+    }
     let scan = Scan {
         field_of_view_mm: [2.0 * body.body[0] + 30.0, 2.0 * body.body[1] + 30.0, (top - bottom).max(40.0)],
         center_mm: [0.0, 0.0, (top + bottom) / 2.0],

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use prosam_runtime::phantom::{LabelAnatomy, PhantomOptions, write_anatomy_dataset, write_dataset};
+use prosam_runtime::phantom::{Bowel, LabelAnatomy, PhantomOptions, write_anatomy_dataset, write_dataset};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,6 +40,15 @@ pub struct Args {
     /// only: validation on anatomy that training never saw.
     #[arg(long, value_name = "NAME,...", requires = "anatomy")]
     held_out: Option<String>,
+    /// What fills the free peritoneal space around the real organs: `packed` (small bowel and
+    /// colon loops with fluid, oral contrast, gas or stool, as in a real abdomen) or `loops` (a
+    /// few loops in visceral fat, as the drawn phantoms have).
+    #[arg(long, value_enum, default_value_t = Bowel::Packed, requires = "anatomy")]
+    bowel: Bowel,
+    /// Share of the cases whose scan is a thin slab (40-100 mm) through the organs, thinner than a
+    /// network's window (0 for none).
+    #[arg(long, default_value_t = 0.2, value_name = "P", requires = "anatomy")]
+    thin_fov: f64,
     /// Store every case in RAS order (default: random axis flips, as scanners and converters vary).
     #[arg(long)]
     ras: bool,
@@ -69,11 +78,14 @@ pub fn run(args: Args, quiet: bool) -> anyhow::Result<()> {
         args.validation,
         args.cases
     );
+    anyhow::ensure!((0.0..=1.0).contains(&args.thin_fov), "--thin-fov takes a share in 0..1, got {}", args.thin_fov);
     let real = args.anatomy.is_some();
     let options = PhantomOptions {
         in_plane_mm: range(args.in_plane.as_deref().unwrap_or(if real { "0.6,1.0" } else { "1.0,1.6" }), "--in-plane")?,
         slice_mm: range(args.slice.as_deref().unwrap_or(if real { "1.0,5.0" } else { "2.0,3.5" }), "--slice")?,
         random_orientation: !args.ras,
+        bowel: args.bowel,
+        thin_fov: args.thin_fov,
         ..PhantomOptions::default()
     };
     let seeds: Vec<u64> = (0..args.cases as u64).map(|n| args.seed + n).collect();
