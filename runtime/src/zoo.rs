@@ -1,20 +1,21 @@
-//! Models built into the runtime, so that `prosam segment` and `prosam demo` work without a model
-//! file. The demo student (`models/zoo/prosam_demo_tiny.safetensors`, its card in
-//! `models/zoo/README.md`) was trained by `prosam-distill` on synthetic phantoms: it shows the
-//! pipeline end to end and is for demonstration only, not for clinical use.
+//! The model built into the runtime, so that `prosam segment` and `prosam demo` work without a
+//! model file: `models/zoo/prosam_ct_tiny.safetensors` (its card: `models/zoo/README.md`), a tiny
+//! student trained on synthetic CTs built around the BTCV organ label maps. Like those maps it is
+//! for research use only, and it is not for clinical decisions; its metadata says so too.
 
 use prosam_models::format::ModelFile;
 
 /// What messages call the built-in model.
-pub const DEMO_NAME: &str = "<built-in demo model prosam_demo_tiny>";
+pub const BUILT_IN_NAME: &str = "<built-in model prosam_ct_tiny>";
 
-/// Printed on stderr whenever the demo model segments.
-pub const DEMO_NOTICE: &str = "note: no model given (-m): using the built-in demo model, a tiny student trained on \
-                               synthetic phantoms; for demonstration only, not for clinical use";
+/// Printed on stderr whenever the built-in model segments.
+pub const BUILT_IN_NOTICE: &str = "note: no model given (-m): using the built-in model prosam_ct_tiny, a tiny \
+                                   student trained on synthetic CTs built around the BTCV label maps; research use \
+                                   only, not for clinical decisions";
 
-static DEMO: &[u8] = include_bytes!("../../models/zoo/prosam_demo_tiny.safetensors");
+static BUILT_IN: &[u8] = include_bytes!("../../models/zoo/prosam_ct_tiny.safetensors");
 
-/// The demo student, checksum verified.
-pub fn demo_model() -> crate::Result<ModelFile> {
-    Ok(ModelFile::from_static(DEMO_NAME, DEMO)?)
+/// The built-in student, checksum verified.
+pub fn built_in_model() -> crate::Result<ModelFile> {
+    Ok(ModelFile::from_static(BUILT_IN_NAME, BUILT_IN)?)
 }

@@ -1,5 +1,5 @@
 //! `prosam demo`: the whole job on data made on the spot. A synthetic phantom with known organs
-//! is generated, segmented by the built-in demo model (or `-m`), and the result is scored against
+//! is generated, segmented by the built-in model (or `-m`), and the result is scored against
 //! the phantom's truth.
 
 use std::path::PathBuf;
@@ -13,13 +13,13 @@ use prosam_runtime::volume::{Volume, nifti};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A prosam model file (default: the built-in demo model).
+    /// A prosam model file (default: the built-in model).
     #[arg(short, long, value_name = "MODEL")]
     model: Option<PathBuf>,
     /// Folder for phantom.nii.gz (the CT), truth.nii.gz (its labels) and segmentation.nii.gz.
     #[arg(long, default_value = "prosam-demo", value_name = "DIR")]
     out: PathBuf,
-    /// The phantom's seed (the demo model never saw seeds below 1000).
+    /// The phantom's seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Print `{"mean_dice": ..., "dice": {organ: ...}, ...}` on stdout instead of the table.
@@ -34,9 +34,9 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         Some(path) => Segmenter::load_on(path, SegmentOptions::default(), device, None)?,
         None => {
             if !quiet {
-                eprintln!("{}", prosam_runtime::zoo::DEMO_NOTICE);
+                eprintln!("{}", prosam_runtime::zoo::BUILT_IN_NOTICE);
             }
-            Segmenter::from_file(prosam_runtime::zoo::demo_model()?, SegmentOptions::default(), device, None)?
+            Segmenter::from_file(prosam_runtime::zoo::built_in_model()?, SegmentOptions::default(), device, None)?
         }
     };
     let meta = segmenter.metadata().clone();

@@ -6,22 +6,26 @@ use prosam_models::format::{Architecture, ModelFile};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The prosam model file.
+    /// The prosam model file (default: the built-in model).
     #[arg(short, long, value_name = "MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let file = ModelFile::open(&args.model)?;
+    let file = match &args.model {
+        Some(path) => ModelFile::open(path)?,
+        None => prosam_runtime::zoo::built_in_model()?,
+    };
+    let path = file.path().to_path_buf();
     let meta = file.metadata();
     let parameters = meta.architecture.parameter_count();
     let tensors = file.tensor_infos()?;
     if args.json {
         let report = serde_json::json!({
-            "path": args.model.to_string_lossy(),
+            "path": path.to_string_lossy(),
             "file_bytes": file.file_size(),
             "parameters": parameters,
             "tensors": tensors.len(),
@@ -34,7 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     outln!("model        {}", meta.name)?;
     outln!(
         "file         {} ({:.1} MiB, format version {})",
-        args.model.display(),
+        path.display(),
         file.file_size() as f64 / 1048576.0,
         meta.format_version
     )?;
@@ -86,6 +90,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         meta.labels.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect::<Vec<_>>().join(" ")
     )?;
     outln!("checksum     {} (verified)", meta.checksum)?;
+    for (field, text) in
+        [("trained on", &meta.training_data), ("licence", &meta.licence), ("intended use", &meta.intended_use)]
+    {
+        if let Some(text) = text {
+            outln!("{field:<12} {text}")?;
+        }
+    }
     if let Some(source) = &meta.source {
         outln!(
             "source       {source}{}",

@@ -15,8 +15,8 @@ use prosam_runtime::volume::{CtInput, dicom_seg, nifti};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The prosam model file (default: the built-in demo model, trained on synthetic phantoms,
-    /// for demonstration only).
+    /// The prosam model file (default: the built-in model prosam_ct_tiny, trained on synthetic
+    /// CTs built around the BTCV label maps; research use only).
     #[arg(short, long, value_name = "MODEL")]
     model: Option<PathBuf>,
     /// The CT: a NIfTI-1 file (.nii or .nii.gz) in HU, or a folder holding a DICOM CT series.
@@ -131,9 +131,9 @@ pub fn run(args: Args, device: DeviceChoice, quiet: bool) -> anyhow::Result<()> 
         Some(path) => Segmenter::load_on(path, options, device, None)?,
         None => {
             if !quiet {
-                eprintln!("{}", prosam_runtime::zoo::DEMO_NOTICE);
+                eprintln!("{}", prosam_runtime::zoo::BUILT_IN_NOTICE);
             }
-            Segmenter::from_file(prosam_runtime::zoo::demo_model()?, options, device, None)?
+            Segmenter::from_file(prosam_runtime::zoo::built_in_model()?, options, device, None)?
         }
     };
     let meta = segmenter.metadata().clone();
