@@ -8,7 +8,7 @@
 //! 0.80 and a mean of 0.65 on `example_ct_sm`, every organ on its side and of a plausible volume on
 //! the whole CT. The floors ratchet: they are what holds now, and the organs the whole-CT check
 //! still finds wrong are listed, so that a better student must raise the floors and shorten the
-//! list (a listed organ that passes fails the test until it is taken off).
+//! list (a listed organ that is clearly right fails the test until it is taken off).
 
 mod common;
 
@@ -217,7 +217,8 @@ fn on_the_whole_example_ct_organs_lie_on_their_side_with_plausible_volumes() {
     // RAS world: the patient's right is +x.
     let right = [2u8, 4, 6, 9, 12];
     let left = [1u8, 3, 7, 13];
-    let mut wrong = std::collections::BTreeSet::new();
+    let known: std::collections::BTreeSet<&str> = STILL_WRONG_ON_THE_WHOLE_CT.iter().copied().collect();
+    let (mut wrong, mut clearly_right) = (std::collections::BTreeSet::new(), Vec::new());
     for (&label, &(centroid, edge)) in &organs {
         let name = names[label as usize];
         let (lo, hi) = ranges[&label];
@@ -230,16 +231,29 @@ fn on_the_whole_example_ct_organs_lie_on_their_side_with_plausible_volumes() {
             centroid[0] - midline,
             if edge { ", touches the scan's edge" } else { "" }
         );
-        let wrong_side =
-            (right.contains(&label) && centroid[0] <= midline) || (left.contains(&label) && centroid[0] >= midline);
+        // Millimetres on the organ's own side (positive when right), for sided organs.
+        let side_margin = if right.contains(&label) {
+            Some(centroid[0] - midline)
+        } else if left.contains(&label) {
+            Some(midline - centroid[0])
+        } else {
+            None
+        };
+        let wrong_side = side_margin.is_some_and(|m| m <= 0.0);
         let implausible = !edge && !(lo..=hi).contains(&ml);
         if wrong_side || implausible {
             eprintln!("  {name}: {}", if wrong_side { "on the wrong side" } else { "implausible volume" });
             wrong.insert(name);
+        } else if side_margin.is_none_or(|m| m > 10.0) {
+            clearly_right.push(name);
         }
     }
-    let known: std::collections::BTreeSet<&str> = STILL_WRONG_ON_THE_WHOLE_CT.iter().copied().collect();
-    assert_eq!(wrong, known, "organs on the wrong side or of implausible volume, against the known list");
+    let new: Vec<_> = wrong.difference(&known).collect();
+    assert!(new.is_empty(), "newly wrong on the whole CT (side or volume): {new:?}");
+    // A listed organ now clearly right (10 mm on its side, a plausible volume) must come off the
+    // list; one only just across the midline is left alone, so that rounding cannot flip the test.
+    let fixed: Vec<_> = clearly_right.iter().filter(|n| known.contains(*n)).collect();
+    assert!(fixed.is_empty(), "now right: take {fixed:?} off STILL_WRONG_ON_THE_WHOLE_CT");
     for label in [1u8, 2, 3, 6, 8, 9] {
         assert!(organs.contains_key(&label), "no {} found in the whole abdominal CT", names[label as usize]);
     }
