@@ -70,28 +70,25 @@ impl PackedBowel {
         let base = q.map(|x| (x / self.cell).floor() as i64);
         // The nearest and second-nearest cell points: Voronoi cells, their border where the two
         // distances meet.
+        // With the nearest point, its cell's stream after the point's draws: whether the cell is
+        // a loop, and its contents.
         let (mut d1, mut d2) = (f64::MAX, f64::MAX);
-        let (mut nearest, mut point) = ([0i64; 3], [0.0; 3]);
+        let (mut point, mut h) = ([0.0; 3], Rng::new(0));
         for dz in -1..=1 {
             for dy in -1..=1 {
                 for dx in -1..=1 {
                     let c = [base[0] + dx, base[1] + dy, base[2] + dz];
-                    let mut h = hash(self.salt, c);
-                    let p: [f64; 3] = std::array::from_fn(|a| (c[a] as f64 + 0.15 + 0.7 * h.uniform()) * self.cell);
+                    let mut cell = hash(self.salt, c);
+                    let p: [f64; 3] = std::array::from_fn(|a| (c[a] as f64 + 0.15 + 0.7 * cell.uniform()) * self.cell);
                     let d = (0..3).map(|a| (q[a] - p[a]).powi(2)).sum::<f64>().sqrt();
                     if d < d1 {
-                        (d2, d1, nearest, point) = (d1, d, c, p);
+                        (d2, d1, point, h) = (d1, d, p, cell);
                     } else if d < d2 {
                         d2 = d;
                     }
                 }
             }
         }
-        // Draws after the point's three: whether the cell is a loop, and its contents.
-        let mut h = hash(self.salt, nearest);
-        (0..3).for_each(|_| {
-            h.uniform();
-        });
         if h.uniform() > self.fill {
             return Some(fat_hu + 10.0);
         }
